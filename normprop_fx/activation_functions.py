@@ -1,0 +1,126 @@
+"""The activations normprop-fx knows, as data: one row an activation.
+
+An :class:`ActivationSpec` names an activation and its parameters (``leaky_relu`` with
+``negative_slope=0.2``). It is hashable, so its normalization constants can be cached, and it
+applies the activation with the same ``torch.nn.functional`` call the original model used.
+Adding an activation is one row in :data:`ACTIVATION_FUNCTIONS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from .errors import UnsupportedActivationError
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+@dataclass(frozen=True)
+class ActivationFunction:
+    """One row of the activation table.
+
+    fn: ``fn(x, **params)``, the functional form.
+    defaults: every parameter the activation takes, with its default value.
+    kinks: the inputs where ``fn`` is not smooth, given the parameters; numerical
+        integration splits its domain there.
+    """
+
+    fn: Callable[..., torch.Tensor]
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    kinks: Callable[[Mapping[str, Any]], tuple[float, ...]] = lambda p: ()
+
+
+ACTIVATION_FUNCTIONS: dict[str, ActivationFunction] = {
+    "identity": ActivationFunction(_identity),
+    "relu": ActivationFunction(F.relu, kinks=lambda p: (0.0,)),
+    "relu6": ActivationFunction(F.relu6, kinks=lambda p: (0.0, 6.0)),
+    "leaky_relu": ActivationFunction(F.leaky_relu, {"negative_slope": 0.01}, lambda p: (0.0,)),
+    "hardtanh": ActivationFunction(
+        F.hardtanh, {"min_val": -1.0, "max_val": 1.0}, lambda p: (p["min_val"], p["max_val"])
+    ),
+    "elu": ActivationFunction(F.elu, {"alpha": 1.0}, lambda p: (0.0,)),
+    "celu": ActivationFunction(F.celu, {"alpha": 1.0}, lambda p: (0.0,)),
+    "selu": ActivationFunction(F.selu, kinks=lambda p: (0.0,)),
+    "silu": ActivationFunction(F.silu),
+    "mish": ActivationFunction(F.mish),
+    "gelu": ActivationFunction(F.gelu, {"approximate": "none"}),
+    "hardswish": ActivationFunction(F.hardswish, kinks=lambda p: (-3.0, 3.0)),
+    "hardsigmoid": ActivationFunction(F.hardsigmoid, kinks=lambda p: (-3.0, 3.0)),
+    "softplus": ActivationFunction(
+        F.softplus, {"beta": 1.0, "threshold": 20.0}, lambda p: (p["threshold"] / p["beta"],)
+    ),
+    "tanh": ActivationFunction(torch.tanh),
+    "sigmoid": ActivationFunction(torch.sigmoid),
+}
+
+
+@dataclass(frozen=True)
+class ActivationSpec:
+    """An activation with all of its parameters filled in. Build it with :func:`activation`."""
+
+    name: str
+    params: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.params)
+
+    @property
+    def function(self) -> ActivationFunction:
+        return ACTIVATION_FUNCTIONS[self.name]
+
+    @property
+    def is_identity(self) -> bool:
+        return self.name == "identity"
+
+    def kinks(self) -> tuple[float, ...]:
+        return tuple(float(k) for k in self.function.kinks(self.kwargs))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.function.fn(x, **self.kwargs)
+
+    def __str__(self) -> str:
+        defaults = self.function.defaults
+        shown = [f"{k}={v!r}" for k, v in self.params if defaults.get(k) != v]
+        return f"{self.name}({', '.join(shown)})" if shown else self.name
+
+
+def activation(name: str, **params: Any) -> ActivationSpec:
+    """The :class:`ActivationSpec` for ``name`` with ``params`` over the defaults.
+
+    Raises UnsupportedActivationError for an unknown name or parameter.
+    """
+    row = ACTIVATION_FUNCTIONS.get(name)
+    if row is None:
+        raise UnsupportedActivationError(
+            f"unknown activation '{name}'; supported: {', '.join(sorted(ACTIVATION_FUNCTIONS))}"
+        )
+    unknown = set(params) - set(row.defaults)
+    if unknown:
+        raise UnsupportedActivationError(
+            f"activation '{name}' takes no parameter {sorted(unknown)}; "
+            f"it takes {sorted(row.defaults) or 'none'}"
+        )
+    merged = {**row.defaults, **params}
+    for key, value in merged.items():
+        default = row.defaults[key]
+        if isinstance(default, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise UnsupportedActivationError(
+                    f"activation '{name}': parameter {key}={value!r} must be a number "
+                    "fixed at conversion time"
+                )
+            merged[key] = float(value)
+        elif not isinstance(value, type(default)):
+            raise UnsupportedActivationError(
+                f"activation '{name}': parameter {key}={value!r} must be a {type(default).__name__}"
+            )
+    if name == "gelu" and merged["approximate"] not in ("none", "tanh"):
+        raise UnsupportedActivationError(f"gelu approximate={merged['approximate']!r} is not 'none' or 'tanh'")
+    return ActivationSpec(name, tuple(sorted(merged.items())))

@@ -1,0 +1,126 @@
+"""``normprop_fx.convert``: a batch-normalized model in, a NormProp GraphModule out."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from typing import Any, Sequence
+
+from torch import fx, nn
+from torch.nn.parameter import is_lazy
+
+from .activation_functions import activation
+from .errors import InvalidOptionError, NormPropError
+from .layers import DEFAULT_EPS, GammaInit, resolve_gamma_init
+from .passes.inventory import batchnorm_modules, batchnorms_outside_graph
+from .passes.match import match_patterns
+from .passes.rewrite import rewrite_patterns
+from .passes.trace import LeafSpec, leaf_module_paths, split_leaf_modules, trace
+from .records import ConversionReport
+
+logger = logging.getLogger(__name__)
+
+#: Attribute of the returned GraphModule that holds its :class:`ConversionReport`.
+REPORT_ATTRIBUTE = "normprop_report"
+
+INPUT_ASSUMPTION = (
+    "the model input is standardized per channel (zero mean, unit variance), as torchvision "
+    "and timm transforms produce"
+)
+
+
+class NormPropWarning(UserWarning):
+    """A conversion that did less than the user probably expected (e.g. no BatchNorm found)."""
+
+
+def convert(
+    model: nn.Module,
+    *,
+    gamma_init: GammaInit = "paper",
+    leaf_modules: Sequence[LeafSpec] = (),
+    inplace: bool = False,
+    eps: float = DEFAULT_EPS,
+    concrete_args: dict[str, Any] | None = None,
+) -> fx.GraphModule:
+    """Trace ``model`` and replace every Conv/Linear -> BatchNorm [-> activation] with a NormProp layer.
+
+    Args:
+        model: any traceable ``nn.Module``.
+        gamma_init: ``"paper"`` (1 / the activation's Jacobian gain: 1/1.21 for ReLU) or a
+            positive number (``1.0`` gives a forward-standardized network).
+        leaf_modules: module classes or qualified names that torch.fx must not trace into
+            (their BatchNorms are left and reported).
+        inplace: when False (the default) ``model`` is deep-copied first and never changed.
+            When True the result shares submodules and weights with ``model`` (no copy).
+        eps: added to each filter's squared norm in the weight normalization.
+        concrete_args: passed to torch.fx to fix inputs that drive control flow.
+
+    Returns:
+        A ``torch.fx.GraphModule``; ``result.normprop_report`` is the
+        :class:`~normprop_fx.records.ConversionReport` that :func:`normprop_fx.summary` prints.
+
+    Raises:
+        UntraceableModelError: torch.fx cannot trace the model; the message names the module.
+        InvalidOptionError: a bad option value.
+    """
+    if not isinstance(model, nn.Module):
+        raise InvalidOptionError(f"convert() takes an nn.Module, got {type(model).__name__}")
+    resolve_gamma_init(gamma_init, activation("relu"))  # validate before any work
+    if not (isinstance(eps, (int, float)) and eps > 0):
+        raise InvalidOptionError(f"eps must be a positive number, got {eps!r}")
+    lazy = [name for name, p in model.named_parameters() if is_lazy(p)]
+    if lazy:
+        raise NormPropError(
+            f"parameter '{lazy[0]}' is not initialized yet (lazy module): run one forward pass "
+            "on an example input before convert()"
+        )
+    if not inplace:
+        try:
+            model = copy.deepcopy(model)
+        except Exception as err:
+            raise NormPropError(
+                f"could not deep-copy {type(model).__name__} ({err}); pass inplace=True to convert it "
+                "without a copy (the result then shares weights with it)"
+            ) from err
+
+    leaf_types, leaf_names = split_leaf_modules(model, leaf_modules)
+    gm = trace(model, leaf_modules, concrete_args)
+    leaf_paths = leaf_module_paths(model, leaf_types, leaf_names)
+    found = batchnorm_modules(model)
+    hidden = batchnorms_outside_graph(model, gm, leaf_paths)
+    matches, unmatched = match_patterns(gm)
+    gm, rewrites = rewrite_patterns(gm, matches, gamma_init=gamma_init, eps=eps, share_weights=inplace)
+
+    report = ConversionReport(
+        model=type(model).__name__,
+        gamma_init=str(gamma_init),
+        batchnorms_found=len(found),
+        rewrites=rewrites,
+        left=unmatched + hidden,
+        leaf_modules=leaf_paths,
+        assumptions=(INPUT_ASSUMPTION,),
+    )
+    setattr(gm, REPORT_ATTRIBUTE, report)
+    if not found:
+        warnings.warn(
+            f"{type(model).__name__} has no BatchNorm module: nothing was converted",
+            NormPropWarning,
+            stacklevel=2,
+        )
+    logger.info(
+        "converted %s: %d BatchNorm found, %d converted, %d left",
+        report.model, report.batchnorms_found, report.converted, len(report.left),
+    )
+    return gm
+
+
+def conversion_report(converted: nn.Module) -> ConversionReport:
+    """The report attached by :func:`convert`; NormPropError if ``converted`` has none."""
+    report = getattr(converted, REPORT_ATTRIBUTE, None)
+    if not isinstance(report, ConversionReport):
+        raise NormPropError(
+            f"{type(converted).__name__} carries no conversion report: pass the module that "
+            "normprop_fx.convert() returned"
+        )
+    return report

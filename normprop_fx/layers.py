@@ -1,0 +1,261 @@
+"""NormProp layers: weight-normalized Conv1d/2d/3d and Linear with learned gamma/beta and a
+normalized activation (spec section 2).
+
+    u_i = gamma_i * (W_i . x) / ||W_i||_2 + beta_i
+    o_i = (f(u_i) - c_mean) / c_std
+
+The per-output-channel scale gamma_i / ||W_i|| multiplies the weight (O(#weights)), and beta is
+passed as the conv/linear bias, so the layer costs one plain conv plus one pointwise op.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.utils import _ntuple, _reverse_repeat_tuple
+
+from .activation_functions import ActivationSpec, activation
+from .errors import InvalidOptionError
+from .moments import activation_constants
+from .normalized_activation import NormalizedActivation
+
+GammaInit = str | float
+
+#: Added to the squared filter norm: a zero filter gives a zero output and finite gradients.
+DEFAULT_EPS = 1e-6
+
+
+def resolve_gamma_init(gamma_init: GammaInit, spec: ActivationSpec) -> float:
+    """``"paper"`` -> 1 / jacobian_gain of the activation (1/1.21 for ReLU); a number -> itself."""
+    if isinstance(gamma_init, str):
+        if gamma_init != "paper":
+            raise InvalidOptionError(f"gamma_init must be 'paper' or a positive number, got {gamma_init!r}")
+        return activation_constants(spec).gamma_init
+    if isinstance(gamma_init, bool) or not isinstance(gamma_init, (int, float)):
+        raise InvalidOptionError(f"gamma_init must be 'paper' or a positive number, got {gamma_init!r}")
+    if not (math.isfinite(gamma_init) and gamma_init > 0):
+        raise InvalidOptionError(f"gamma_init must be a finite positive number, got {gamma_init!r}")
+    return float(gamma_init)
+
+
+def normalized_weight(weight: torch.Tensor, gamma: torch.Tensor, eps: float = DEFAULT_EPS) -> torch.Tensor:
+    """``gamma_i * W_i / ||W_i||`` for every output row i of ``weight`` (dim 0).
+
+    The norm is taken in float32 whatever the weight's dtype, so fp16/bf16 weights neither
+    overflow nor underflow in the sum of squares.
+    """
+    reduce_dims = tuple(range(1, weight.dim()))
+    w32 = weight.float()
+    inv_norm = torch.rsqrt(w32.pow(2).sum(reduce_dims, keepdim=True) + eps)
+    scale = gamma.float().reshape(-1, *([1] * (weight.dim() - 1))) * inv_norm
+    return (w32 * scale).to(weight.dtype)
+
+
+class NormPropLayer(nn.Module):
+    """What every NormProp layer shares: weight, gamma, beta, the normalized activation.
+
+    ``affine=False`` (the BatchNorm it replaces had no learned affine) keeps gamma and beta as
+    fixed buffers at their initial values instead of parameters.
+    """
+
+    weight: nn.Parameter
+    gamma: torch.Tensor
+    beta: torch.Tensor
+
+    def _init_normprop(
+        self,
+        out_channels: int,
+        act: ActivationSpec | str,
+        gamma_init: GammaInit,
+        affine: bool,
+        eps: float,
+        factory: dict[str, Any],
+    ) -> None:
+        spec = activation(act) if isinstance(act, str) else act
+        self.eps = float(eps)
+        self.affine = affine
+        self.gamma_init = resolve_gamma_init(gamma_init, spec)
+        gamma = torch.full((out_channels,), self.gamma_init, **factory)
+        beta = torch.zeros(out_channels, **factory)
+        if affine:
+            self.gamma = nn.Parameter(gamma)
+            self.beta = nn.Parameter(beta)
+        else:
+            self.register_buffer("gamma", gamma)
+            self.register_buffer("beta", beta)
+        self.activation = NormalizedActivation(spec)
+
+    def normalized_weight(self) -> torch.Tensor:
+        return normalized_weight(self.weight, self.gamma, self.eps)
+
+    def reset_parameters(self) -> None:
+        """Kaiming-uniform weight (the direction is all that matters), gamma_init, beta 0."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if hasattr(self, "gamma"):
+            with torch.no_grad():
+                self.gamma.fill_(self.gamma_init)
+                self.beta.zero_()
+
+    def _normprop_repr(self) -> str:
+        return f"activation={self.activation.spec}, gamma_init={self.gamma_init:.6g}, affine={self.affine}, eps={self.eps:g}"
+
+
+class NormPropLinear(NormPropLayer):
+    """Linear layer with NormProp weight normalization and normalized activation."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        activation: ActivationSpec | str = "relu",
+        gamma_init: GammaInit = "paper",
+        affine: bool = True,
+        eps: float = DEFAULT_EPS,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
+        self._init_normprop(out_features, activation, gamma_init, affine, eps, factory)
+        self.reset_parameters()
+
+    @classmethod
+    def from_module(cls, linear: nn.Linear, **options: Any) -> NormPropLinear:
+        """A NormPropLinear whose weight is a copy of ``linear``'s (its bias is dropped)."""
+        layer = cls(
+            linear.in_features, linear.out_features,
+            device=linear.weight.device, dtype=linear.weight.dtype, **options,
+        )
+        with torch.no_grad():
+            layer.weight.copy_(linear.weight)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activation(F.linear(x, self.normalized_weight(), self.beta))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self._normprop_repr()}"
+
+
+class _NormPropConvNd(NormPropLayer):
+    _dims: ClassVar[int]
+    _conv: ClassVar[Any]
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, ...],
+        stride: int | tuple[int, ...] = 1,
+        padding: str | int | tuple[int, ...] = 0,
+        dilation: int | tuple[int, ...] = 1,
+        groups: int = 1,
+        padding_mode: str = "zeros",
+        *,
+        activation: ActivationSpec | str = "relu",
+        gamma_init: GammaInit = "paper",
+        affine: bool = True,
+        eps: float = DEFAULT_EPS,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        ntuple = _ntuple(self._dims)
+        if in_channels % groups or out_channels % groups:
+            raise InvalidOptionError(
+                f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})"
+            )
+        if padding_mode not in ("zeros", "reflect", "replicate", "circular"):
+            raise InvalidOptionError(f"unknown padding_mode {padding_mode!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = ntuple(kernel_size)
+        self.stride = ntuple(stride)
+        self.padding = padding if isinstance(padding, str) else ntuple(padding)
+        self.dilation = ntuple(dilation)
+        self.groups = groups
+        self.padding_mode = padding_mode
+        self._reversed_padding_repeated_twice = self._explicit_padding()
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size, **factory))
+        self._init_normprop(out_channels, activation, gamma_init, affine, eps, factory)
+        self.reset_parameters()
+
+    def _explicit_padding(self) -> list[int]:
+        """F.pad's argument for a non-zeros padding_mode, as torch.nn.Conv computes it."""
+        if not isinstance(self.padding, str):
+            return list(_reverse_repeat_tuple(self.padding, 2))
+        padding = [0, 0] * self._dims
+        if self.padding == "same":
+            for d, k, i in zip(self.dilation, self.kernel_size, range(self._dims - 1, -1, -1)):
+                total = d * (k - 1)
+                padding[2 * i] = total // 2
+                padding[2 * i + 1] = total - total // 2
+        return padding
+
+    @classmethod
+    def from_module(cls, conv: nn.modules.conv._ConvNd, **options: Any) -> _NormPropConvNd:
+        """A NormProp conv with every hyper-parameter of ``conv`` and a copy of its weight
+        (its bias is dropped: beta takes its role)."""
+        layer = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+            conv.dilation, conv.groups, conv.padding_mode,
+            device=conv.weight.device, dtype=conv.weight.dtype, **options,
+        )
+        with torch.no_grad():
+            layer.weight.copy_(conv.weight)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.normalized_weight()
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding: Any = 0
+        else:
+            padding = self.padding
+        y = type(self)._conv(x, weight, self.beta, self.stride, padding, self.dilation, self.groups)
+        return self.activation(y)
+
+    def extra_repr(self) -> str:
+        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+        if self.padding != (0,) * self._dims:
+            s += f", padding={self.padding}"
+        if self.dilation != (1,) * self._dims:
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode}"
+        return f"{s}, {self._normprop_repr()}"
+
+
+class NormPropConv1d(_NormPropConvNd):
+    """Conv1d with NormProp weight normalization and normalized activation."""
+
+    _dims = 1
+    _conv = staticmethod(F.conv1d)
+
+
+class NormPropConv2d(_NormPropConvNd):
+    """Conv2d with NormProp weight normalization and normalized activation."""
+
+    _dims = 2
+    _conv = staticmethod(F.conv2d)
+
+
+class NormPropConv3d(_NormPropConvNd):
+    """Conv3d with NormProp weight normalization and normalized activation."""
+
+    _dims = 3
+    _conv = staticmethod(F.conv3d)
+
+
+NORMPROP_LAYERS: tuple[type[NormPropLayer], ...] = (NormPropLinear, NormPropConv1d, NormPropConv2d, NormPropConv3d)

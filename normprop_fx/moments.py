@@ -1,0 +1,113 @@
+"""Gaussian moments of activations: the one place the NormProp constants are computed.
+
+For an activation f and z ~ N(0, 1) (spec section 4):
+
+    c_mean = E[f(z)],  c_std = Std[f(z)],  jacobian_gain = sqrt(E[f'(z)^2]) / c_std,
+    gamma_init = 1 / jacobian_gain.
+
+ReLU has a closed form. Every other activation is integrated numerically: the interval
+[-12, 12] (in standard deviations) is split at the activation's kinks and into pieces of at
+most a quarter standard deviation, each integrated by 16-node Gauss-Legendre quadrature in
+float64. No node sits on a kink, so one-sided derivatives never leak into the integral.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from .activation_functions import ActivationSpec
+
+_Z_RANGE = 12.0
+_PIECE_WIDTH = 0.25
+_NODES_PER_PIECE = 16
+
+
+@dataclass(frozen=True)
+class ActivationConstants:
+    """Normalization constants of one activation under a standard normal input."""
+
+    mean: float
+    std: float
+    jacobian_gain: float
+
+    @property
+    def gamma_init(self) -> float:
+        """The paper's gamma initialization, 1 / jacobian_gain (1/1.21 for ReLU)."""
+        return 1.0 / self.jacobian_gain
+
+
+@dataclass(frozen=True)
+class GaussianMoments:
+    """E[f(x)], Std[f(x)] and sqrt(E[f'(x)^2]) for x ~ N(mean, std^2)."""
+
+    mean: float
+    std: float
+    rms_derivative: float
+
+
+def relu_constants() -> ActivationConstants:
+    """The closed form: mean 1/sqrt(2 pi), std sqrt((1 - 1/pi)/2), gain 1/sqrt(1 - 1/pi)."""
+    mean = 1.0 / math.sqrt(2.0 * math.pi)
+    std = math.sqrt((1.0 - 1.0 / math.pi) / 2.0)
+    return ActivationConstants(mean=mean, std=std, jacobian_gain=math.sqrt(0.5) / std)
+
+
+@lru_cache(maxsize=None)
+def _standard_normal_quadrature(breakpoints: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nodes z and weights w (including the N(0,1) density) over [-12, 12], split at breakpoints."""
+    edges = sorted({-_Z_RANGE, _Z_RANGE, *(b for b in breakpoints if -_Z_RANGE < b < _Z_RANGE)})
+    unit_nodes, unit_weights = np.polynomial.legendre.leggauss(_NODES_PER_PIECE)
+    nodes, weights = [], []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        pieces = max(1, math.ceil((hi - lo) / _PIECE_WIDTH))
+        bounds = np.linspace(lo, hi, pieces + 1)
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            half = (b - a) / 2.0
+            nodes.append(a + half * (unit_nodes + 1.0))
+            weights.append(half * unit_weights)
+    z = np.concatenate(nodes)
+    w = np.concatenate(weights) * np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+    return torch.from_numpy(z), torch.from_numpy(w)
+
+
+def gaussian_moments(spec: ActivationSpec, mean: float = 0.0, std: float = 1.0) -> GaussianMoments:
+    """Moments of spec(x) and of its derivative for x ~ N(mean, std^2), by quadrature.
+
+    Used for the activation constants (mean 0, std 1) and, by the propagation pass, for an
+    activation applied to a value whose nominal moments are not standard.
+    """
+    if not (std > 0.0 and math.isfinite(std) and math.isfinite(mean)):
+        raise ValueError(f"gaussian_moments needs a finite mean and a positive std, got {mean}, {std}")
+    z_kinks = tuple((k - mean) / std for k in spec.kinks())
+    z, w = _standard_normal_quadrature(z_kinks)
+    x = (mean + std * z).requires_grad_(True)
+    with torch.enable_grad():
+        y = spec(x)
+        (dy,) = torch.autograd.grad(y.sum(), x, allow_unused=True)
+    y = y.detach()
+    dy = torch.zeros_like(x) if dy is None else dy
+    first = float((w * y).sum())
+    second = float((w * (y - first) ** 2).sum())
+    return GaussianMoments(
+        mean=first, std=math.sqrt(max(second, 0.0)), rms_derivative=math.sqrt(float((w * dy * dy).sum()))
+    )
+
+
+@lru_cache(maxsize=None)
+def activation_constants(spec: ActivationSpec) -> ActivationConstants:
+    """c_mean, c_std and the Jacobian gain of ``spec`` under N(0, 1) input."""
+    if spec.name == "relu":
+        return relu_constants()
+    if spec.is_identity:
+        return ActivationConstants(mean=0.0, std=1.0, jacobian_gain=1.0)
+    moments = gaussian_moments(spec)
+    if moments.std <= 0.0:
+        raise ValueError(f"activation {spec} is constant under N(0, 1) input: it cannot be normalized")
+    return ActivationConstants(
+        mean=moments.mean, std=moments.std, jacobian_gain=moments.rms_derivative / moments.std
+    )

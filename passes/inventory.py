@@ -1,0 +1,41 @@
+"""Account for every BatchNorm module of the original model, including those the graph does
+not show (inside leaf modules, traced into functional calls, or never called)."""
+
+from __future__ import annotations
+
+from torch import fx, nn
+
+from normprop_fx.records import LeftBatchNorm
+
+from .patterns import BATCH_NORM_BASE
+
+
+def batchnorm_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every BatchNorm module of ``model`` by qualified name (each object once)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, BATCH_NORM_BASE)}
+
+
+def batchnorms_outside_graph(
+    model: nn.Module, gm: fx.GraphModule, leaf_paths: tuple[str, ...]
+) -> list[LeftBatchNorm]:
+    """BatchNorms of ``model`` that ``gm`` never calls as a module, each with the reason."""
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    attrs = {str(n.target).rpartition(".")[0] for n in gm.graph.nodes if n.op == "get_attr"}
+    left = []
+    for path, bn in batchnorm_modules(model).items():
+        if path in called:
+            continue
+        leaf = next((p for p in leaf_paths if path.startswith(p + ".")), None)
+        if leaf is not None:
+            reason = f"inside leaf module '{leaf}', which is not traced"
+        elif path in attrs or any(a.startswith(path + ".") for a in attrs):
+            reason = (
+                f"{type(bn).__name__}.forward was traced into functional calls "
+                "(a BatchNorm subclass with its own forward), so there is no module call to replace"
+            )
+        elif any(p.startswith(path + ".") or p == path for p in called):
+            reason = "its forward was traced through"
+        else:
+            reason = "never called by the model's forward"
+        left.append(LeftBatchNorm(path, type(bn).__name__, reason))
+    return left

@@ -1,0 +1,147 @@
+"""The patterns the matcher looks for, as data.
+
+Adding a layer type, a norm class or an activation form is one row here; the matching code
+never tests types or functions itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from normprop_fx.layers import NormPropConv1d, NormPropConv2d, NormPropConv3d, NormPropLayer, NormPropLinear
+
+
+@dataclass(frozen=True)
+class ProducerPattern:
+    """A layer that can feed a BatchNorm and the NormProp layer that replaces the pair."""
+
+    producer: type[nn.Module]
+    norms: tuple[type[nn.Module], ...]
+    replacement: type[NormPropLayer]
+    out_features: Callable[[nn.Module], int]
+
+
+def _out_channels(m: nn.Module) -> int:
+    return m.out_channels  # type: ignore[return-value]
+
+
+def _out_features(m: nn.Module) -> int:
+    return m.out_features  # type: ignore[return-value]
+
+
+PRODUCERS: tuple[ProducerPattern, ...] = (
+    ProducerPattern(nn.Linear, (nn.BatchNorm1d, nn.SyncBatchNorm), NormPropLinear, _out_features),
+    ProducerPattern(nn.Conv1d, (nn.BatchNorm1d, nn.SyncBatchNorm), NormPropConv1d, _out_channels),
+    ProducerPattern(nn.Conv2d, (nn.BatchNorm2d, nn.SyncBatchNorm), NormPropConv2d, _out_channels),
+    ProducerPattern(nn.Conv3d, (nn.BatchNorm3d, nn.SyncBatchNorm), NormPropConv3d, _out_channels),
+)
+
+#: Every BatchNorm flavour counts as "found" (the report accounts for each one).
+BATCH_NORM_BASE: type[nn.Module] = nn.modules.batchnorm._BatchNorm
+
+
+@dataclass(frozen=True)
+class ActivationForm:
+    """One way an activation shows up in an FX graph.
+
+    op: the FX node op ("call_module", "call_function", "call_method").
+    target: the module type, the function, or the method name.
+    name: the activation's row in normprop_fx.activation_functions.ACTIVATION_FUNCTIONS.
+    params: for modules, the attribute names that hold the parameters; for functions and
+        methods, the parameter names in positional order after the input ("inplace" is
+        accepted and ignored: the NormProp layer produces a fresh tensor).
+    """
+
+    op: str
+    target: Any
+    name: str
+    params: tuple[str, ...] = ()
+
+
+def _module(t: type[nn.Module], name: str, *params: str) -> ActivationForm:
+    return ActivationForm("call_module", t, name, params)
+
+
+def _functions(targets: tuple[Any, ...], name: str, *params: str) -> list[ActivationForm]:
+    return [ActivationForm("call_function", t, name, params) for t in targets if t is not None]
+
+
+def _methods(methods: tuple[str, ...], name: str) -> list[ActivationForm]:
+    return [ActivationForm("call_method", m, name) for m in methods]
+
+
+_nn = torch._C._nn
+
+ACTIVATION_FORMS: tuple[ActivationForm, ...] = (
+    _module(nn.Identity, "identity"),
+    _module(nn.ReLU, "relu"),
+    _module(nn.ReLU6, "relu6"),
+    _module(nn.LeakyReLU, "leaky_relu", "negative_slope"),
+    _module(nn.Hardtanh, "hardtanh", "min_val", "max_val"),
+    _module(nn.ELU, "elu", "alpha"),
+    _module(nn.CELU, "celu", "alpha"),
+    _module(nn.SELU, "selu"),
+    _module(nn.SiLU, "silu"),
+    _module(nn.Mish, "mish"),
+    _module(nn.GELU, "gelu", "approximate"),
+    _module(nn.Hardswish, "hardswish"),
+    _module(nn.Hardsigmoid, "hardsigmoid"),
+    _module(nn.Softplus, "softplus", "beta", "threshold"),
+    _module(nn.Tanh, "tanh"),
+    _module(nn.Sigmoid, "sigmoid"),
+    *_functions((F.relu,), "relu", "inplace"),
+    *_functions((torch.relu, torch.relu_), "relu"),
+    *_functions((F.relu6,), "relu6", "inplace"),
+    *_functions((F.leaky_relu,), "leaky_relu", "negative_slope", "inplace"),
+    *_functions((F.leaky_relu_, getattr(_nn, "leaky_relu", None)), "leaky_relu", "negative_slope"),
+    *_functions((F.hardtanh,), "hardtanh", "min_val", "max_val", "inplace"),
+    *_functions((F.hardtanh_,), "hardtanh", "min_val", "max_val"),
+    *_functions((F.elu,), "elu", "alpha", "inplace"),
+    *_functions((F.elu_,), "elu", "alpha"),
+    *_functions((F.celu,), "celu", "alpha", "inplace"),
+    *_functions((F.celu_, torch.celu), "celu", "alpha"),
+    *_functions((F.selu,), "selu", "inplace"),
+    *_functions((torch.selu, torch.selu_), "selu"),
+    *_functions((F.silu,), "silu", "inplace"),
+    *_functions((F.mish,), "mish", "inplace"),
+    *_functions((F.gelu,), "gelu", "approximate"),
+    *_functions((F.hardswish,), "hardswish", "inplace"),
+    *_functions((F.hardsigmoid,), "hardsigmoid", "inplace"),
+    *_functions((F.softplus,), "softplus", "beta", "threshold"),
+    *_functions((torch.tanh, torch.tanh_), "tanh"),
+    *_functions((torch.sigmoid, torch.sigmoid_), "sigmoid"),
+    *_methods(("relu", "relu_"), "relu"),
+    *_methods(("tanh", "tanh_"), "tanh"),
+    *_methods(("sigmoid", "sigmoid_"), "sigmoid"),
+)
+
+#: Activations that follow a BatchNorm but have no fixed Gaussian moments: the Conv/Linear->BN
+#: pair is still converted, the activation stays as it is, and the report says so.
+UNSUPPORTED_ACTIVATIONS: dict[type[nn.Module], str] = {
+    nn.PReLU: "its slope is learned, so its output moments are not fixed",
+    nn.RReLU: "its slope is random in training",
+    nn.Softmax: "it normalizes across channels",
+    nn.LogSoftmax: "it normalizes across channels",
+}
+
+
+def lookup_by_type(table: dict[type, Any], module: nn.Module) -> Any:
+    """The row for ``type(module)`` or its nearest base class in ``table`` (None if none)."""
+    for cls in type(module).__mro__:
+        if cls in table:
+            return table[cls]
+    return None
+
+
+MODULE_ACTIVATION_FORMS: dict[type, ActivationForm] = {
+    f.target: f for f in ACTIVATION_FORMS if f.op == "call_module"
+}
+FUNCTION_ACTIVATION_FORMS: dict[tuple[str, Any], ActivationForm] = {
+    (f.op, f.target): f for f in ACTIVATION_FORMS if f.op != "call_module"
+}
+PRODUCER_PATTERNS: dict[type, ProducerPattern] = {p.producer: p for p in PRODUCERS}

@@ -1,0 +1,115 @@
+"""Pass 1: trace a model into a torch.fx GraphModule.
+
+NormProp layers are always leaves; user-supplied leaf modules (types or qualified names) are
+too. When tracing fails, the error names the innermost module whose forward could not be
+traced and says how to make it a leaf.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import fx, nn
+
+from normprop_fx.errors import InvalidOptionError, UntraceableModelError
+from normprop_fx.layers import NormPropLayer
+from normprop_fx.normalized_activation import NormalizedActivation
+
+LeafSpec = type | str
+
+
+class NormPropTracer(fx.Tracer):
+    """An fx.Tracer that keeps NormProp modules and the user's leaf modules opaque and
+    remembers which module it was inside when tracing failed."""
+
+    def __init__(self, leaf_types: tuple[type, ...] = (), leaf_names: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.leaf_types = leaf_types
+        self.leaf_names = frozenset(leaf_names)
+        self.failed_module: str | None = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, (NormPropLayer, NormalizedActivation)):
+            return True
+        if module_qualified_name in self.leaf_names or isinstance(m, self.leaf_types):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_module is None:
+                try:
+                    self.failed_module = self.path_of_module(m)
+                except NameError:
+                    self.failed_module = f"<unnamed {type(m).__name__}>"
+            raise
+
+
+def split_leaf_modules(model: nn.Module, leaf_modules: Sequence[LeafSpec]) -> tuple[tuple[type, ...], tuple[str, ...]]:
+    """Validate ``leaf_modules`` against ``model``: module classes, or qualified names that exist."""
+    if isinstance(leaf_modules, (str, type)):
+        leaf_modules = (leaf_modules,)
+    types, names = [], []
+    known = dict(model.named_modules())
+    for spec in leaf_modules:
+        if isinstance(spec, type) and issubclass(spec, nn.Module):
+            types.append(spec)
+        elif isinstance(spec, str):
+            if spec not in known:
+                raise InvalidOptionError(
+                    f"leaf_modules: the model has no submodule '{spec}' "
+                    "(give qualified names as in model.named_modules(), or module classes)"
+                )
+            names.append(spec)
+        else:
+            raise InvalidOptionError(
+                f"leaf_modules: {spec!r} is neither an nn.Module subclass nor a qualified module name"
+            )
+    return tuple(types), tuple(names)
+
+
+def leaf_module_paths(model: nn.Module, leaf_types: tuple[type, ...], leaf_names: tuple[str, ...]) -> tuple[str, ...]:
+    """Qualified names of the user's leaf modules as they occur in ``model``."""
+    return tuple(
+        name for name, m in model.named_modules() if name and (name in leaf_names or isinstance(m, leaf_types))
+    )
+
+
+def trace(
+    model: nn.Module,
+    leaf_modules: Sequence[LeafSpec] = (),
+    concrete_args: dict[str, Any] | None = None,
+) -> fx.GraphModule:
+    """Symbolically trace ``model``. Raises UntraceableModelError naming the module at fault."""
+    leaf_types, leaf_names = split_leaf_modules(model, leaf_modules)
+    tracer = NormPropTracer(leaf_types, leaf_names)
+    try:
+        graph = tracer.trace(model, concrete_args=concrete_args)
+    except Exception as err:
+        raise _untraceable(model, tracer.failed_module, err) from err
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm.train(model.training)
+    return gm
+
+
+def _untraceable(model: nn.Module, path: str | None, err: Exception) -> UntraceableModelError:
+    cause = f"{type(err).__name__}: {err}".strip().splitlines()[0]
+    if path:
+        module = model.get_submodule(path) if not path.startswith("<") else None
+        type_name = type(module).__name__ if module is not None else path
+        return UntraceableModelError(
+            f"torch.fx could not trace module '{path}' ({type_name}): {cause}. "
+            f"Make it a leaf module: convert(model, leaf_modules=['{path}']) "
+            f"or leaf_modules=[{type_name}]. BatchNorms inside a leaf module stay as they are "
+            "and are listed in the report.",
+            module_path=path,
+        )
+    return UntraceableModelError(
+        f"torch.fx could not trace the forward of {type(model).__name__} itself: {cause}. "
+        "The top-level forward cannot be a leaf: move the data-dependent code into a submodule "
+        "and pass it in leaf_modules=, or fix the branching inputs with concrete_args=.",
+        module_path="",
+    )

@@ -1,0 +1,175 @@
+#!/usr/bin/env python3
+"""Convert a torchvision or timm model to NormProp and print the audit table.
+
+    python tools/convert.py --model resnet18
+    python tools/convert.py --model timm:efficientnet_b0 --gamma-init 1 --save effnet_np.pt
+
+Builds the model without pretrained weights, converts it, prints every rewrite and every
+BatchNorm left, then runs a forward and backward pass in train mode on standardized random
+input and prints the measured output statistics. Exit status: 0 on success, 1 when the
+conversion or the check fails, 2 on a bad argument or an unknown model name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import math
+import sys
+import time
+import warnings
+from typing import Any, NoReturn
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line on stderr and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _fail(message: str, status: int) -> NoReturn:
+    print(f"convert.py: error: {message}", file=sys.stderr)
+    sys.exit(status)
+
+
+def _gamma_init(text: str) -> str | float:
+    if text == "paper":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be 'paper' or a positive number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be 'paper' or a positive number, got {text!r}")
+    return value
+
+
+def _input_size(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected e.g. 224 or 3,224,224, got {text!r}") from None
+    if not dims or any(d <= 0 for d in dims):
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
+    return (3, dims[0], dims[0]) if len(dims) == 1 else dims
+
+
+def _torchvision_names() -> list[str]:
+    import torchvision.models
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def _timm_names() -> list[str]:
+    try:
+        import timm
+    except ImportError:
+        return []
+    return sorted(timm.list_models())
+
+
+def build_model(spec: str) -> tuple[nn.Module, tuple[int, ...], str]:
+    """The model for ``[torchvision:|timm:]NAME`` (no pretrained weights), its default per-sample
+    input size, and where it came from. Exits with status 2 for an unknown name."""
+    source, _, name = spec.rpartition(":")
+    if source not in ("", "torchvision", "timm"):
+        _fail(f"unknown model source {source!r} in {spec!r}: use torchvision:NAME or timm:NAME", 2)
+    tv_names = _torchvision_names() if source in ("", "torchvision") else []
+    if name in tv_names:
+        import torchvision.models
+
+        model = torchvision.models.get_model(name, weights=None)
+        size = 299 if name == "inception_v3" else 224
+        return model, (3, size, size), f"torchvision:{name}"
+    timm_names = _timm_names() if source in ("", "timm") else []
+    if name in timm_names:
+        import timm
+
+        model = timm.create_model(name, pretrained=False)
+        return model, tuple(model.pretrained_cfg.get("input_size", (3, 224, 224))), f"timm:{name}"
+    close = difflib.get_close_matches(name, sorted(set(tv_names + timm_names)), n=3)
+    hint = f" (did you mean: {', '.join(close)}?)" if close else ""
+    where = {"": "torchvision classification or timm", "torchvision": "torchvision classification", "timm": "timm"}[source]
+    _fail(f"unknown model {name!r}: not a {where} model name{hint}", 2)
+
+
+def _forward_backward_check(model: nn.Module, x: torch.Tensor) -> tuple[list[str], bool]:
+    """Train-mode forward and backward on ``x``; lines to print and whether all was finite."""
+    model.train()
+    outputs = [t for t in tree_leaves(model(x)) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    loss = sum(t.float().square().mean() for t in outputs)
+    loss.backward()
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    missing = [n for n, p in params if p.grad is None]
+    nonfinite = [n for n, p in params if p.grad is not None and not torch.isfinite(p.grad).all()]
+    out = outputs[0].detach().float()
+    lines = [
+        f"forward + backward in train mode on N(0, I) input of shape {tuple(x.shape)}:",
+        f"  output {tuple(out.shape)}: mean {out.mean().item():+.4f}, std {out.std().item():.4f}, "
+        f"finite: {bool(torch.isfinite(out).all())}",
+        f"  gradients: {len(params) - len(missing)}/{len(params)} parameters reached, "
+        f"{len(nonfinite)} with non-finite values",
+    ]
+    if missing:
+        lines.append(f"  no gradient: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    return lines, bool(torch.isfinite(out).all()) and not nonfinite
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _ArgumentParser(prog="convert.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="torchvision or timm model name; prefix torchvision: or timm: to choose")
+    parser.add_argument("--gamma-init", type=_gamma_init, default="paper", help="'paper' (1/1.21 for ReLU) or a positive number")
+    parser.add_argument("--input-size", type=_input_size, default=None, help="per-sample input shape, e.g. 224 or 3,224,224 (default: the model's)")
+    parser.add_argument("--batch-size", type=int, default=2, help="batch size of the random check input (default 2)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save", metavar="PATH", help="write the converted model (torch.save of the GraphModule)")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
+
+    import normprop_fx
+
+    torch.manual_seed(args.seed)
+    model, default_size, source = build_model(args.model)
+    input_size = args.input_size or default_size
+    start = time.perf_counter()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", normprop_fx.NormPropWarning)
+            converted = normprop_fx.convert(model, gamma_init=args.gamma_init)
+    except normprop_fx.NormPropError as err:
+        _fail(f"{source}: {err}", 1)
+    seconds = time.perf_counter() - start
+    print(f"{source}: converted in {seconds:.2f} s")
+    print(normprop_fx.summary(converted))
+    for w in caught:
+        print(f"warning: {w.message}")
+    print()
+
+    x = torch.randn(args.batch_size, *input_size)
+    try:
+        lines, finite = _forward_backward_check(converted, x)
+        stats = normprop_fx.measure_layer_statistics(converted.eval(), x)
+    except Exception as err:  # a model that converts but does not run is a failed check
+        _fail(f"{source}: forward/backward on input {tuple(x.shape)} failed: {type(err).__name__}: {err}", 1)
+    print("\n".join(lines))
+    if stats:
+        means = [s.mean for s in stats]
+        stds = [s.std for s in stats]
+        print(
+            f"  NormProp layer outputs ({len(stats)} layers): mean in [{min(means):+.3f}, {max(means):+.3f}], "
+            f"std in [{min(stds):.3f}, {max(stds):.3f}] (nominal: mean 0, std 1 with gamma_init=1)"
+        )
+    if args.save:
+        torch.save(converted, args.save)
+        print(f"saved to {args.save}: load with torch.load({args.save!r}, weights_only=False) after import normprop_fx")
+    return 0 if finite else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
