@@ -1,0 +1,65 @@
+"""Shared test helpers: small models and reference NormProp math written out by hand."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ConvNormAct(nn.Module):
+    """producer -> norm -> act, where act is an nn.Module or any callable (F/torch/method form)."""
+
+    def __init__(self, producer: nn.Module, norm: nn.Module, act: Callable[[torch.Tensor], torch.Tensor] | None):
+        super().__init__()
+        self.producer = producer
+        self.norm = norm
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(self.producer(x))
+        return y if self.act is None else self.act(y)
+
+
+def reference_normprop(
+    producer: nn.Module, x: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor], gamma: float
+) -> torch.Tensor:
+    """What a freshly converted producer->BN->act must compute, from first principles:
+    conv(x, gamma * W / ||W||) with no bias, then (act(u) - E[act(z)]) / Std[act(z)], the
+    moments taken from a 2e6-point grid over [-12, 12] (independent of the library's quadrature)."""
+    w = producer.weight.detach().double()
+    w = gamma * w / w.flatten(1).norm(dim=1).reshape(-1, *([1] * (w.dim() - 1)))
+    if isinstance(producer, nn.Linear):
+        u = F.linear(x.double(), w)
+    else:
+        conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[w.dim() - 2]
+        if producer.padding_mode != "zeros":
+            x = F.pad(x, producer._reversed_padding_repeated_twice, mode=producer.padding_mode)
+            padding: Any = 0
+        else:
+            padding = producer.padding
+        u = conv(x.double(), w, None, producer.stride, padding, producer.dilation, producer.groups)
+    z = torch.linspace(-12, 12, 2_000_001, dtype=torch.float64)
+    density = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi) * (z[1] - z[0])
+    fz = act(z)
+    mean = (fz * density).sum()
+    std = (((fz - mean) ** 2) * density).sum().sqrt()
+    return ((act(u) - mean) / std).float()
+
+
+def mlp(depth: int, width: int, act: type[nn.Module] = nn.ReLU) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.BatchNorm1d(width), act()]
+    return nn.Sequential(*layers)
+
+
+def dropout_off(model: nn.Module) -> nn.Module:
+    """Put dropout modules in eval mode so train/eval comparisons test normalization only."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.eval()
+    return model
