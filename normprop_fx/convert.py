@@ -16,7 +16,7 @@ from .layers import DEFAULT_EPS, GammaInit, resolve_gamma_init
 from .passes.inventory import batchnorm_modules, batchnorms_outside_graph
 from .passes.match import match_patterns
 from .passes.rewrite import rewrite_patterns
-from .passes.trace import LeafSpec, leaf_module_paths, split_leaf_modules, trace
+from .passes.trace import LeafSpec, trace
 from .records import ConversionReport
 
 logger = logging.getLogger(__name__)
@@ -84,9 +84,7 @@ def convert(
                 "without a copy (the result then shares weights with it)"
             ) from err
 
-    leaf_types, leaf_names = split_leaf_modules(model, leaf_modules)
-    gm = trace(model, leaf_modules, concrete_args)
-    leaf_paths = leaf_module_paths(model, leaf_types, leaf_names)
+    gm, leaf_paths = trace(model, leaf_modules, concrete_args)
     found = batchnorm_modules(model)
     hidden = batchnorms_outside_graph(model, gm, leaf_paths)
     matches, unmatched = match_patterns(gm)

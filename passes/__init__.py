@@ -1,0 +1,20 @@
+"""The torch.fx passes behind normprop_fx.convert, one pass a module:
+
+trace (model -> GraphModule), match (find patterns), rewrite (NormProp layers in place),
+inventory (account for every BatchNorm of the original model).
+"""
+
+from .inventory import batchnorm_modules, batchnorms_outside_graph
+from .match import PatternMatch, match_patterns
+from .rewrite import rewrite_patterns
+from .trace import NormPropTracer, trace
+
+__all__ = [
+    "NormPropTracer",
+    "PatternMatch",
+    "batchnorm_modules",
+    "batchnorms_outside_graph",
+    "match_patterns",
+    "rewrite_patterns",
+    "trace",
+]

@@ -3,6 +3,10 @@
 The tables in :mod:`normprop_fx.passes.patterns` say which producers, norms and activation
 forms exist; this pass only walks the graph. Every BatchNorm call in the graph ends either in a
 :class:`PatternMatch` or in a :class:`~normprop_fx.records.LeftBatchNorm` with the reason.
+
+The producer's output must have the BatchNorm as its only user (any other user would see the
+changed value). The BatchNorm's output may have several users: every one of them then reads the
+NormProp output, and the activation is fused only when it is the single user.
 """
 
 from __future__ import annotations
@@ -92,12 +96,8 @@ def _match_at(gm: fx.GraphModule, modules: dict[str, nn.Module], calls: Counter,
             f"the output of {producer_node.target} has {len(producer_node.users)} users "
             f"({_users(producer_node, gm)}), so the pattern is left alone"
         )
-    if len(norm_node.users) > 1:
-        raise _NotMatched(
-            f"its output has {len(norm_node.users)} users ({_users(norm_node, gm)}), so the pattern is left alone"
-        )
     act_node, spec, notes = _activation_after(gm, modules, norm_node)
-    if producer_node.op == "call_module" and getattr(producer, "bias", None) is not None:
+    if getattr(producer, "bias", None) is not None:
         notes = (f"bias of {producer_node.target} dropped (beta takes its role)", *notes)
     if not norm.affine:
         notes = (*notes, f"{norm_node.target} had affine=False: gamma and beta are fixed buffers")
@@ -109,7 +109,13 @@ def _activation_after(
 ) -> tuple[fx.Node | None, ActivationSpec, tuple[str, ...]]:
     """The activation node that consumes ``norm_node`` and its spec, or (None, identity, notes)."""
     identity = activation("identity")
-    if len(norm_node.users) != 1:
+    if len(norm_node.users) > 1:
+        # Every user read the BatchNorm's output and now reads the standardized NormProp output;
+        # only fusing an activation would change what the other users see.
+        return None, identity, (
+            f"the BatchNorm output has {len(norm_node.users)} users ({_users(norm_node, gm)}): no activation fused",
+        )
+    if not norm_node.users:
         return None, identity, ()
     (user,) = norm_node.users
     if not user.args or user.args[0] is not norm_node:

@@ -82,8 +82,12 @@ def trace(
     model: nn.Module,
     leaf_modules: Sequence[LeafSpec] = (),
     concrete_args: dict[str, Any] | None = None,
-) -> fx.GraphModule:
-    """Symbolically trace ``model``. Raises UntraceableModelError naming the module at fault."""
+) -> tuple[fx.GraphModule, tuple[str, ...]]:
+    """Symbolically trace ``model``; also return the qualified names of its leaf modules.
+
+    Raises UntraceableModelError naming the module at fault, InvalidOptionError for a bad
+    ``leaf_modules`` entry.
+    """
     leaf_types, leaf_names = split_leaf_modules(model, leaf_modules)
     tracer = NormPropTracer(leaf_types, leaf_names)
     try:
@@ -92,7 +96,7 @@ def trace(
         raise _untraceable(model, tracer.failed_module, err) from err
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     gm.train(model.training)
-    return gm
+    return gm, leaf_module_paths(model, leaf_types, leaf_names)
 
 
 def _untraceable(model: nn.Module, path: str | None, err: Exception) -> UntraceableModelError:

@@ -185,7 +185,7 @@ def test_conv_with_two_users_is_left_and_reported():
     assert "bn" in normprop_fx.summary(gm) and "left: 1" in normprop_fx.summary(gm)
 
 
-def test_batchnorm_with_two_users_is_left_and_reported():
+def test_batchnorm_with_two_users_converts_without_fusing_the_activation():
     class TwoUsers(nn.Module):
         def __init__(self):
             super().__init__()
@@ -196,8 +196,17 @@ def test_batchnorm_with_two_users_is_left_and_reported():
             y = self.bn(self.conv(x))
             return torch.relu(y) * y
 
-    report = normprop_fx.conversion_report(normprop_fx.convert(TwoUsers()))
-    assert report.converted == 0 and "its output has 2 users" in report.left[0].reason
+    model = TwoUsers()
+    gm = normprop_fx.convert(model)
+    report = normprop_fx.conversion_report(gm)
+    (rewrite,) = report.rewrites
+    assert not report.left and rewrite.activation == "identity"
+    assert "BatchNorm output has 2 users" in rewrite.notes[-1] and "no activation fused" in rewrite.notes[-1]
+    # both users read the NormProp output: relu(u) * u with u = conv(x, W/||W||) + beta
+    assert torch.relu in [n.target for n in gm.graph.nodes]
+    x = torch.randn(2, 4, 6, 6)
+    u = reference_normprop(model.conv, x, lambda t: t, 1.0)
+    torch.testing.assert_close(gm(x), torch.relu(u) * u, rtol=1e-4, atol=1e-5)
 
 
 def test_shared_conv_called_twice_is_left():
