@@ -16,7 +16,7 @@ from .layers import DEFAULT_EPS, GammaInit, resolve_gamma_init
 from .passes.inventory import batchnorm_modules, batchnorms_outside_graph
 from .passes.match import match_patterns
 from .passes.rewrite import rewrite_patterns
-from .passes.trace import LeafSpec, trace
+from .passes.trace import LeafSpec, frozen_training_flags, trace
 from .records import ConversionReport
 
 logger = logging.getLogger(__name__)
@@ -85,6 +85,9 @@ def convert(
             ) from err
 
     gm, leaf_paths = trace(model, leaf_modules, concrete_args)
+    frozen = frozen_training_flags(gm)
+    for message in frozen:
+        warnings.warn(message, NormPropWarning, stacklevel=2)
     found = batchnorm_modules(model)
     hidden = batchnorms_outside_graph(model, gm, leaf_paths)
     matches, unmatched = match_patterns(gm)
@@ -98,6 +101,7 @@ def convert(
         left=unmatched + hidden,
         leaf_modules=leaf_paths,
         assumptions=(INPUT_ASSUMPTION,),
+        warnings=tuple(frozen),
     )
     setattr(gm, REPORT_ATTRIBUTE, report)
     if not found:

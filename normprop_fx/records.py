@@ -41,6 +41,7 @@ class ConversionReport:
     left: list[LeftBatchNorm] = field(default_factory=list)
     leaf_modules: tuple[str, ...] = ()
     assumptions: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()  #: things the user should act on, e.g. a frozen training flag
 
     @property
     def converted(self) -> int:

@@ -63,4 +63,5 @@ def summary(converted: nn.Module, *, tablefmt: str = "simple") -> str:
     if report.leaf_modules:
         parts.append(f"Leaf modules (not traced): {', '.join(report.leaf_modules)}")
     parts.extend(f"Assumed: {a}." for a in report.assumptions)
+    parts.extend(f"Warning: {w}." for w in report.warnings)
     return "\n".join(parts)

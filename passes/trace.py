@@ -7,6 +7,7 @@ traced and says how to make it a leaf.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -19,13 +20,37 @@ from normprop_fx.normalized_activation import NormalizedActivation
 LeafSpec = type | str
 
 
+@lru_cache(maxsize=None)
+def mode_dependent_modules() -> tuple[type[nn.Module], ...]:
+    """Modules outside torch.nn whose forward branches on ``self.training``.
+
+    torch.fx would trace through them and freeze the trace-time mode into the graph (stochastic
+    depth that never turns off in eval, or never turns on in training), so they stay leaves.
+    One row a class; libraries that are not installed are skipped.
+    """
+    found: list[type[nn.Module]] = []
+    try:
+        from torchvision.ops import StochasticDepth
+
+        found.append(StochasticDepth)
+    except ImportError:
+        pass
+    try:
+        from timm.layers import DropBlock2d, DropPath
+
+        found += [DropPath, DropBlock2d]
+    except ImportError:
+        pass
+    return tuple(found)
+
+
 class NormPropTracer(fx.Tracer):
     """An fx.Tracer that keeps NormProp modules and the user's leaf modules opaque and
     remembers which module it was inside when tracing failed."""
 
     def __init__(self, leaf_types: tuple[type, ...] = (), leaf_names: Iterable[str] = ()) -> None:
         super().__init__()
-        self.leaf_types = leaf_types
+        self.leaf_types = leaf_types + mode_dependent_modules()
         self.leaf_names = frozenset(leaf_names)
         self.failed_module: str | None = None
 
@@ -97,6 +122,23 @@ def trace(
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     gm.train(model.training)
     return gm, leaf_module_paths(model, leaf_types, leaf_names)
+
+
+def frozen_training_flags(gm: fx.GraphModule) -> list[str]:
+    """Calls in ``gm`` whose ``training=`` argument the trace fixed to a constant, e.g. an
+    ``F.dropout`` inside a traced custom module: they no longer follow train()/eval()."""
+    found = []
+    for node in gm.graph.nodes:
+        flag = node.kwargs.get("training") if node.op in ("call_function", "call_method") else None
+        if isinstance(flag, bool):
+            stack = node.meta.get("nn_module_stack") or {}
+            owner = next(reversed(stack.values()), ("", None))[0] if stack else ""
+            where = f" in module '{owner}'" if owner else ""
+            found.append(
+                f"{node.name}{where} was traced with training={flag} and keeps it in train() and "
+                f"eval(): make that module a leaf (leaf_modules=[...]) to keep its mode switch"
+            )
+    return found
 
 
 def _untraceable(model: nn.Module, path: str | None, err: Exception) -> UntraceableModelError:

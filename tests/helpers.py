@@ -57,9 +57,18 @@ def mlp(depth: int, width: int, act: type[nn.Module] = nn.ReLU) -> nn.Sequential
     return nn.Sequential(*layers)
 
 
+def _stochastic_types() -> tuple[type, ...]:
+    from timm.layers import DropBlock2d, DropPath
+    from torchvision.ops import StochasticDepth
+
+    return (nn.modules.dropout._DropoutNd, StochasticDepth, DropPath, DropBlock2d)
+
+
 def dropout_off(model: nn.Module) -> nn.Module:
-    """Put dropout modules in eval mode so train/eval comparisons test normalization only."""
+    """Put dropout, stochastic depth and drop-path modules in eval mode, so that train/eval and
+    batch-independence comparisons test the normalization only."""
+    stochastic = _stochastic_types()
     for m in model.modules():
-        if isinstance(m, nn.modules.dropout._DropoutNd):
+        if isinstance(m, stochastic):
             m.eval()
     return model

@@ -362,3 +362,31 @@ def test_fp16_and_bf16_models_convert_and_run():
         assert layer.weight.dtype == layer.gamma.dtype == dtype
         out = gm(torch.randn(4, 16, dtype=dtype))
         assert out.dtype == dtype and torch.isfinite(out).all()
+
+
+def test_stochastic_depth_keeps_its_train_eval_switch():
+    from torchvision.ops import StochasticDepth
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), StochasticDepth(0.5, "row"))
+    gm = normprop_fx.convert(model)
+    assert "3" in {n.target for n in gm.graph.nodes if n.op == "call_module"}, "StochasticDepth must stay a module"
+    x = torch.randn(64, 3, 6, 6)
+    gm.eval()
+    torch.testing.assert_close(gm(x), gm(x))  # eval: deterministic
+    gm.train()
+    dropped = (gm(x).flatten(1).abs().sum(1) == 0).sum()
+    assert 0 < dropped < 64  # train: some rows dropped
+
+
+def test_frozen_training_flag_is_warned_and_reported():
+    class CustomDrop(nn.Module):
+        def forward(self, x):
+            return F.dropout(x, 0.5, training=self.training)
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), CustomDrop())
+    with pytest.warns(NormPropWarning, match="training=True"):
+        gm = normprop_fx.convert(model)
+    assert "Warning: " in normprop_fx.summary(gm) and "module '2'" in normprop_fx.summary(gm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        normprop_fx.convert(model, leaf_modules=[CustomDrop])  # the fix the message gives
