@@ -7,7 +7,12 @@
 
 from .activation_functions import ACTIVATION_FUNCTIONS, ActivationSpec, activation
 from .convert import NormPropWarning, conversion_report, convert
-from .errors import InvalidOptionError, NormPropError, UnsupportedActivationError, UntraceableModelError
+from .errors import (
+    InvalidOptionError,
+    NormPropError,
+    UnsupportedActivationError,
+    UntraceableModelError,
+)
 from .layers import (
     NormPropConv1d,
     NormPropConv2d,

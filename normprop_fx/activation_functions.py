@@ -8,8 +8,9 @@ Adding an activation is one row in :data:`ACTIVATION_FUNCTIONS`.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F

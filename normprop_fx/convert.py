@@ -5,7 +5,8 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from torch import fx, nn
 from torch.nn.parameter import is_lazy

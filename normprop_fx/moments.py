@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import torch
@@ -57,7 +57,7 @@ def relu_constants() -> ActivationConstants:
     return ActivationConstants(mean=mean, std=std, jacobian_gain=math.sqrt(0.5) / std)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _standard_normal_quadrature(breakpoints: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """Nodes z and weights w (including the N(0,1) density) over [-12, 12], split at breakpoints."""
     edges = sorted({-_Z_RANGE, _Z_RANGE, *(b for b in breakpoints if -_Z_RANGE < b < _Z_RANGE)})
@@ -98,7 +98,7 @@ def gaussian_moments(spec: ActivationSpec, mean: float = 0.0, std: float = 1.0) 
     )
 
 
-@lru_cache(maxsize=None)
+@cache
 def activation_constants(spec: ActivationSpec) -> ActivationConstants:
     """c_mean, c_std and the Jacobian gain of ``spec`` under N(0, 1) input."""
     if spec.name == "relu":

@@ -6,14 +6,21 @@ never tests types or functions itself.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normprop_fx.layers import NormPropConv1d, NormPropConv2d, NormPropConv3d, NormPropLayer, NormPropLinear
+from normprop_fx.layers import (
+    NormPropConv1d,
+    NormPropConv2d,
+    NormPropConv3d,
+    NormPropLayer,
+    NormPropLinear,
+)
 
 
 @dataclass(frozen=True)

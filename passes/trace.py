@@ -7,10 +7,10 @@ traced and says how to make it a leaf.
 
 from __future__ import annotations
 
-from functools import lru_cache
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from functools import cache
+from typing import Any
 
-import torch
 from torch import fx, nn
 
 from normprop_fx.errors import InvalidOptionError, UntraceableModelError
@@ -20,7 +20,7 @@ from normprop_fx.normalized_activation import NormalizedActivation
 LeafSpec = type | str
 
 
-@lru_cache(maxsize=None)
+@cache
 def mode_dependent_modules() -> tuple[type[nn.Module], ...]:
     """Modules outside torch.nn whose forward branches on ``self.training``.
 

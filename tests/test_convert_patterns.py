@@ -8,12 +8,17 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import ConvNormAct, reference_normprop
 from torch import nn
 
 import normprop_fx
-from normprop_fx import NormPropConv1d, NormPropConv2d, NormPropConv3d, NormPropLinear, NormPropWarning
-
-from helpers import ConvNormAct, reference_normprop
+from normprop_fx import (
+    NormPropConv1d,
+    NormPropConv2d,
+    NormPropConv3d,
+    NormPropLinear,
+    NormPropWarning,
+)
 
 GAMMA_RELU = 1.0 / math.sqrt(1.0 / (1.0 - 1.0 / math.pi))  # 1/1.2112, from the spec's derivation
 

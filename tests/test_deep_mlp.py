@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
+from helpers import mlp
 
 import normprop_fx
-
-from helpers import mlp
 
 
 def test_depth_12_mlp_stays_standardized():

@@ -7,12 +7,11 @@ import io
 import pytest
 import torch
 import torchvision
+from helpers import dropout_off
 from torch import nn
 
 import normprop_fx
 from normprop_fx import NormPropLayer
-
-from helpers import dropout_off
 
 MODELS = {"resnet18": 20, "vgg11_bn": 8}  # BatchNorm modules each one has
 INPUT = (3, 64, 64)  # both end in adaptive pooling, so a small input exercises every layer quickly

@@ -7,11 +7,10 @@ import warnings
 import pytest
 import torch
 import torchvision
+from helpers import dropout_off
 from torch import nn
 
 import normprop_fx
-
-from helpers import dropout_off
 
 NAMES = sorted(torchvision.models.list_models(module=torchvision.models))
 

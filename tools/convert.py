@@ -18,7 +18,7 @@ import math
 import sys
 import time
 import warnings
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import torch
 from torch import nn
