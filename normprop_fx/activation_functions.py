@@ -8,6 +8,7 @@ Adding an activation is one row in :data:`ACTIVATION_FUNCTIONS`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -124,4 +125,11 @@ def activation(name: str, **params: Any) -> ActivationSpec:
             )
     if name == "gelu" and merged["approximate"] not in ("none", "tanh"):
         raise UnsupportedActivationError(f"gelu approximate={merged['approximate']!r} is not 'none' or 'tanh'")
-    return ActivationSpec(name, tuple(sorted(merged.items())))
+    spec = ActivationSpec(name, tuple(sorted(merged.items())))
+    try:
+        kinks = spec.kinks()
+    except ArithmeticError as err:
+        raise UnsupportedActivationError(f"activation {spec}: invalid parameters ({err})") from err
+    if not all(math.isfinite(k) for k in kinks):
+        raise UnsupportedActivationError(f"activation {spec}: invalid parameters")
+    return spec

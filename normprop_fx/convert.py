@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -54,6 +55,8 @@ def convert(
             (their BatchNorms are left and reported).
         inplace: when False (the default) ``model`` is deep-copied first and never changed.
             When True the result shares submodules and weights with ``model`` (no copy).
+            Either way each NormProp layer keeps the conv's weight Parameter itself, so weights
+            tied between layers stay tied.
         eps: added to each filter's squared norm in the weight normalization.
         concrete_args: passed to torch.fx to fix inputs that drive control flow.
 
@@ -68,8 +71,8 @@ def convert(
     if not isinstance(model, nn.Module):
         raise InvalidOptionError(f"convert() takes an nn.Module, got {type(model).__name__}")
     resolve_gamma_init(gamma_init, activation("relu"))  # validate before any work
-    if not (isinstance(eps, (int, float)) and eps > 0):
-        raise InvalidOptionError(f"eps must be a positive number, got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 < eps < math.inf):
+        raise InvalidOptionError(f"eps must be a finite positive number, got {eps!r}")
     lazy = [name for name, p in model.named_parameters() if is_lazy(p)]
     if lazy:
         raise NormPropError(
@@ -92,7 +95,7 @@ def convert(
     found = batchnorm_modules(model)
     hidden = batchnorms_outside_graph(model, gm, leaf_paths)
     matches, unmatched = match_patterns(gm)
-    gm, rewrites = rewrite_patterns(gm, matches, gamma_init=gamma_init, eps=eps, share_weights=inplace)
+    gm, rewrites = rewrite_patterns(gm, matches, gamma_init=gamma_init, eps=eps)
 
     report = ConversionReport(
         model=type(model).__name__,
@@ -105,6 +108,8 @@ def convert(
         warnings=tuple(frozen),
     )
     setattr(gm, REPORT_ATTRIBUTE, report)
+    # GraphModule.__deepcopy__ restores these (EMA copies, copy.deepcopy(converted)).
+    gm.meta.setdefault("_user_preserved_attributes", {})[REPORT_ATTRIBUTE] = report
     if not found:
         warnings.warn(
             f"{type(model).__name__} has no BatchNorm module: nothing was converted",

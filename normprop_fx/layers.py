@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.modules.utils import _ntuple, _reverse_repeat_tuple
 
 from .activation_functions import ActivationSpec, activation
-from .errors import InvalidOptionError
+from .errors import InvalidOptionError, NormPropError
 from .moments import activation_constants
 from .normalized_activation import NormalizedActivation
 
@@ -68,6 +68,18 @@ class NormPropLayer(nn.Module):
     weight: nn.Parameter
     gamma: torch.Tensor
     beta: torch.Tensor
+    #: When set, inputs of any other rank are refused: the pattern this layer replaced only
+    #: normalized its output features for that rank (Linear -> BatchNorm1d needs (N, C)).
+    required_input_dim: int | None = None
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if self.required_input_dim is not None and x.dim() != self.required_input_dim:
+            raise NormPropError(
+                f"{type(self).__name__}({self.extra_repr()}) replaced a pattern that normalizes its "
+                f"output features only for {self.required_input_dim}-D input, but got shape "
+                f"{tuple(x.shape)}: on such input the original BatchNorm normalized another axis. "
+                "Keep that part of the model out of the conversion (leaf_modules=...)."
+            )
 
     def _init_normprop(
         self,
@@ -142,6 +154,7 @@ class NormPropLinear(NormPropLayer):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
         return self.activation(F.linear(x, self.normalized_weight(), self.beta))
 
     def extra_repr(self) -> str:
@@ -218,6 +231,7 @@ class _NormPropConvNd(NormPropLayer):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
         weight = self.normalized_weight()
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)

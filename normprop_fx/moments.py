@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .activation_functions import ActivationSpec
+from .errors import UnsupportedActivationError
 
 _Z_RANGE = 12.0
 _PIECE_WIDTH = 0.25
@@ -106,8 +107,11 @@ def activation_constants(spec: ActivationSpec) -> ActivationConstants:
     if spec.is_identity:
         return ActivationConstants(mean=0.0, std=1.0, jacobian_gain=1.0)
     moments = gaussian_moments(spec)
-    if moments.std <= 0.0:
-        raise ValueError(f"activation {spec} is constant under N(0, 1) input: it cannot be normalized")
+    if not (moments.std > 1e-12 and math.isfinite(moments.mean) and math.isfinite(moments.rms_derivative)):
+        raise UnsupportedActivationError(
+            f"activation {spec} has no usable moments under N(0, 1) input (mean {moments.mean:.3g}, "
+            f"std {moments.std:.3g}): it cannot be normalized"
+        )
     return ActivationConstants(
         mean=moments.mean, std=moments.std, jacobian_gain=moments.rms_derivative / moments.std
     )

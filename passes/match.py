@@ -19,6 +19,7 @@ from torch import fx, nn
 
 from normprop_fx.activation_functions import ActivationSpec, activation
 from normprop_fx.errors import UnsupportedActivationError
+from normprop_fx.moments import activation_constants
 from normprop_fx.records import LeftBatchNorm
 
 from .describe import describe_node
@@ -31,6 +32,7 @@ from .patterns import (
     ActivationForm,
     ProducerPattern,
     lookup_by_type,
+    own_forward_reason,
 )
 
 
@@ -54,6 +56,7 @@ def match_patterns(gm: fx.GraphModule) -> tuple[list[PatternMatch], list[LeftBat
     """All convertible patterns in ``gm``, and the BatchNorm calls that are not, with reasons."""
     modules = dict(gm.named_modules())
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    calls.update(_owner(n.target) for n in gm.graph.nodes if n.op == "get_attr")
     matches: list[PatternMatch] = []
     left: list[LeftBatchNorm] = []
     for node in gm.graph.nodes:
@@ -64,6 +67,11 @@ def match_patterns(gm: fx.GraphModule) -> tuple[list[PatternMatch], list[LeftBat
         except _NotMatched as why:
             left.append(LeftBatchNorm(str(node.target), type(modules[node.target]).__name__, str(why)))
     return matches, left
+
+
+def _owner(attribute: Any) -> str:
+    """'layer1.conv.bias' -> 'layer1.conv': the module whose attribute a get_attr node reads."""
+    return str(attribute).rpartition(".")[0]
 
 
 def _users(node: fx.Node, gm: fx.GraphModule) -> str:
@@ -78,8 +86,15 @@ def _match_at(gm: fx.GraphModule, modules: dict[str, nn.Module], calls: Counter,
     producer = modules[producer_node.target]
     pattern: ProducerPattern | None = lookup_by_type(PRODUCER_PATTERNS, producer)
     if pattern is None:
+        own = own_forward_reason(PRODUCER_PATTERNS, producer)
+        if own:
+            raise _NotMatched(f"its input {producer_node.target}: {own}, which a NormProp layer would drop")
         raise _NotMatched(f"its input is {describe_node(producer_node, gm)}, not a Conv1d/2d/3d or Linear")
-    if not isinstance(norm, pattern.norms):
+    norms = {cls: cls for cls in pattern.norms}
+    if lookup_by_type(norms, norm) is None:
+        own = own_forward_reason(norms, norm)
+        if own:
+            raise _NotMatched(f"{own}, which replacing it would drop")
         raise _NotMatched(f"a {type(norm).__name__} cannot normalize the output of a {type(producer).__name__}")
     if norm.num_features != pattern.out_features(producer):
         raise _NotMatched(
@@ -88,8 +103,8 @@ def _match_at(gm: fx.GraphModule, modules: dict[str, nn.Module], calls: Counter,
         )
     if calls[producer_node.target] > 1:
         raise _NotMatched(
-            f"{producer_node.target} is called {calls[producer_node.target]} times (shared weights): "
-            "replacing it would change every call"
+            f"{producer_node.target} is used {calls[producer_node.target]} times in the graph (called "
+            "again, or its parameters read directly): replacing it would change every use"
         )
     if len(producer_node.users) != 1:
         raise _NotMatched(
@@ -124,7 +139,9 @@ def _activation_after(
     form: ActivationForm | None
     if module is not None:
         form = lookup_by_type(MODULE_ACTIVATION_FORMS, module)
-        unsupported = lookup_by_type(UNSUPPORTED_ACTIVATIONS, module)
+        unsupported = lookup_by_type(UNSUPPORTED_ACTIVATIONS, module) or own_forward_reason(
+            MODULE_ACTIVATION_FORMS, module
+        )
         if form is None and unsupported is not None:
             return None, identity, (
                 f"{describe_node(user, gm)} after the BatchNorm is not normalized: {unsupported}",
@@ -135,6 +152,7 @@ def _activation_after(
         return None, identity, ()
     try:
         spec = activation(form.name, **_activation_params(form, user, module))
+        activation_constants(spec)
     except UnsupportedActivationError as err:
         return None, identity, (f"{describe_node(user, gm)} after the BatchNorm is not normalized: {err}",)
     return user, spec, ()

@@ -31,6 +31,9 @@ class ProducerPattern:
     norms: tuple[type[nn.Module], ...]
     replacement: type[NormPropLayer]
     out_features: Callable[[nn.Module], int]
+    #: The only input rank for which the norm normalizes the producer's output features, checked
+    #: at run time (Linear -> BatchNorm1d: on (N, L, C) input BatchNorm1d normalizes dim 1).
+    input_dim: int | None = None
 
 
 def _out_channels(m: nn.Module) -> int:
@@ -42,7 +45,7 @@ def _out_features(m: nn.Module) -> int:
 
 
 PRODUCERS: tuple[ProducerPattern, ...] = (
-    ProducerPattern(nn.Linear, (nn.BatchNorm1d, nn.SyncBatchNorm), NormPropLinear, _out_features),
+    ProducerPattern(nn.Linear, (nn.BatchNorm1d, nn.SyncBatchNorm), NormPropLinear, _out_features, input_dim=2),
     ProducerPattern(nn.Conv1d, (nn.BatchNorm1d, nn.SyncBatchNorm), NormPropConv1d, _out_channels),
     ProducerPattern(nn.Conv2d, (nn.BatchNorm2d, nn.SyncBatchNorm), NormPropConv2d, _out_channels),
     ProducerPattern(nn.Conv3d, (nn.BatchNorm3d, nn.SyncBatchNorm), NormPropConv3d, _out_channels),
@@ -137,12 +140,27 @@ UNSUPPORTED_ACTIVATIONS: dict[type[nn.Module], str] = {
 }
 
 
+def nearest_table_class(table: dict[type, Any], module: nn.Module) -> type | None:
+    """``type(module)`` or its nearest base class that has a row in ``table``."""
+    return next((cls for cls in type(module).__mro__ if cls in table), None)
+
+
 def lookup_by_type(table: dict[type, Any], module: nn.Module) -> Any:
-    """The row for ``type(module)`` or its nearest base class in ``table`` (None if none)."""
-    for cls in type(module).__mro__:
-        if cls in table:
-            return table[cls]
-    return None
+    """The row of ``module``'s nearest table class, provided the module computes what that class
+    computes: a subclass with a forward of its own (timm's Conv2dSame, an activation subclass)
+    does something the row does not describe, so it gets None."""
+    cls = nearest_table_class(table, module)
+    if cls is None or type(module).forward is not cls.forward:
+        return None
+    return table[cls]
+
+
+def own_forward_reason(table: dict[type, Any], module: nn.Module) -> str | None:
+    """Why a module that subclasses a table class is not handled as that class, or None."""
+    cls = nearest_table_class(table, module)
+    if cls is None or type(module).forward is cls.forward:
+        return None
+    return f"{type(module).__name__} subclasses {cls.__name__} with a forward of its own"
 
 
 MODULE_ACTIVATION_FORMS: dict[type, ActivationForm] = {

@@ -28,10 +28,14 @@ def rewrite_patterns(
     *,
     gamma_init: GammaInit = "paper",
     eps: float = DEFAULT_EPS,
-    share_weights: bool = False,
 ) -> tuple[fx.GraphModule, list[Rewrite]]:
-    """Rewrite ``matches`` in ``gm`` (modified and returned). ``share_weights``: the NormProp layer
-    takes the producer's weight Parameter itself instead of a copy (convert's inplace=True)."""
+    """Rewrite ``matches`` in ``gm`` (modified and returned).
+
+    Each NormProp layer takes the producer's weight Parameter itself, so weights tied between
+    layers (or with modules that stay) stay tied; ``convert`` has already deep-copied the model
+    unless it was asked to work in place. A computed weight (a parametrization or an old-style
+    weight_norm/spectral_norm hook) cannot be shared: the layer gets a plain copy and a note.
+    """
     records = []
     for match in matches:
         path = str(match.producer.target)
@@ -41,8 +45,13 @@ def rewrite_patterns(
         layer: NormPropLayer = match.pattern.replacement.from_module(
             producer, activation=match.spec, gamma_init=gamma_init, affine=norm.affine, eps=eps
         )
-        if share_weights:
+        notes = match.notes
+        if isinstance(producer.weight, nn.Parameter):
             layer.weight = producer.weight
+        else:
+            notes = (*notes, f"the weight of {path} is computed (parametrization or hook): "
+                             "the NormProp layer holds a plain copy of its current value")
+        layer.required_input_dim = match.pattern.input_dim
         layer.train(producer.training)
         set_submodule(gm, path, layer)
 
@@ -63,7 +72,7 @@ def rewrite_patterns(
                 c_mean=constants.mean,
                 c_std=constants.std,
                 jacobian_gain=constants.jacobian_gain,
-                notes=match.notes,
+                notes=notes,
             )
         )
     gm.graph.lint()

@@ -120,7 +120,7 @@ def trace(
     except Exception as err:
         raise _untraceable(model, tracer.failed_module, err) from err
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-    gm.train(model.training)
+    gm.training = model.training  # not gm.train(): that would reset every submodule's own mode
     return gm, leaf_module_paths(model, leaf_types, leaf_names)
 
 

@@ -227,7 +227,7 @@ def test_shared_conv_called_twice_is_left():
 
     report = normprop_fx.conversion_report(normprop_fx.convert(Shared()))
     assert report.converted == 0 and len(report.left) == 2
-    assert all("called 2 times" in b.reason for b in report.left)
+    assert all("used 2 times in the graph" in b.reason for b in report.left)
 
 
 def test_batchnorm_with_no_conv_in_front_is_reported():

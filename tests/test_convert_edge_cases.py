@@ -1,0 +1,154 @@
+"""Edge cases from review: subclasses with their own forward, tied and computed weights,
+Linear->BatchNorm1d on 3-D input, submodule modes, typed errors, deepcopy."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import ConvNormAct
+from torch import nn
+
+import normprop_fx
+
+
+class PaddedConv(nn.Conv2d):
+    """A Conv2d subclass whose forward differs from Conv2d's (like timm's Conv2dSame)."""
+
+    def forward(self, x):
+        return super().forward(F.pad(x, (1, 1, 1, 1))) * 2
+
+
+class SigmoidReLU(nn.ReLU):
+    def forward(self, x):
+        return torch.sigmoid(x)
+
+
+def test_conv_subclass_with_own_forward_is_left_even_as_a_leaf():
+    model = ConvNormAct(PaddedConv(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    gm = normprop_fx.convert(model, leaf_modules=[PaddedConv])
+    report = normprop_fx.conversion_report(gm)
+    assert report.converted == 0
+    assert "PaddedConv subclasses Conv2d with a forward of its own" in report.left[0].reason
+    model.eval()
+    gm.eval()
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(gm(x), model(x))
+
+
+def test_timm_conv2d_same_is_not_converted_as_a_plain_conv():
+    from timm.layers import Conv2dSame
+
+    model = ConvNormAct(Conv2dSame(3, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU())
+    gm = normprop_fx.convert(model, leaf_modules=[Conv2dSame])
+    assert normprop_fx.conversion_report(gm).converted == 0
+    x = torch.randn(2, 3, 16, 16)
+    assert gm(x).shape == model(x).shape == (2, 8, 8, 8)
+
+
+def test_activation_subclass_with_own_forward_is_not_fused():
+    model = ConvNormAct(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), SigmoidReLU())
+    gm = normprop_fx.convert(model, leaf_modules=[SigmoidReLU])
+    (rewrite,) = normprop_fx.conversion_report(gm).rewrites
+    assert rewrite.activation == "identity"
+    assert any("SigmoidReLU subclasses ReLU" in n for n in rewrite.notes)
+    out = gm(torch.randn(2, 3, 8, 8))
+    assert out.min() >= 0 and out.max() <= 1  # still a sigmoid
+
+
+def test_timm_batchnorm_act_as_a_leaf_is_left_not_stripped_of_its_activation():
+    from timm.layers import BatchNormAct2d
+
+    model = ConvNormAct(nn.Conv2d(3, 4, 3), BatchNormAct2d(4, act_layer=nn.ReLU), None)
+    gm = normprop_fx.convert(model, leaf_modules=[BatchNormAct2d])
+    report = normprop_fx.conversion_report(gm)
+    assert report.converted == 0 and "BatchNormAct2d subclasses BatchNorm2d" in report.left[0].reason
+
+
+def test_tied_weights_stay_tied():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+            self.c2.weight = self.c1.weight
+            self.b1, self.b2 = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.b2(self.c2(F.relu(self.b1(self.c1(x)))))
+
+    model = Tied()
+    gm = normprop_fx.convert(model)
+    assert normprop_fx.conversion_report(gm).converted == 2
+    assert gm.c1.weight is gm.c2.weight
+    assert gm.c1.weight is not model.c1.weight  # a copy of the model, tied within itself
+    assert sum(1 for _ in gm.parameters()) == 1 + 2 * 2  # one weight, two gammas, two betas
+
+
+def test_parameters_read_directly_elsewhere_leave_the_pattern():
+    class BiasReader(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return F.relu(self.bn(self.c(x))) + F.conv2d(x, self.c.weight, self.c.bias)
+
+    report = normprop_fx.conversion_report(normprop_fx.convert(BiasReader()))
+    assert report.converted == 0 and "used 3 times in the graph" in report.left[0].reason
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_parametrized_weight_is_copied_with_a_note(inplace):
+    conv = nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 4, 3))
+    model = ConvNormAct(conv, nn.BatchNorm2d(4), nn.ReLU())
+    gm = normprop_fx.convert(model, inplace=inplace)
+    (rewrite,) = normprop_fx.conversion_report(gm).rewrites
+    assert any("is computed (parametrization or hook)" in n for n in rewrite.notes)
+    layer = gm.get_submodule("producer")
+    assert isinstance(layer.weight, nn.Parameter)
+    torch.testing.assert_close(layer.weight.detach(), conv.weight.detach())
+
+
+def test_linear_batchnorm1d_on_3d_input_is_refused_at_run_time():
+    model = ConvNormAct(nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU())
+    gm = normprop_fx.convert(model)
+    assert gm(torch.randn(4, 16)).shape == (4, 8)
+    with pytest.raises(normprop_fx.NormPropError, match="only for 2-D input"):
+        gm(torch.randn(4, 8, 16))
+
+
+def test_submodule_modes_are_kept():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5))
+    model.train()
+    model[3].eval()
+    gm = normprop_fx.convert(model)
+    assert gm.training and not gm.get_submodule("3").training
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(gm(x), gm(x))  # dropout stays off, as the user set it
+    shared = normprop_fx.convert(model, inplace=True)
+    assert not model[3].training and not shared.get_submodule("3").training
+
+
+@pytest.mark.parametrize(
+    "act", [lambda x: F.hardtanh(x, 20.0, 30.0), nn.Softplus(beta=0)], ids=["constant_hardtanh", "softplus_beta0"]
+)
+def test_activation_without_usable_moments_is_a_note_not_a_crash(act):
+    gm = normprop_fx.convert(ConvNormAct(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), act))
+    (rewrite,) = normprop_fx.conversion_report(gm).rewrites
+    assert rewrite.activation == "identity" and "is not normalized" in rewrite.notes[-1]
+
+
+def test_eps_must_be_finite_and_positive():
+    model = ConvNormAct(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    for bad in (True, 0.0, -1e-8, float("inf"), float("nan"), "1e-8"):
+        with pytest.raises(normprop_fx.InvalidOptionError):
+            normprop_fx.convert(model, eps=bad)
+
+
+def test_deepcopy_keeps_the_report():
+    gm = normprop_fx.convert(ConvNormAct(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()))
+    twin = copy.deepcopy(gm)
+    assert normprop_fx.summary(twin) == normprop_fx.summary(gm)
+    assert twin.get_submodule("producer").weight is not gm.get_submodule("producer").weight
