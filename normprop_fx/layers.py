@@ -110,10 +110,30 @@ class NormPropLayer(nn.Module):
     def reset_parameters(self) -> None:
         """Kaiming-uniform weight (the direction is all that matters), gamma_init, beta 0."""
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if hasattr(self, "gamma"):
+        self._reset_gamma_beta()
+
+    def _reset_gamma_beta(self) -> None:
+        with torch.no_grad():
+            self.gamma.fill_(self.gamma_init)
+            self.beta.zero_()
+
+    @classmethod
+    def _from_weighted_module(
+        cls, module: nn.Module, args: tuple[Any, ...], share_weight: bool, options: dict[str, Any]
+    ) -> NormPropLayer:
+        """``cls(*args, **options)`` holding ``module``'s weight: the Parameter itself when
+        ``share_weight`` and it is one, else a copy. The layer is built on the meta device so
+        no weight is initialized only to be replaced."""
+        weight = module.weight
+        layer = cls(*args, device="meta", dtype=weight.dtype, **options)
+        layer.to_empty(device=weight.device)
+        layer._reset_gamma_beta()
+        if share_weight and isinstance(weight, nn.Parameter):
+            layer.weight = weight
+        else:
             with torch.no_grad():
-                self.gamma.fill_(self.gamma_init)
-                self.beta.zero_()
+                layer.weight.copy_(weight)
+        return layer
 
     def _normprop_repr(self) -> str:
         return f"activation={self.activation.spec}, gamma_init={self.gamma_init:.6g}, affine={self.affine}, eps={self.eps:g}"
@@ -143,15 +163,10 @@ class NormPropLinear(NormPropLayer):
         self.reset_parameters()
 
     @classmethod
-    def from_module(cls, linear: nn.Linear, **options: Any) -> NormPropLinear:
-        """A NormPropLinear whose weight is a copy of ``linear``'s (its bias is dropped)."""
-        layer = cls(
-            linear.in_features, linear.out_features,
-            device=linear.weight.device, dtype=linear.weight.dtype, **options,
-        )
-        with torch.no_grad():
-            layer.weight.copy_(linear.weight)
-        return layer
+    def from_module(cls, linear: nn.Linear, *, share_weight: bool = False, **options: Any) -> NormPropLinear:
+        """A NormPropLinear with a copy of ``linear``'s weight, or the weight Parameter itself
+        with ``share_weight=True`` (its bias is dropped: beta takes its role)."""
+        return cls._from_weighted_module(linear, (linear.in_features, linear.out_features), share_weight, options)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
@@ -218,17 +233,17 @@ class _NormPropConvNd(NormPropLayer):
         return padding
 
     @classmethod
-    def from_module(cls, conv: nn.modules.conv._ConvNd, **options: Any) -> _NormPropConvNd:
-        """A NormProp conv with every hyper-parameter of ``conv`` and a copy of its weight
-        (its bias is dropped: beta takes its role)."""
-        layer = cls(
+    def from_module(
+        cls, conv: nn.modules.conv._ConvNd, *, share_weight: bool = False, **options: Any
+    ) -> _NormPropConvNd:
+        """A NormProp conv with every hyper-parameter of ``conv`` and a copy of its weight, or
+        the weight Parameter itself with ``share_weight=True`` (its bias is dropped: beta takes
+        its role)."""
+        args = (
             conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
             conv.dilation, conv.groups, conv.padding_mode,
-            device=conv.weight.device, dtype=conv.weight.dtype, **options,
         )
-        with torch.no_grad():
-            layer.weight.copy_(conv.weight)
-        return layer
+        return cls._from_weighted_module(conv, args, share_weight, options)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)

@@ -43,12 +43,10 @@ def rewrite_patterns(
         norm = gm.get_submodule(str(match.norm.target))
         original = tuple(describe_node(n, gm) for n in (match.producer, match.norm, match.activation) if n is not None)
         layer: NormPropLayer = match.pattern.replacement.from_module(
-            producer, activation=match.spec, gamma_init=gamma_init, affine=norm.affine, eps=eps
+            producer, share_weight=True, activation=match.spec, gamma_init=gamma_init, affine=norm.affine, eps=eps
         )
         notes = match.notes
-        if isinstance(producer.weight, nn.Parameter):
-            layer.weight = producer.weight
-        else:
+        if layer.weight is not producer.weight:
             notes = (*notes, f"the weight of {path} is computed (parametrization or hook): "
                              "the NormProp layer holds a plain copy of its current value")
         layer.required_input_dim = match.pattern.input_dim

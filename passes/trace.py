@@ -132,7 +132,7 @@ def frozen_training_flags(gm: fx.GraphModule) -> list[str]:
         flag = node.kwargs.get("training") if node.op in ("call_function", "call_method") else None
         if isinstance(flag, bool):
             stack = node.meta.get("nn_module_stack") or {}
-            owner = next(reversed(stack.values()), ("", None))[0] if stack else ""
+            owner = next(reversed(stack.values()))[0] if stack else ""
             where = f" in module '{owner}'" if owner else ""
             found.append(
                 f"{node.name}{where} was traced with training={flag} and keeps it in train() and "
