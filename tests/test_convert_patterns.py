@@ -35,6 +35,15 @@ def _no_batchnorm_left(gm):
     return not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in gm.modules())
 
 
+class _ConvBn(nn.Module):
+    """A Conv2d(4, 4, 3) and a BatchNorm2d(4); each test model writes its own forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+
 # (act as written in the model, the same act in float64 for the reference, expected activation string)
 RELU_FORMS = {
     "module": (nn.ReLU(), F.relu),
@@ -153,12 +162,7 @@ def test_batchnorm_without_affine_gives_fixed_gamma_beta():
 
 
 def test_conv_without_activation_feeding_an_add():
-    class Residual(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
-            self.bn = nn.BatchNorm2d(4)
-
+    class Residual(_ConvBn):
         def forward(self, x):
             return F.relu(self.bn(self.conv(x)) + x)
 
@@ -171,12 +175,7 @@ def test_conv_without_activation_feeding_an_add():
 
 
 def test_conv_with_two_users_is_left_and_reported():
-    class TwoUsers(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(4, 4, 3, padding=1)
-            self.bn = nn.BatchNorm2d(4)
-
+    class TwoUsers(_ConvBn):
         def forward(self, x):
             y = self.conv(x)
             return F.relu(self.bn(y)) + y
@@ -191,12 +190,7 @@ def test_conv_with_two_users_is_left_and_reported():
 
 
 def test_batchnorm_with_two_users_converts_without_fusing_the_activation():
-    class TwoUsers(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(4, 4, 3, padding=1)
-            self.bn = nn.BatchNorm2d(4)
-
+    class TwoUsers(_ConvBn):
         def forward(self, x):
             y = self.bn(self.conv(x))
             return torch.relu(y) * y
@@ -266,11 +260,7 @@ def test_mismatched_batchnorm_type_is_left():
     assert report.converted == 0 and "cannot normalize the output of a Conv1d" in report.left[0].reason
 
 
-class _Untraceable(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
-
+class _Untraceable(_ConvBn):
     def forward(self, x):
         if x.sum() > 0:  # data-dependent control flow
             return self.bn(self.conv(x))
