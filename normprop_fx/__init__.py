@@ -6,6 +6,7 @@
 """
 
 from .activation_functions import ACTIVATION_FUNCTIONS, ActivationSpec, activation
+from .affine import NormPropAffine
 from .convert import NormPropWarning, conversion_report, convert
 from .errors import (
     InvalidOptionError,
@@ -24,6 +25,7 @@ from .layers import (
 from .moments import ActivationConstants, activation_constants, gaussian_moments
 from .normalized_activation import NormalizedActivation
 from .records import ConversionReport, LeftBatchNorm, Rewrite
+from .standardize import Standardize
 from .statistics import LayerStatistics, measure_layer_statistics
 from .summary import summary
 
@@ -37,6 +39,7 @@ __all__ = [
     "InvalidOptionError",
     "LayerStatistics",
     "LeftBatchNorm",
+    "NormPropAffine",
     "NormPropConv1d",
     "NormPropConv2d",
     "NormPropConv3d",
@@ -46,6 +49,7 @@ __all__ = [
     "NormPropWarning",
     "NormalizedActivation",
     "Rewrite",
+    "Standardize",
     "UnsupportedActivationError",
     "UntraceableModelError",
     "activation",

@@ -1,0 +1,53 @@
+"""The constant scale correction that moment propagation inserts (spec section 6).
+
+    y = (x - mean) * scale,   scale = 1 / sqrt(nominal variance)
+
+``mean`` and ``scale`` are fixed at conversion from the *nominal* moments of ``x`` (computed
+with gamma = 1, independent of data), per channel or scalar. They are buffers, so a saved
+state_dict restores them exactly, but they are not learned and never change in training.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Standardize(nn.Module):
+    """Subtract a constant mean and multiply by a constant scale.
+
+    Args:
+        mean, scale: tensors broadcastable against the input without its batch dimension,
+            e.g. shape ``()`` for a scalar correction or ``(C, 1, 1)`` for a per-channel one on
+            (N, C, H, W) input.
+        reason: one line for the audit (why the correction is there).
+    """
+
+    mean: torch.Tensor
+    scale: torch.Tensor
+
+    def __init__(self, mean: torch.Tensor, scale: torch.Tensor, reason: str = "") -> None:
+        super().__init__()
+        mean = torch.as_tensor(mean, dtype=torch.float32)
+        scale = torch.as_tensor(scale, dtype=torch.float32)
+        if not torch.isfinite(mean).all() or not (torch.isfinite(scale).all() and (scale > 0).all()):
+            raise ValueError("Standardize needs a finite mean and a finite positive scale")
+        self.register_buffer("mean", mean)
+        self.register_buffer("scale", scale)
+        self.reason = reason
+        #: Fixed at construction (a Python bool, so forward has no data-dependent branch).
+        self.subtracts_mean = bool((mean != 0).any())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.scale.to(x.dtype)
+        if not self.subtracts_mean:
+            return x * scale
+        return (x - self.mean.to(x.dtype)) * scale
+
+    def extra_repr(self) -> str:
+        def fmt(t: torch.Tensor) -> str:
+            if t.numel() == 1:
+                return f"{t.item():.4g}"
+            return f"[{t.min().item():.4g}..{t.max().item():.4g}] x{tuple(t.shape)}"
+
+        return f"mean={fmt(self.mean)}, scale={fmt(self.scale)}"
