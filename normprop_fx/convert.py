@@ -9,14 +9,17 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import fx, nn
 from torch.nn.parameter import is_lazy
 
 from .activation_functions import activation
 from .errors import InvalidOptionError, NormPropError
 from .layers import DEFAULT_EPS, GammaInit, resolve_gamma_init
+from .passes.input_shape import resolve_example_inputs
 from .passes.inventory import batchnorm_modules, batchnorms_outside_graph
 from .passes.match import match_patterns
+from .passes.propagate import propagate_moments
 from .passes.rewrite import rewrite_patterns
 from .passes.trace import LeafSpec, frozen_training_flags, trace
 from .records import ConversionReport
@@ -44,6 +47,7 @@ def convert(
     inplace: bool = False,
     eps: float = DEFAULT_EPS,
     concrete_args: dict[str, Any] | None = None,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
 ) -> fx.GraphModule:
     """Trace ``model`` and replace every Conv/Linear -> BatchNorm [-> activation] with a NormProp layer.
 
@@ -59,6 +63,11 @@ def convert(
             tied between layers stay tied.
         eps: added to each filter's squared norm in the weight normalization.
         concrete_args: passed to torch.fx to fix inputs that drive control flow.
+        example_inputs: example model input(s); only their shapes are used, to compute the
+            nominal moments (global pooling averages H*W values, so the corrections after it
+            depend on the resolution). When omitted the shape is inferred from the model (timm's
+            ``pretrained_cfg["input_size"]``, else the first layer with 224 pixels a side)
+            and the report says so.
 
     Returns:
         A ``torch.fx.GraphModule``; ``result.normprop_report`` is the
@@ -96,6 +105,15 @@ def convert(
     hidden = batchnorms_outside_graph(model, gm, leaf_paths)
     matches, unmatched = match_patterns(gm)
     gm, rewrites = rewrite_patterns(gm, matches, gamma_init=gamma_init, eps=eps)
+    inputs, shape_assumption = resolve_example_inputs(model, gm, example_inputs)
+    try:
+        gm, corrections, standalone, estimated = propagate_moments(gm, inputs)
+    except Exception as err:
+        raise NormPropError(
+            f"moment propagation failed on {type(model).__name__} for input shapes "
+            f"{[tuple(x.shape) for x in inputs]}: {type(err).__name__}: {err}. "
+            "Pass example_inputs= with a shape the model accepts."
+        ) from err
 
     report = ConversionReport(
         model=type(model).__name__,
@@ -104,8 +122,12 @@ def convert(
         rewrites=rewrites,
         left=unmatched + hidden,
         leaf_modules=leaf_paths,
-        assumptions=(INPUT_ASSUMPTION,),
+        assumptions=(INPUT_ASSUMPTION, *shape_assumption),
         warnings=tuple(frozen),
+        corrections=corrections,
+        normalized_activations=standalone,
+        estimated_ops=tuple(estimated),
+        input_shapes=tuple(tuple(x.shape) for x in inputs),
     )
     setattr(gm, REPORT_ATTRIBUTE, report)
     # GraphModule.__deepcopy__ restores these (EMA copies, copy.deepcopy(converted)).

@@ -115,3 +115,39 @@ def activation_constants(spec: ActivationSpec) -> ActivationConstants:
     return ActivationConstants(
         mean=moments.mean, std=moments.std, jacobian_gain=moments.rms_derivative / moments.std
     )
+
+
+@cache
+def max_of_normals(k: int) -> tuple[float, float]:
+    """Mean and variance of the maximum of ``k`` independent N(0, 1) values (max pooling), by
+    quadrature of x * k phi(x) Phi(x)^(k-1)."""
+    if k < 1:
+        raise ValueError(f"max_of_normals needs k >= 1, got {k}")
+    z, w = _standard_normal_quadrature(())
+    cdf = 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))
+    density = w * k * cdf.pow(k - 1)  # w already holds phi(z) dz
+    mean = float((density * z).sum())
+    var = float((density * (z - mean) ** 2).sum())
+    return mean, var
+
+
+def activation_moments(spec: ActivationSpec, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Elementwise E[f(x)] and Var[f(x)] for x ~ N(mean, var), for tensors of means and variances
+    (one pair per channel). Each distinct pair is integrated once by :func:`gaussian_moments`;
+    a zero variance gives f(mean) exactly."""
+    mean64, var64 = torch.broadcast_tensors(mean.double(), var.double())
+    out_mean = torch.empty_like(mean64)
+    out_var = torch.empty_like(var64)
+    cache: dict[tuple[float, float], tuple[float, float]] = {}
+    for index, (m, v) in enumerate(zip(mean64.flatten().tolist(), var64.flatten().tolist())):
+        key = (round(m, 9), round(v, 9))
+        if key not in cache:
+            if v <= 1e-18:
+                y = float(spec(torch.tensor(m, dtype=torch.float64)))
+                cache[key] = (y, 0.0)
+            else:
+                g = gaussian_moments(spec, m, math.sqrt(v))
+                cache[key] = (g.mean, g.std**2)
+        out_mean.view(-1)[index], out_var.view(-1)[index] = cache[key]
+    return out_mean, out_var
+

@@ -30,6 +30,29 @@ class LeftBatchNorm:
     reason: str
 
 
+@dataclass(frozen=True)
+class Correction:
+    """A constant (x - mean) * scale inserted by moment propagation in front of a consumer."""
+
+    path: str  #: qualified name of the Standardize module
+    consumer: str  #: the NormProp layer / affine / normalized activation it feeds
+    source: str  #: the value it corrects
+    reason: str
+    mean: str  #: the subtracted nominal mean (a number or a per-channel range)
+    scale: str  #: 1 / sqrt(nominal variance)
+    estimated: bool  #: True when the moments depend on weights or on a Gaussian probe
+
+
+@dataclass(frozen=True)
+class NormalizedStandalone:
+    """An activation outside any BN pattern (after a residual add, a concat...) that now
+    normalizes its output: (f(x) - c_mean) / c_std."""
+
+    path: str
+    original: str
+    activation: str
+
+
 @dataclass
 class ConversionReport:
     """Everything :func:`normprop_fx.convert` did to one model."""
@@ -42,6 +65,10 @@ class ConversionReport:
     leaf_modules: tuple[str, ...] = ()
     assumptions: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()  #: things the user should act on, e.g. a frozen training flag
+    corrections: list[Correction] = field(default_factory=list)
+    normalized_activations: list[NormalizedStandalone] = field(default_factory=list)
+    estimated_ops: tuple[str, ...] = ()  #: ops whose moments a Gaussian probe estimated
+    input_shapes: tuple[tuple[int, ...], ...] = ()  #: the shapes the nominal moments were computed for
 
     @property
     def converted(self) -> int:

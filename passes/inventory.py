@@ -26,8 +26,14 @@ def batchnorms_outside_graph(
         if path in called:
             continue
         leaf = next((p for p in leaf_paths if path.startswith(p + ".")), None)
+        opaque = next((p for p in sorted(called, key=len) if path.startswith(f"{p}.")), None)
         if leaf is not None:
             reason = f"inside leaf module '{leaf}', which is not traced"
+        elif opaque is not None:
+            reason = (
+                f"inside '{opaque}' ({type(model.get_submodule(opaque)).__name__}), which torch.fx keeps "
+                "opaque (a library's not-traceable registry or a mode-dependent module)"
+            )
         elif path in attrs or any(a.startswith(path + ".") for a in attrs):
             reason = (
                 f"{type(bn).__name__}.forward was traced into functional calls "

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normprop_fx.conv_same import NormPropConv2dSame
 from normprop_fx.layers import (
     NormPropConv1d,
     NormPropConv2d,
@@ -44,15 +46,54 @@ def _out_features(m: nn.Module) -> int:
     return m.out_features  # type: ignore[return-value]
 
 
+def _timm_conv_same() -> tuple[ProducerPattern, ...]:
+    try:
+        from timm.layers import Conv2dSame
+    except ImportError:
+        return ()
+    return (ProducerPattern(Conv2dSame, (nn.BatchNorm2d, nn.SyncBatchNorm), NormPropConv2dSame, _out_channels),)
+
+
 PRODUCERS: tuple[ProducerPattern, ...] = (
     ProducerPattern(nn.Linear, (nn.BatchNorm1d, nn.SyncBatchNorm), NormPropLinear, _out_features, input_dim=2),
     ProducerPattern(nn.Conv1d, (nn.BatchNorm1d, nn.SyncBatchNorm), NormPropConv1d, _out_channels),
     ProducerPattern(nn.Conv2d, (nn.BatchNorm2d, nn.SyncBatchNorm), NormPropConv2d, _out_channels),
     ProducerPattern(nn.Conv3d, (nn.BatchNorm3d, nn.SyncBatchNorm), NormPropConv3d, _out_channels),
+    *_timm_conv_same(),
 )
 
 #: Every BatchNorm flavour counts as "found" (the report accounts for each one).
 BATCH_NORM_BASE: type[nn.Module] = nn.modules.batchnorm._BatchNorm
+
+#: The BatchNorm classes whose forward is plain batch normalization over dim 1: they can be
+#: replaced by a NormProp layer (after a Conv/Linear) or by NormPropAffine (anywhere else).
+PLAIN_BATCH_NORMS: dict[type, type] = {
+    cls: cls for cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+}
+
+
+@dataclass(frozen=True)
+class NormActUnit:
+    """A BatchNorm subclass that applies dropout and an activation of its own after normalizing
+    (timm's ``BatchNormAct2d``): one BN + drop + activation unit, kept a leaf by the tracer."""
+
+    drop: str  #: attribute holding the drop module (nn.Identity when off)
+    act: str  #: attribute holding the activation module
+
+
+@cache
+def norm_act_units() -> dict[type, NormActUnit]:
+    """One row per norm-activation class of the installed libraries."""
+    units: dict[type, NormActUnit] = {}
+    try:
+        from timm.layers import norm_act
+    except ImportError:
+        return units
+    for name in ("BatchNormAct2d", "SyncBatchNormAct"):
+        cls = getattr(norm_act, name, None)
+        if cls is not None:
+            units[cls] = NormActUnit(drop="drop", act="act")
+    return units
 
 
 @dataclass(frozen=True)

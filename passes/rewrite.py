@@ -1,15 +1,21 @@
-"""Pass 3: replace each matched pattern by one NormProp layer at the producer's qualified name.
+"""Pass 3: replace each matched BatchNorm by its NormProp form.
 
-The producer's call_module node stays (now calling the NormProp layer), the BatchNorm and
-activation nodes go, their users read the NormProp layer's output, and the graph is linted and
-recompiled. State-dict keys stay readable: ``layer1.0.conv1.weight``, ``.gamma``, ``.beta``.
+- Conv/Linear -> BN [-> act]: one NormProp layer at the producer's qualified name; the BN and
+  activation nodes go.
+- BN with no Conv/Linear to fuse with: a NormPropAffine at the BN's own qualified name.
+
+Users of the pattern's last node read the replacement's output; modules of a norm-activation
+unit that cannot be fused (a drop-block, an activation without fixed moments) stay after it as
+``<bn path>_<attribute>``. The graph is linted and recompiled. State-dict keys stay readable:
+``layer1.0.conv1.weight``, ``.gamma``, ``.beta``.
 """
 
 from __future__ import annotations
 
 from torch import fx, nn
 
-from normprop_fx.layers import DEFAULT_EPS, GammaInit, NormPropLayer
+from normprop_fx.affine import NormPropAffine
+from normprop_fx.layers import DEFAULT_EPS, GammaInit
 from normprop_fx.moments import activation_constants
 from normprop_fx.records import Rewrite
 
@@ -38,26 +44,36 @@ def rewrite_patterns(
     """
     records = []
     for match in matches:
-        path = str(match.producer.target)
-        producer = gm.get_submodule(path)
         norm = gm.get_submodule(str(match.norm.target))
         original = tuple(describe_node(n, gm) for n in (match.producer, match.norm, match.activation) if n is not None)
-        layer: NormPropLayer = match.pattern.replacement.from_module(
-            producer, share_weight=True, activation=match.spec, gamma_init=gamma_init, affine=norm.affine, eps=eps
-        )
         notes = match.notes
-        if layer.weight is not producer.weight:
-            notes = (*notes, f"the weight of {path} is computed (parametrization or hook): "
-                             "the NormProp layer holds a plain copy of its current value")
-        layer.required_input_dim = match.pattern.input_dim
-        layer.train(producer.training)
+        if match.producer is not None and match.pattern is not None:
+            path, out = str(match.producer.target), match.producer
+            producer = gm.get_submodule(path)
+            layer = match.pattern.replacement.from_module(
+                producer, share_weight=True, activation=match.spec, gamma_init=gamma_init, affine=norm.affine, eps=eps
+            )
+            if layer.weight is not producer.weight:
+                notes = (*notes, (f"the weight of {path} is computed (parametrization or hook): "
+                                  "the NormProp layer holds a plain copy of its current value"))
+            layer.required_input_dim = match.pattern.input_dim
+            layer.train(producer.training)
+        else:
+            path, out = str(match.norm.target), match.norm
+            layer = NormPropAffine.from_batchnorm(norm, activation=match.spec, gamma_init=gamma_init)
+            layer.train(norm.training)
         set_submodule(gm, path, layer)
 
+        first_kept, tail = _insert_kept(gm, path if out is match.norm else str(match.norm.target), out, match.kept)
         last = match.activation if match.activation is not None else match.norm
-        last.replace_all_uses_with(match.producer)
-        if match.activation is not None:
-            gm.graph.erase_node(match.activation)
-        gm.graph.erase_node(match.norm)
+        if last is out:
+            if tail is not out:
+                out.replace_all_uses_with(tail, delete_user_cb=lambda user, first=first_kept: user is not first)
+        else:
+            last.replace_all_uses_with(tail)
+            for node in (match.activation, match.norm):
+                if node is not None and node is not out:
+                    gm.graph.erase_node(node)
 
         constants = activation_constants(match.spec)
         records.append(
@@ -77,3 +93,19 @@ def rewrite_patterns(
     gm.delete_all_unused_submodules()
     gm.recompile()
     return gm, records
+
+
+def _insert_kept(
+    gm: fx.GraphModule, norm_path: str, out: fx.Node, kept: tuple[tuple[str, nn.Module], ...]
+) -> tuple[fx.Node | None, fx.Node]:
+    """Call ``kept`` modules in order after ``out``, each registered as ``<norm_path>_<attr>``.
+    Returns the first inserted node (or None) and the last node of the chain."""
+    first: fx.Node | None = None
+    tail = out
+    for attribute, module in kept:
+        target = f"{norm_path}_{attribute}"
+        gm.add_submodule(target, module)
+        with gm.graph.inserting_after(tail):
+            tail = gm.graph.call_module(target, (tail,))
+        first = first or tail
+    return first, tail

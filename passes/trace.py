@@ -21,6 +21,20 @@ LeafSpec = type | str
 
 
 @cache
+def library_notrace_registries() -> tuple[tuple[type[nn.Module], ...], tuple[Any, ...]]:
+    """Modules and functions that timm registers as not traceable by torch.fx (its own
+    ``register_notrace_module`` / ``register_notrace_function``: ``Conv2dSame``, ``BatchNormAct2d``,
+    padding helpers, window reshapes, ...). torch.fx keeps them opaque, as timm's own feature
+    extraction does, so models that use them trace. Empty when timm is not installed."""
+    try:
+        from timm.layers import _fx as timm_fx
+    except ImportError:
+        return (), ()
+    modules = tuple(m for m in timm_fx.get_notrace_modules() if isinstance(m, type))
+    return modules, tuple(timm_fx.get_notrace_functions())
+
+
+@cache
 def mode_dependent_modules() -> tuple[type[nn.Module], ...]:
     """Modules outside torch.nn whose forward branches on ``self.training``.
 
@@ -49,8 +63,9 @@ class NormPropTracer(fx.Tracer):
     remembers which module it was inside when tracing failed."""
 
     def __init__(self, leaf_types: tuple[type, ...] = (), leaf_names: Iterable[str] = ()) -> None:
-        super().__init__()
-        self.leaf_types = leaf_types + mode_dependent_modules()
+        library_modules, library_functions = library_notrace_registries()
+        super().__init__(autowrap_functions=library_functions)
+        self.leaf_types = leaf_types + mode_dependent_modules() + library_modules
         self.leaf_names = frozenset(leaf_names)
         self.failed_module: str | None = None
 

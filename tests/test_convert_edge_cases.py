@@ -26,26 +26,30 @@ class SigmoidReLU(nn.ReLU):
         return torch.sigmoid(x)
 
 
-def test_conv_subclass_with_own_forward_is_left_even_as_a_leaf():
+def test_conv_subclass_with_own_forward_is_kept_and_its_bn_replaced_alone():
     model = ConvNormAct(PaddedConv(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
-    gm = normprop_fx.convert(model, leaf_modules=[PaddedConv])
+    gm = normprop_fx.convert(model, leaf_modules=[PaddedConv], example_inputs=torch.empty(2, 3, 8, 8))
     report = normprop_fx.conversion_report(gm)
-    assert report.converted == 0
-    assert "PaddedConv subclasses Conv2d with a forward of its own" in report.left[0].reason
-    model.eval()
-    gm.eval()
-    x = torch.randn(2, 3, 8, 8)
-    torch.testing.assert_close(gm(x), model(x))
+    (rewrite,) = report.rewrites
+    assert rewrite.replacement == "NormPropAffine" and rewrite.activation == "relu"
+    assert "PaddedConv subclasses Conv2d with a forward of its own" in rewrite.notes[0]
+    assert isinstance(gm.get_submodule("producer"), PaddedConv)
 
 
-def test_timm_conv2d_same_is_not_converted_as_a_plain_conv():
+@pytest.mark.parametrize("size", [16, 15])
+def test_timm_conv2d_same_becomes_a_normprop_conv_with_same_padding(size):
     from timm.layers import Conv2dSame
 
-    model = ConvNormAct(Conv2dSame(3, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU())
-    gm = normprop_fx.convert(model, leaf_modules=[Conv2dSame])
-    assert normprop_fx.conversion_report(gm).converted == 0
-    x = torch.randn(2, 3, 16, 16)
-    assert gm(x).shape == model(x).shape == (2, 8, 8, 8)
+    conv = Conv2dSame(3, 8, 3, stride=2)
+    model = ConvNormAct(conv, nn.BatchNorm2d(8), None)
+    gm = normprop_fx.convert(model, gamma_init=1.0, example_inputs=torch.empty(2, 3, size, size))
+    (rewrite,) = normprop_fx.conversion_report(gm).rewrites
+    assert rewrite.replacement == "NormPropConv2dSame"
+    x = torch.randn(2, 3, size, size)
+    reference = Conv2dSame(3, 8, 3, stride=2, bias=False)
+    with torch.no_grad():
+        reference.weight.copy_(conv.weight / conv.weight.flatten(1).norm(dim=1).view(-1, 1, 1, 1))
+    torch.testing.assert_close(gm(x), reference(x), rtol=1e-4, atol=1e-5)
 
 
 def test_activation_subclass_with_own_forward_is_not_fused():
@@ -58,13 +62,30 @@ def test_activation_subclass_with_own_forward_is_not_fused():
     assert out.min() >= 0 and out.max() <= 1  # still a sigmoid
 
 
-def test_timm_batchnorm_act_as_a_leaf_is_left_not_stripped_of_its_activation():
+@pytest.mark.parametrize("act", [nn.ReLU, nn.SiLU, nn.Hardswish, nn.GELU, nn.LeakyReLU, nn.Identity])
+def test_timm_batchnorm_act_is_one_unit_with_its_activation(act):
     from timm.layers import BatchNormAct2d
 
-    model = ConvNormAct(nn.Conv2d(3, 4, 3), BatchNormAct2d(4, act_layer=nn.ReLU), None)
-    gm = normprop_fx.convert(model, leaf_modules=[BatchNormAct2d])
+    model = ConvNormAct(nn.Conv2d(3, 4, 3), BatchNormAct2d(4, act_layer=act), None)
+    gm = normprop_fx.convert(model, example_inputs=torch.empty(2, 3, 8, 8))
     report = normprop_fx.conversion_report(gm)
-    assert report.converted == 0 and "BatchNormAct2d subclasses BatchNorm2d" in report.left[0].reason
+    (rewrite,) = report.rewrites
+    expected = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Hardswish: "hardswish", nn.GELU: "gelu",
+                nn.LeakyReLU: "leaky_relu", nn.Identity: "identity"}[act]
+    assert rewrite.replacement == "NormPropConv2d" and rewrite.activation.startswith(expected)
+    assert not report.left and not any(isinstance(m, BatchNormAct2d) for m in gm.modules())
+
+
+def test_timm_batchnorm_act_with_drop_block_keeps_it_before_the_activation():
+    from timm.layers import BatchNormAct2d, DropBlock2d
+
+    bn = BatchNormAct2d(4, act_layer=nn.ReLU, drop_layer=lambda: DropBlock2d(0.1, 3))
+    gm = normprop_fx.convert(ConvNormAct(nn.Conv2d(3, 4, 3), bn, None), example_inputs=torch.empty(2, 3, 8, 8))
+    report = normprop_fx.conversion_report(gm)
+    (rewrite,) = report.rewrites
+    assert rewrite.activation == "identity" and any("DropBlock2d stays" in n for n in rewrite.notes)
+    assert [type(m).__name__ for m in gm.children()] == ["NormPropConv2d", "DropBlock2d", "NormalizedActivation"]
+    assert [a.original for a in report.normalized_activations] == ["norm_act (ReLU)"]
 
 
 def test_tied_weights_stay_tied():
@@ -86,7 +107,7 @@ def test_tied_weights_stay_tied():
     assert sum(1 for _ in gm.parameters()) == 1 + 2 * 2  # one weight, two gammas, two betas
 
 
-def test_parameters_read_directly_elsewhere_leave_the_pattern():
+def test_parameters_read_directly_elsewhere_keep_the_conv():
     class BiasReader(nn.Module):
         def __init__(self):
             super().__init__()
@@ -95,8 +116,9 @@ def test_parameters_read_directly_elsewhere_leave_the_pattern():
         def forward(self, x):
             return F.relu(self.bn(self.c(x))) + F.conv2d(x, self.c.weight, self.c.bias)
 
-    report = normprop_fx.conversion_report(normprop_fx.convert(BiasReader()))
-    assert report.converted == 0 and "used 3 times in the graph" in report.left[0].reason
+    report = normprop_fx.conversion_report(normprop_fx.convert(BiasReader(), example_inputs=torch.empty(2, 3, 8, 8)))
+    (rewrite,) = report.rewrites
+    assert rewrite.replacement == "NormPropAffine" and "used 3 times in the graph" in rewrite.notes[0]
 
 
 @pytest.mark.parametrize("inplace", [False, True])

@@ -166,27 +166,39 @@ def test_conv_without_activation_feeding_an_add():
         def forward(self, x):
             return F.relu(self.bn(self.conv(x)) + x)
 
-    gm = normprop_fx.convert(Residual())
-    (rewrite,) = normprop_fx.conversion_report(gm).rewrites
+    gm = normprop_fx.convert(Residual(), example_inputs=torch.empty(2, 4, 8, 8))
+    report = normprop_fx.conversion_report(gm)
+    (rewrite,) = report.rewrites
     assert rewrite.activation == "identity" and rewrite.gamma_init == 1.0
     assert _no_batchnorm_left(gm)
-    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
-    assert F.relu in targets, "the ReLU after the add is not this pattern's and must stay"
+    # The ReLU after the add is normalized on its own, behind a 1/sqrt(2) correction (spec 6).
+    (standalone,) = report.normalized_activations
+    assert standalone.activation == "relu"
+    (correction,) = report.corrections
+    assert correction.consumer == standalone.path and float(correction.scale) == pytest.approx(2**-0.5, rel=1e-4)
+    x = torch.randn(2, 4, 8, 8)
+    u = reference_normprop(gm.get_submodule("conv"), x, lambda t: t, 1.0)
+    constants = normprop_fx.activation_constants(normprop_fx.activation("relu"))
+    expected = (F.relu((u + x) * 2**-0.5) - constants.mean) / constants.std
+    torch.testing.assert_close(gm(x), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_conv_with_two_users_is_left_and_reported():
+def test_conv_with_two_users_keeps_the_conv_and_replaces_the_bn_alone():
     class TwoUsers(_ConvBn):
         def forward(self, x):
             y = self.conv(x)
             return F.relu(self.bn(y)) + y
 
-    gm = normprop_fx.convert(TwoUsers())
+    gm = normprop_fx.convert(TwoUsers(), example_inputs=torch.empty(2, 4, 8, 8))
     report = normprop_fx.conversion_report(gm)
-    assert report.converted == 0
-    (left,) = report.left
-    assert left.path == "bn" and "2 users" in left.reason
-    assert isinstance(gm.get_submodule("bn"), nn.BatchNorm2d) and isinstance(gm.get_submodule("conv"), nn.Conv2d)
-    assert "bn" in normprop_fx.summary(gm) and "left: 1" in normprop_fx.summary(gm)
+    (rewrite,) = report.rewrites
+    assert not report.left and rewrite.path == "bn" and rewrite.replacement == "NormPropAffine"
+    assert "2 users" in rewrite.notes[0] and rewrite.activation == "relu"
+    assert isinstance(gm.get_submodule("bn"), normprop_fx.NormPropAffine) and isinstance(gm.get_submodule("conv"), nn.Conv2d)
+    # the plain conv's output is not standardized: a correction, estimated from its weights
+    (correction,) = [c for c in report.corrections if c.consumer == "bn"]
+    assert correction.estimated and "(estimated" in correction.reason
+    assert "left: 0" in normprop_fx.summary(gm)
 
 
 def test_batchnorm_with_two_users_converts_without_fusing_the_activation():
@@ -200,15 +212,17 @@ def test_batchnorm_with_two_users_converts_without_fusing_the_activation():
     report = normprop_fx.conversion_report(gm)
     (rewrite,) = report.rewrites
     assert not report.left and rewrite.activation == "identity"
+    # relu(u) reads a standardized value, so it is normalized on its own
+    assert [a.original for a in report.normalized_activations] == ["torch.relu"]
     assert "BatchNorm output has 2 users" in rewrite.notes[-1] and "no activation fused" in rewrite.notes[-1]
-    # both users read the NormProp output: relu(u) * u with u = conv(x, W/||W||) + beta
-    assert torch.relu in [n.target for n in gm.graph.nodes]
+    # both users read the NormProp output: relu_n(u) * u with u = conv(x, W/||W||) + beta
     x = torch.randn(2, 4, 6, 6)
     u = reference_normprop(model.conv, x, lambda t: t, 1.0)
-    torch.testing.assert_close(gm(x), torch.relu(u) * u, rtol=1e-4, atol=1e-5)
+    constants = normprop_fx.activation_constants(normprop_fx.activation("relu"))
+    torch.testing.assert_close(gm(x), (torch.relu(u) - constants.mean) / constants.std * u, rtol=1e-4, atol=1e-5)
 
 
-def test_shared_conv_called_twice_is_left():
+def test_shared_conv_called_twice_keeps_the_conv_and_replaces_the_bns():
     class Shared(nn.Module):
         def __init__(self):
             super().__init__()
@@ -219,15 +233,21 @@ def test_shared_conv_called_twice_is_left():
         def forward(self, x):
             return self.bn1(self.conv(x)) + self.bn2(self.conv(x))
 
-    report = normprop_fx.conversion_report(normprop_fx.convert(Shared()))
-    assert report.converted == 0 and len(report.left) == 2
-    assert all("used 2 times in the graph" in b.reason for b in report.left)
+    report = normprop_fx.conversion_report(normprop_fx.convert(Shared(), example_inputs=torch.empty(2, 4, 8, 8)))
+    assert report.converted == 2 and not report.left
+    assert all(r.replacement == "NormPropAffine" and "used 2 times in the graph" in r.notes[0] for r in report.rewrites)
 
 
-def test_batchnorm_with_no_conv_in_front_is_reported():
+def test_batchnorm_with_no_conv_in_front_becomes_an_affine():
     model = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1))
-    report = normprop_fx.conversion_report(normprop_fx.convert(model))
-    assert report.converted == 0 and "its input is the input 'input'" in report.left[0].reason
+    gm = normprop_fx.convert(model, example_inputs=torch.empty(2, 3, 8, 8))
+    report = normprop_fx.conversion_report(gm)
+    (rewrite,) = report.rewrites
+    assert rewrite.replacement == "NormPropAffine" and "no Conv/Linear in front (input: the input 'input')" in rewrite.notes[0]
+    assert not report.corrections  # the model input is standardized by assumption
+    x = torch.randn(2, 3, 8, 8)
+    gamma = gm.get_submodule("0").gamma.view(1, -1, 1, 1)
+    torch.testing.assert_close(gm(x), model[1](x * gamma))
 
 
 def test_unsupported_activation_after_bn_is_noted_and_left_in_place():
@@ -249,15 +269,16 @@ def test_dynamic_activation_parameter_is_not_folded():
             return F.leaky_relu(self.bn(self.conv(x)), slope)
 
     # slope is a graph input, so the activation is not a constant function: Conv->BN only.
-    gm = normprop_fx.convert(Dynamic())
+    gm = normprop_fx.convert(Dynamic(), example_inputs=(torch.empty(2, 4, 8, 8), torch.empty(())))
     (rewrite,) = normprop_fx.conversion_report(gm).rewrites
     assert rewrite.activation == "identity" and "computed at run time" in rewrite.notes[0]
 
 
-def test_mismatched_batchnorm_type_is_left():
+def test_mismatched_batchnorm_type_is_not_fused():
     model = ConvNormAct(nn.Conv1d(4, 8, 3), nn.BatchNorm2d(8), None)
-    report = normprop_fx.conversion_report(normprop_fx.convert(model))
-    assert report.converted == 0 and "cannot normalize the output of a Conv1d" in report.left[0].reason
+    report = normprop_fx.conversion_report(normprop_fx.convert(model, example_inputs=torch.empty(2, 4, 16)))
+    (rewrite,) = report.rewrites
+    assert rewrite.replacement == "NormPropAffine" and "does not normalize the outputs of a Conv1d" in rewrite.notes[0]
 
 
 class _Untraceable(_ConvBn):

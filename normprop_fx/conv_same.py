@@ -1,0 +1,34 @@
+"""NormProp replacement of timm's ``Conv2dSame``: TensorFlow-style 'SAME' padding computed from
+the input size at run time (asymmetric when the total padding is odd), then the NormProp conv."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import NormPropConv2d
+
+
+def same_padding(size: int, kernel: int, stride: int, dilation: int) -> int:
+    """Total padding TensorFlow's 'SAME' adds along one spatial axis of length ``size``."""
+    return max((math.ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+
+
+class NormPropConv2dSame(NormPropConv2d):
+    """NormPropConv2d with TensorFlow 'SAME' padding, as ``timm.layers.Conv2dSame``."""
+
+    @classmethod
+    def from_module(cls, conv: nn.Conv2d, *, share_weight: bool = False, **options: Any) -> NormPropConv2dSame:
+        args = (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0, conv.dilation, conv.groups)
+        return cls._from_weighted_module(conv, args, share_weight, options)  # type: ignore[return-value]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ih, iw = x.shape[-2:]
+        pad_h = same_padding(ih, self.kernel_size[0], self.stride[0], self.dilation[0])
+        pad_w = same_padding(iw, self.kernel_size[1], self.stride[1], self.dilation[1])
+        x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+        return super().forward(x)

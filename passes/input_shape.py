@@ -1,0 +1,72 @@
+"""The example input shape that moment propagation runs on, given or inferred from the model."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import fx, nn
+
+from normprop_fx.errors import InvalidOptionError, NormPropError
+
+DEFAULT_SPATIAL = 224
+_SPATIAL_DEFAULTS = {1: (DEFAULT_SPATIAL,), 2: (DEFAULT_SPATIAL, DEFAULT_SPATIAL), 3: (16, 112, 112)}
+
+
+def resolve_example_inputs(
+    model: nn.Module, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor] | torch.Tensor | None
+) -> tuple[tuple[torch.Tensor, ...], tuple[str, ...]]:
+    """The example inputs (meta tensors are fine: only shapes are read) and, when they were
+    inferred, one report line that says which shape was assumed."""
+    if example_inputs is not None:
+        inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+        if not inputs or not all(isinstance(x, torch.Tensor) for x in inputs):
+            raise InvalidOptionError("example_inputs must be a tensor or a sequence of tensors")
+        return inputs, ()
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise NormPropError(
+            f"{type(model).__name__}.forward takes {len(placeholders)} inputs: pass example_inputs= "
+            "so the nominal moments can be computed"
+        )
+    shape = _timm_input_size(model) or _first_layer_shape(gm, placeholders[0])
+    if shape is None:
+        raise NormPropError(
+            f"cannot tell the input shape of {type(model).__name__} (its input does not go straight "
+            "into a Conv or Linear): pass example_inputs=torch.empty(...) with one example's shape"
+        )
+    shape = (2, *shape)
+    line = (
+        f"nominal moments computed for input shape {shape} (inferred; pass example_inputs= for the "
+        "resolution you train at: pooling corrections depend on it)"
+    )
+    return (torch.empty(shape, device="meta"),), (line,)
+
+
+def _timm_input_size(model: nn.Module) -> tuple[int, ...] | None:
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    return tuple(int(s) for s in size) if size else None
+
+
+def _first_layer_shape(gm: fx.GraphModule, placeholder: fx.Node) -> tuple[int, ...] | None:
+    """(C, *spatial) for the first Conv (224 pixels a side), (features,) for a first Linear."""
+    frontier = [placeholder]
+    seen = set()
+    while frontier:
+        node = frontier.pop(0)
+        if node in seen:
+            continue
+        seen.add(node)
+        for user in node.users:
+            if user.op == "call_module":
+                module = gm.get_submodule(str(user.target))
+                in_channels = getattr(module, "in_channels", None)
+                weight = getattr(module, "weight", None)
+                if in_channels is not None and isinstance(weight, torch.Tensor):
+                    return (in_channels, *_SPATIAL_DEFAULTS.get(weight.dim() - 2, ()))
+                in_features = getattr(module, "in_features", None)
+                if in_features is not None:
+                    return (in_features,)
+            frontier.append(user)
+    return None
