@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import torch
 from tabulate import tabulate
 from torch import nn
 
 from .convert import conversion_report
+from .statistics import measure_layer_statistics
 
 
 def _number(x: float) -> str:
@@ -13,9 +15,32 @@ def _number(x: float) -> str:
     return "0.0000" if text == "-0.0000" else text
 
 
-def summary(converted: nn.Module, *, tablefmt: str = "simple") -> str:
-    """One row per rewrite, one per BatchNorm left with its reason, then the totals."""
+def summary(
+    converted: nn.Module,
+    *,
+    tablefmt: str = "simple",
+    measure: bool = False,
+    measure_input: torch.Tensor | None = None,
+    seed: int = 0,
+) -> str:
+    """One row per rewrite, one per BatchNorm left with its reason, the scale corrections and
+    normalized standalone activations, then the totals.
+
+    ``measure=True`` adds, per NormProp layer, the nominal output mean/std (0 / 1 at gamma = 1)
+    next to the measured ones from one forward pass on N(0, I) input of the shape the
+    conversion used (or on ``measure_input``), without gradients and in the model's mode.
+    """
     report = conversion_report(converted)
+    measured: dict[str, str] = {}
+    if measure or measure_input is not None:
+        if measure_input is None:
+            generator = torch.Generator().manual_seed(seed)
+            measure_input = torch.randn(report.input_shapes[0], generator=generator)
+        reference = next(iter(converted.parameters()), None)
+        if reference is not None:
+            measure_input = measure_input.to(reference.device, reference.dtype)
+        for stat in measure_layer_statistics(converted, measure_input):
+            measured.setdefault(stat.path, f"{stat.mean:+.3f} / {stat.std:.3f}")
     rewrite_rows = [
         [
             r.path,
@@ -26,6 +51,7 @@ def summary(converted: nn.Module, *, tablefmt: str = "simple") -> str:
             _number(r.c_mean),
             _number(r.c_std),
             _number(r.jacobian_gain),
+            *([("0 / 1"), measured.get(r.path, "-")] if measured else []),
             "; ".join(r.notes),
         ]
         for r in report.rewrites
@@ -36,7 +62,8 @@ def summary(converted: nn.Module, *, tablefmt: str = "simple") -> str:
             tabulate(
                 rewrite_rows,
                 headers=["layer", "original", "replacement", "activation", "gamma init",
-                         "c_mean", "c_std", "gain", "notes"],
+                         "c_mean", "c_std", "gain",
+                         *(["nominal mean / std", "measured mean / std"] if measured else []), "notes"],
                 tablefmt=tablefmt,
                 disable_numparse=True,
             )
@@ -56,10 +83,34 @@ def summary(converted: nn.Module, *, tablefmt: str = "simple") -> str:
         parts.append("No BatchNorm left unconverted.")
     else:
         parts.append("The model has no BatchNorm module: nothing to convert.")
+    if report.normalized_activations:
+        parts.append("")
+        parts.append(
+            tabulate(
+                [[a.path, a.original, a.activation] for a in report.normalized_activations],
+                headers=["normalized activation", "original", "activation"],
+                tablefmt=tablefmt,
+            )
+        )
+    if report.corrections:
+        parts.append("")
+        parts.append(
+            tabulate(
+                [[c.path, c.consumer, c.mean, c.scale, "estimated" if c.estimated else "structural", c.reason]
+                 for c in report.corrections],
+                headers=["scale correction", "feeds", "mean", "scale", "kind", "reason"],
+                tablefmt=tablefmt,
+                disable_numparse=True,
+            )
+        )
     parts.append("")
     parts.append(
-        f"BatchNorm found: {report.batchnorms_found}, converted: {report.converted}, left: {len(report.left)}"
+        f"BatchNorm found: {report.batchnorms_found}, converted: {report.converted}, left: {len(report.left)}; "
+        f"scale corrections: {len(report.corrections)}, normalized standalone activations: "
+        f"{len(report.normalized_activations)}"
     )
+    if report.estimated_ops:
+        parts.append(f"Moments estimated by a Gaussian probe at: {', '.join(report.estimated_ops)}")
     if report.leaf_modules:
         parts.append(f"Leaf modules (not traced): {', '.join(report.leaf_modules)}")
     parts.extend(f"Assumed: {a}." for a in report.assumptions)

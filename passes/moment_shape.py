@@ -39,7 +39,7 @@ def particles(shape: torch.Tensor | None) -> torch.Tensor:
 
 
 def independent(shape: torch.Tensor | None, k: int) -> torch.Tensor:
-    return particles(shape)[_permutation(k)]
+    return particles(shape).index_select(0, _permutation(k))
 
 
 def standardize(p: torch.Tensor) -> torch.Tensor:
@@ -86,13 +86,15 @@ def activation_moments_of(
     mean, var = torch.broadcast_tensors(mean.double(), var.double())
     pairs = torch.stack([mean.flatten(), var.flatten()], 1)
     unique, inverse = torch.unique(pairs, dim=0, return_inverse=True)
+    if len(unique) > 16:  # many channels: a quarter of the particles each (~1.5% noise), 4x faster
+        shape = shape.index_select(0, torch.arange(0, len(shape), 4))
     out = []
     for start in range(0, len(unique), 256):
         chunk = unique[start:start + 256]
         x = chunk[:, :1] + chunk[:, 1:].clamp_min(0).sqrt() * shape[None, :]
         y = spec(x)
         out.append(torch.stack([y.mean(1), y.var(1, unbiased=False)], 1))
-    result = torch.cat(out)[inverse]
+    result = torch.cat(out).index_select(0, inverse.flatten())
     return result[:, 0].reshape(mean.shape), result[:, 1].reshape(mean.shape)
 
 
@@ -103,7 +105,7 @@ def mixture_shape(shapes: list[torch.Tensor | None]) -> torch.Tensor | None:
     if all(s is shapes[0] for s in shapes):
         return shapes[0]
     pool = torch.cat([particles(s) for s in shapes])
-    return pool[torch.linspace(0, len(pool) - 1, PARTICLES).long()]
+    return pool.index_select(0, torch.linspace(0, len(pool) - 1, PARTICLES).long())
 
 
 def weighted_sum_shape(shape: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:

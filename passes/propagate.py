@@ -61,10 +61,11 @@ from .moment_shape import (
     activation_shape,
     average_of,
     max_of,
-    weighted_sum_shape,
     mixture_shape,
+    particles,
     product_shape,
     sum_shape,
+    weighted_sum_shape,
 )
 from .patterns import (
     FUNCTION_ACTIVATION_FORMS,
@@ -79,6 +80,9 @@ logger = logging.getLogger(__name__)
 PROBE_SAMPLES = 4096
 PROBE_MAX_RUNS = 16
 PROBE_SEED = 0
+#: Up to this many distinct channels, an activation's Gaussian moments are integrated by
+#: quadrature per channel; past it, on the shared particles at once (much faster, ~1% noise).
+_QUADRATURE_CHANNELS = 16
 
 _STANDARDIZED_MODULES = (NormPropLayer, NormPropAffine, NormalizedActivation, Standardize)
 _CONSUMERS = (NormPropLayer, NormPropAffine)
@@ -167,10 +171,10 @@ class _Propagation(fx.Interpreter):
             self.standalone[n] = (spec, moments)
             return Moments.normalized_activation(value.dim(), spec, moments.shape)
         mean, var = per_channel(moments, value.dim())
-        if moments.shape is None:
+        if moments.shape is None and mean.numel() <= _QUADRATURE_CHANNELS:
             out_mean, out_var = activation_moments(spec, mean, var)
         else:
-            out_mean, out_var = activation_moments_of(spec, moments.shape, mean, var)
+            out_mean, out_var = activation_moments_of(spec, particles(moments.shape), mean, var)
         shape = activation_shape(spec, moments.shape, moments.average_mean, moments.average_std)
         return Moments(out_mean, out_var, moments.structural, shape=shape)
 

@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = _ArgumentParser(prog="convert.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="torchvision or timm model name; prefix torchvision: or timm: to choose")
     parser.add_argument("--gamma-init", type=_gamma_init, default="paper", help="'paper' (1/1.21 for ReLU) or a positive number")
+    parser.add_argument("--measure", action="store_true",
+                        help="add nominal vs measured output mean/std per NormProp layer to the audit table")
     parser.add_argument("--input-size", type=_input_size, default=None, help="per-sample input shape, e.g. 224 or 3,224,224 (default: the model's)")
     parser.add_argument("--batch-size", type=int, default=2, help="batch size of the random check input (default 2)")
     parser.add_argument("--seed", type=int, default=0)
@@ -141,12 +143,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", normprop_fx.NormPropWarning)
-            converted = normprop_fx.convert(model, gamma_init=args.gamma_init)
+            converted = normprop_fx.convert(
+                model, gamma_init=args.gamma_init, example_inputs=torch.empty(2, *input_size, device="meta")
+            )
     except normprop_fx.NormPropError as err:
         _fail(f"{source}: {err}", 1)
     seconds = time.perf_counter() - start
     print(f"{source}: converted in {seconds:.2f} s")
-    print(normprop_fx.summary(converted))
+    print(normprop_fx.summary(converted, measure=args.measure))
     for w in caught:
         print(f"warning: {w.message}")
     print()

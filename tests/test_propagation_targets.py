@@ -1,0 +1,85 @@
+"""Issue 3 target: with gamma_init=1 and N(0, I) input at init, every NormProp layer's measured
+output std is within [0.7, 1.4] and |mean| < 0.3, on 13 zoo models (torchvision and timm).
+
+Models that miss the target today are strict xfails that carry the measured numbers, so the
+suite says exactly where the moment propagation falls short, and turns red the moment a change
+makes one of them pass (then drop its mark) or makes a passing one fail.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import dropout_off
+
+import normprop_fx
+
+STD_RANGE = (0.7, 1.4)
+MAX_ABS_MEAN = 0.3
+
+MODELS = [
+    ("torchvision", "resnet50", 224),
+    ("torchvision", "densenet121", 224),
+    ("torchvision", "mobilenet_v3_large", 224),
+    ("torchvision", "efficientnet_b0", 224),
+    ("torchvision", "regnet_y_800mf", 224),
+    ("torchvision", "inception_v3", 299),
+    ("timm", "resnet50d", 224),
+    ("timm", "efficientnet_b0", 224),
+    ("timm", "mobilenetv3_large_100", 224),
+    ("timm", "rexnet_100", 224),
+    ("timm", "regnety_008", 224),
+    ("timm", "dla34", 224),
+    ("timm", "cspresnet50", 256),
+]
+
+#: Measured misses (run this file to reproduce); see the issue 3 closing note.
+KNOWN_MISSES: dict[str, str] = {
+    "torchvision:densenet121": "83/121 layers off, std up to 3.8: avg pooling in transitions and the concat of "
+    "plain 3x3 conv outputs have more variance than the independence rule predicts",
+    "torchvision:mobilenet_v3_large": "8/46 layers off, std down to 0.53 in the last SE blocks",
+    "torchvision:efficientnet_b0": "2/49 layers off, std 0.67-0.70 in features.6.3",
+    "torchvision:regnet_y_800mf": "9/47 layers off, std down to 0.58 in block3/block4",
+    "torchvision:inception_v3": "77/94 layers off, std up to 286: 3x3 avg pools with padding in the branches",
+    "timm:resnet50d": "38/55 layers off, std up to 41: the avg-pool downsample shortcut",
+    "timm:mobilenetv3_large_100": "17/46 layers off, std up to 4.1",
+    "timm:rexnet_100": "46/62 layers off, std up to 38: SE fc1 after global pooling (pooled values are correlated)",
+}
+
+
+def _build(source: str, name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if source == "timm":
+        import timm
+
+        return timm.create_model(name, pretrained=False)
+    import torchvision
+
+    kwargs = {"aux_logits": False, "init_weights": True} if name == "inception_v3" else {}
+    return torchvision.models.get_model(name, weights=None, **kwargs)
+
+
+def _params():
+    for source, name, size in MODELS:
+        key = f"{source}:{name}"
+        marks = [pytest.mark.xfail(strict=True, reason=KNOWN_MISSES[key])] if key in KNOWN_MISSES else []
+        yield pytest.param(source, name, size, id=key, marks=marks)
+
+
+@pytest.mark.parametrize(("source", "name", "size"), list(_params()))
+def test_every_normprop_layer_is_standardized_at_init(source, name, size):
+    model = _build(source, name)
+    converted = normprop_fx.convert(model, gamma_init=1.0, example_inputs=torch.empty(2, 3, size, size))
+    report = normprop_fx.conversion_report(converted)
+    assert not report.left, [b.reason for b in report.left]
+    dropout_off(converted)
+    torch.manual_seed(1)
+    stats = normprop_fx.measure_layer_statistics(converted, torch.randn(4, 3, size, size))
+    assert len(stats) >= report.converted
+    misses = [
+        f"{s.path}: mean {s.mean:+.3f}, std {s.std:.3f}"
+        for s in stats
+        if not (STD_RANGE[0] <= s.std <= STD_RANGE[1] and abs(s.mean) < MAX_ABS_MEAN)
+    ]
+    stds = [s.std for s in stats]
+    assert not misses, f"{len(misses)} of {len(stats)} layers off target (std in [{min(stds):.3f}, {max(stds):.3f}]): {misses[:5]}"
