@@ -37,7 +37,8 @@ def compile(model: nn.Module, **torch_compile_kwargs: Any) -> nn.Module:
     Use it for training (``convert(model)`` then ``compile``) or inference (``fold`` then
     ``compile``). The result is the optimized module torch.compile returns; its parameters are
     ``model``'s. A model with no NormProp module and no BatchNorm is compiled all the same; a
-    model that still has BatchNorms is logged as a warning (convert it first for the speed-up).
+    model that still has BatchNorms is compiled too (the log says so: convert it first for the
+    speed-up).
 
     Raises NormPropError when ``model`` is not an ``nn.Module``.
     """
@@ -51,7 +52,7 @@ def compile(model: nn.Module, **torch_compile_kwargs: Any) -> nn.Module:
         elif isinstance(module, nn.modules.batchnorm._BatchNorm):
             batchnorms += 1
     if batchnorms:
-        logger.warning(
+        logger.info(
             "compile: %s still has %d BatchNorm modules; normprop_fx.convert() it first",
             type(model).__name__, batchnorms,
         )
