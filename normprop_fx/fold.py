@@ -128,11 +128,10 @@ def _expand_normprop_modules(gm: fx.GraphModule) -> int:
             replacements[id(module)] = make()
         return replacements[id(module)]
 
+    # read every call's module before replacing any: a shared module is called at several nodes
+    calls = [(node, gm.get_submodule(node.target)) for node in gm.graph.nodes if node.op == "call_module"]
     expanded = 0
-    for node in list(gm.graph.nodes):
-        if node.op != "call_module":
-            continue
-        module = gm.get_submodule(node.target)
+    for node, module in calls:
         if isinstance(module, NormPropLayer):
             gm.set_submodule(node.target, replacement(module, partial(_plain_layer, module)), strict=False)
             _append_after(gm, node, _normalized_activation_ops(gm, node.target, module.activation))
