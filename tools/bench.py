@@ -51,6 +51,9 @@ MODELS = ("resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0")
 TRAIN_VARIANTS = ("bn", "normprop", "floor")
 INFER_VARIANTS = ("bn", "normprop", "floor", "bn_folded", "normprop_folded")
 MODES = ("eager", "compiled")
+#: Text from this line on in an existing --write file is kept when the file is re-rendered
+#: (the hand-written analysis of the numbers above it).
+NOTES_MARKER = "<!-- notes: kept by tools/bench.py when it rewrites this file -->"
 TARGETS = {
     "train normprop/bn (GPU, resnet50, batch 128, bf16)": 0.85,
     "train normprop/bn (CPU)": 1.00,
@@ -356,7 +359,9 @@ def main(argv: list[str] | None = None) -> int:
         requested = list(dict.fromkeys(res["model"] for run in runs for res in run["results"])) or list(args.models)
         requested += [m for m in args.models if m not in requested]
         args.write.parent.mkdir(parents=True, exist_ok=True)
-        args.write.write_text(render(runs, requested))
+        old = args.write.read_text() if args.write.exists() else ""
+        notes = old[old.index(NOTES_MARKER):] if NOTES_MARKER in old else NOTES_MARKER + "\n"
+        args.write.write_text(render(runs, requested) + "\n" + notes)
         print(f"wrote {args.write}", file=sys.stderr)
     return 0
 
