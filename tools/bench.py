@@ -66,12 +66,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated torchvision model names")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--batch-size", type=int, help="default: 128 on cuda, 8 on cpu")
+    p.add_argument("--batch-size", type=int, help="default: 128 on cuda, 16 on cpu")
     p.add_argument("--image-size", type=int, help="default: 224 on cuda, 128 on cpu")
     p.add_argument("--amp", choices=("bf16", "none"), help="autocast dtype; default: bf16 on cuda, none on cpu")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="default: on for cuda, off for cpu")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median is reported")
-    p.add_argument("--iters", type=int, default=2, help="steps per variant per round")
+    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds; the median is reported")
+    p.add_argument("--iters", type=int, default=1, help="steps per variant per round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant (compilation happens here)")
     p.add_argument("--modes", default="eager,compiled", help="eager, compiled or both")
     p.add_argument("--workloads", default="train,infer", help="train, infer or both")
@@ -96,7 +96,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
     gpu = args.device == "cuda"
-    args.batch_size = args.batch_size or (128 if gpu else 8)
+    args.batch_size = args.batch_size or (128 if gpu else 16)
     args.image_size = args.image_size or (224 if gpu else 128)
     args.amp = args.amp or ("bf16" if gpu else "none")
     args.channels_last = gpu if args.channels_last is None else args.channels_last
@@ -120,7 +120,7 @@ def without_batchnorm(model: nn.Module) -> nn.Module:
 def build_models(name: str, workloads: list[str]) -> dict[str, dict[str, nn.Module]]:
     original = getattr(torchvision.models, name)()
     converted = normprop_fx.convert(original)
-    built: dict[str, dict[str, nn.Module]] = {}
+    built: dict[str, dict[str, nn.Module]] = {"reference": {"original": original, "converted": converted}}
     if "train" in workloads:
         built["train"] = {"bn": copy.deepcopy(original), "normprop": copy.deepcopy(converted), "floor": without_batchnorm(original)}
     if "infer" in workloads:
@@ -132,6 +132,23 @@ def build_models(name: str, workloads: list[str]) -> dict[str, dict[str, nn.Modu
             "normprop_folded": normprop_fx.fold(converted),
         }
     return built
+
+
+def normalization_sizes(original: nn.Module, converted: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """What each kind of normalization works on per step: the elements every BatchNorm reduces
+    over (its input, for this batch), and the weights NormProp normalizes (O(#weights))."""
+    seen: list[int] = []
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.append(i[0].numel()))
+             for m in original.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    try:
+        with torch.no_grad():
+            original.eval()(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    normalized = sum(m.weight.numel() for m in converted.modules() if isinstance(m, normprop_fx.NormPropLayer))
+    return {"batchnorm_input_elements": sum(seen), "normprop_weight_elements": normalized,
+            "parameters": sum(p.numel() for p in original.parameters())}
 
 
 def make_step(workload: str, model: nn.Module, mode: str, args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
@@ -180,6 +197,8 @@ def measure_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (args.batch_size,), device=args.device)
+    reference = built.pop("reference")
+    sizes = normalization_sizes(copy.deepcopy(reference["original"]).to(args.device), reference["converted"], x)
     steps: dict[str, Callable[[], None]] = {}
     warmup_s: dict[str, float] = {}
     for workload, variants in built.items():
@@ -210,6 +229,7 @@ def measure_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "median_ms": {k: 1e3 * statistics.median(v) for k, v in times.items()},
         "all_ms": {k: [1e3 * t for t in v] for k, v in times.items()},
         "warmup_s": warmup_s,
+        "sizes": sizes,
         "loadavg_end": os.getloadavg(),
     }
     if args.profile and "train" in built and "compiled" in args.modes:
@@ -316,6 +336,13 @@ def render(runs: list[dict[str, Any]], requested: list[str]) -> str:
 def render_model(res: dict[str, Any]) -> list[str]:
     med = res["median_ms"]
     out = [f"### {res['model']}", ""]
+    if "sizes" in res:
+        sz = res["sizes"]
+        out.append(f"Parameters {sz['parameters']:,}; NormProp normalizes {sz['normprop_weight_elements']:,} weight "
+                   f"elements per step; the BatchNorms reduce over {sz['batchnorm_input_elements']:,} activation "
+                   f"elements per step at this input size. Load average at the end of this model: "
+                   f"{', '.join(f'{v:.2f}' for v in res['loadavg_end'])}.")
+        out.append("")
     rows = []
     for key in med:
         workload, variant, mode = key.split("/")
