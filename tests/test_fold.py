@@ -168,6 +168,20 @@ def test_shared_layers_are_not_folded_into():
     assert sum(isinstance(m, nn.Conv2d) for m in folded.modules()) == 2  # the shared layer stays one module
 
 
+def test_layer_whose_weight_is_read_elsewhere_is_not_folded_into():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.std = Standardize(torch.tensor(0.3), torch.tensor(2.0))
+            self.conv = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(self.std(x)) + self.conv.weight.sum()
+
+    folded = assert_fold_is_exact(traced(Net()), torch.randn(2, 4, 3, 3))
+    assert affines(folded) == 1
+
+
 def test_tied_weights_with_different_gammas():
     class Net(nn.Module):
         def __init__(self) -> None:
