@@ -7,6 +7,7 @@
 
 from .activation_functions import ACTIVATION_FUNCTIONS, ActivationSpec, activation
 from .affine import NormPropAffine
+from .compile import compile
 from .convert import NormPropWarning, conversion_report, convert
 from .errors import (
     InvalidOptionError,
@@ -14,6 +15,7 @@ from .errors import (
     UnsupportedActivationError,
     UntraceableModelError,
 )
+from .fold import ConstantAffine, fold
 from .layers import (
     NormPropConv1d,
     NormPropConv2d,
@@ -35,6 +37,7 @@ __all__ = [
     "ACTIVATION_FUNCTIONS",
     "ActivationConstants",
     "ActivationSpec",
+    "ConstantAffine",
     "ConversionReport",
     "InvalidOptionError",
     "LayerStatistics",
@@ -54,8 +57,10 @@ __all__ = [
     "UntraceableModelError",
     "activation",
     "activation_constants",
+    "compile",
     "conversion_report",
     "convert",
+    "fold",
     "gaussian_moments",
     "measure_layer_statistics",
     "normalized_weight",

@@ -1,0 +1,212 @@
+"""normprop_fx.fold: the inference form equals the converted model's eval outputs, folds
+constant affines into the following layer only where exact, and never touches its argument."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import fx, nn
+
+import normprop_fx
+from normprop_fx import (
+    ConstantAffine,
+    NormPropAffine,
+    NormPropConv2d,
+    NormPropLinear,
+    Standardize,
+)
+from normprop_fx.errors import NormPropError
+
+NORMPROP_TYPES = (normprop_fx.NormPropLayer, normprop_fx.NormalizedActivation, NormPropAffine, Standardize)
+
+
+class _NormPropLeaves(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, name: str) -> bool:
+        return isinstance(m, NORMPROP_TYPES) or super().is_leaf_module(m, name)
+
+
+def traced(module: nn.Module) -> fx.GraphModule:
+    return fx.GraphModule(module, _NormPropLeaves().trace(module))
+
+
+def randomize_normprop_parameters(gm: nn.Module) -> None:
+    """Move gamma and beta off their initial values so they matter in the comparison."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in gm.named_parameters():
+            if name.endswith(("gamma", "beta")):
+                p.add_(0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def assert_fold_is_exact(gm: fx.GraphModule, x: torch.Tensor) -> fx.GraphModule:
+    gm = gm.double().eval()
+    state = {k: v.clone() for k, v in gm.state_dict().items()}
+    code = gm.code
+    folded = normprop_fx.fold(gm)
+    with torch.no_grad():
+        expected, got = gm(x.double()), folded(x.double())
+    rel = (got - expected).abs().max() / expected.abs().max()
+    assert rel < 1e-5, f"relative error {rel:.3g}"
+    # the argument is untouched: same graph, same tensors, still NormProp
+    assert gm.code == code
+    assert all(torch.equal(state[k], v) for k, v in gm.state_dict().items())
+    assert not folded.training
+    assert not any(isinstance(m, NORMPROP_TYPES) for m in folded.modules())
+    return folded
+
+
+def affines(gm: nn.Module) -> int:
+    return sum(isinstance(m, ConstantAffine) for m in gm.modules())
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vgg11_bn"])
+def test_zoo_model_fold_equals_eval_outputs(name):
+    torch.manual_seed(0)
+    converted = normprop_fx.convert(getattr(torchvision.models, name)())
+    randomize_normprop_parameters(converted)
+    folded = assert_fold_is_exact(converted, torch.randn(2, 3, 64, 64))
+    plain_convs = sum(type(m) is nn.Conv2d for m in folded.modules())
+    assert plain_convs == sum(type(m) is nn.Conv2d for m in getattr(torchvision.models, name)().modules())
+
+
+class _StandardizeThenConv(nn.Module):
+    def __init__(self, conv: nn.Module, mean: float | torch.Tensor, scale: float | torch.Tensor) -> None:
+        super().__init__()
+        self.std = Standardize(torch.as_tensor(mean), torch.as_tensor(scale))
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.std(x))
+
+
+def _per_channel(c: int, offset: float) -> torch.Tensor:
+    return (offset + torch.arange(c, dtype=torch.float32) / c).reshape(c, 1, 1)
+
+
+@pytest.mark.parametrize(
+    ("conv", "mean_offset", "folds"),
+    [
+        (nn.Conv2d(4, 6, 3, padding=1), 0.3, False),  # zero padding sees the shift: must stay
+        (nn.Conv2d(4, 6, 3, padding=1), 0.0, True),  # a pure scale commutes with zero padding
+        (nn.Conv2d(4, 6, 1), 0.3, True),
+        (nn.Conv2d(4, 6, 3, padding=0), 0.3, True),
+        (nn.Conv2d(4, 6, 3, padding="same"), 0.3, False),
+        (nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"), 0.3, True),
+        (nn.Conv2d(4, 6, 3, padding=1, padding_mode="replicate"), 0.3, True),
+        (nn.Conv2d(4, 6, 3, padding=1, padding_mode="circular"), 0.3, True),
+        (nn.Conv2d(4, 6, 1, groups=2, bias=False), 0.3, True),
+        (nn.Conv2d(4, 4, 3, groups=4), 0.3, True),  # depthwise, no padding
+    ],
+)
+def test_standardize_before_plain_conv(conv, mean_offset, folds):
+    torch.manual_seed(0)
+    gm = traced(_StandardizeThenConv(conv, _per_channel(4, mean_offset) * (mean_offset != 0), _per_channel(4, 0.5)))
+    folded = assert_fold_is_exact(gm, torch.randn(2, 4, 9, 9))
+    assert affines(folded) == (0 if folds else 1)
+
+
+def test_standardize_before_normprop_conv_and_linear():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.std1 = Standardize(_per_channel(3, 0.2), _per_channel(3, 0.7))
+            self.conv = NormPropConv2d(3, 5, 1, activation="silu")
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.std2 = Standardize(torch.full((5,), 0.1), torch.tensor(0.8))
+            self.fc = NormPropLinear(5, 7, activation="identity")
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.std2(self.pool(self.conv(self.std1(x))).flatten(1)))
+
+    gm = traced(Net())
+    randomize_normprop_parameters(gm)
+    folded = assert_fold_is_exact(gm, torch.randn(3, 3, 6, 6))
+    # std1 folds into the 1x1 conv; std2 into the Linear; the silu normalization stays
+    # (the pool sits between it and the Linear)
+    assert affines(folded) == 1
+
+
+def test_normprop_affine_then_normalized_activation_then_1x1_conv():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.affine = NormPropAffine(4, activation="relu")
+            self.std = Standardize(torch.tensor(0.0), torch.tensor(0.5))
+            self.act = normprop_fx.NormalizedActivation("hardswish")
+            self.conv = nn.Conv2d(4, 3, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(self.act(self.std(self.affine(x))))
+
+    gm = traced(Net())
+    randomize_normprop_parameters(gm)
+    folded = assert_fold_is_exact(gm, torch.randn(2, 4, 5, 5))
+    # the per-channel affine stays before its relu; relu's normalization merges with the
+    # Standardize (an affine right after it); hardswish's folds into the 1x1 conv
+    assert affines(folded) == 2
+
+
+def test_shared_layers_are_not_folded_into():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = NormPropConv2d(4, 4, 3, padding=1)
+            self.head = nn.Conv2d(4, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            a = self.head(self.layer(x))  # head is called twice: folding into it would change
+            b = self.head(self.layer(a.repeat(1, 2, 1, 1)))  # the other call
+            return a.mean() + b
+
+    gm = traced(Net())
+    randomize_normprop_parameters(gm)
+    folded = assert_fold_is_exact(gm, torch.randn(2, 4, 6, 6))
+    assert affines(folded) == 2
+    assert sum(isinstance(m, nn.Conv2d) for m in folded.modules()) == 2  # the shared layer stays one module
+
+
+def test_layer_whose_weight_is_read_elsewhere_is_not_folded_into():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.std = Standardize(torch.tensor(0.3), torch.tensor(2.0))
+            self.conv = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(self.std(x)) + self.conv.weight.sum()
+
+    folded = assert_fold_is_exact(traced(Net()), torch.randn(2, 4, 3, 3))
+    assert affines(folded) == 1
+
+
+def test_tied_weights_with_different_gammas():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = NormPropConv2d(4, 4, 1)
+            self.b = NormPropConv2d(4, 4, 1)
+            self.b.weight = self.a.weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(self.a(x))
+
+    gm = traced(Net())
+    randomize_normprop_parameters(gm)
+    folded = assert_fold_is_exact(gm, torch.randn(2, 4, 5, 5))
+    assert affines(folded) == 1  # a's normalization folded into b (1x1, single use)
+
+
+def test_fold_refuses_what_convert_did_not_return():
+    with pytest.raises(NormPropError, match="GraphModule"):
+        normprop_fx.fold(nn.Linear(2, 2))
+
+
+def test_fold_output_keeps_working_after_deepcopy_and_in_float32():
+    converted = normprop_fx.convert(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1)))
+    folded = copy.deepcopy(normprop_fx.fold(converted))
+    x = torch.randn(2, 3, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), converted.eval()(x), rtol=1e-5, atol=1e-6)

@@ -1,0 +1,397 @@
+"""Benchmark: BatchNorm original vs NormProp conversion vs the no-norm floor.
+
+For each model it times (a) a training step (forward, backward, SGD step) and (b) inference,
+eager and torch.compile'd, for
+
+    train:  bn (the original), normprop (convert), floor (every BatchNorm -> nn.Identity)
+    infer:  bn, normprop, floor (eval mode, unfolded),
+            bn_folded (torch.fx.experimental.optimization.fuse: conv-BN folded into the conv),
+            normprop_folded (normprop_fx.fold)
+
+Variants are interleaved: every round runs each variant for --iters steps, in a rotated order,
+and the reported time is the median over --rounds rounds of the time per step. Ratios are taken
+between medians of the same run. Results are appended per model to --json as they are measured,
+so an interrupted run keeps what it has; --write renders docs/bench.md from that file.
+
+CPU (default when no GPU): fp32, --threads 1 (the machine is shared), small inputs.
+GPU: pass --device cuda; the defaults then are the issue's targets: batch 128, 224x224,
+bf16 autocast, channels_last. For example, on a CUDA machine:
+
+    python tools/bench.py --device cuda --models resnet50 --json gpu.json --write docs/bench.md
+
+Exit status: 0 on success, 2 for a bad argument.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from tabulate import tabulate
+from torch import nn
+from torch.fx.experimental.optimization import fuse
+
+import normprop_fx
+
+MODELS = ("resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0")
+TRAIN_VARIANTS = ("bn", "normprop", "floor")
+INFER_VARIANTS = ("bn", "normprop", "floor", "bn_folded", "normprop_folded")
+MODES = ("eager", "compiled")
+#: Text from this line on in an existing --write file is kept when the file is re-rendered
+#: (the hand-written analysis of the numbers above it).
+NOTES_MARKER = "<!-- notes: kept by tools/bench.py when it rewrites this file -->"
+TARGETS = {
+    "train normprop/bn (GPU, resnet50, batch 128, bf16)": 0.85,
+    "train normprop/bn (CPU)": 1.00,
+    "train normprop/floor": 1.05,
+    "infer normprop_folded/bn_folded": 1.01,
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated torchvision model names")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--batch-size", type=int, help="default: 128 on cuda, 16 on cpu")
+    p.add_argument("--image-size", type=int, help="default: 224 on cuda, 128 on cpu")
+    p.add_argument("--amp", choices=("bf16", "none"), help="autocast dtype; default: bf16 on cuda, none on cpu")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="default: on for cuda, off for cpu")
+    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds; the median is reported")
+    p.add_argument("--iters", type=int, default=1, help="steps per variant per round")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant (compilation happens here)")
+    p.add_argument("--modes", default="eager,compiled", help="eager, compiled or both")
+    p.add_argument("--workloads", default="train,infer", help="train, infer or both")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=Path("bench_results.json"), help="results file (appended per model)")
+    p.add_argument("--write", type=Path, help="render this markdown file from --json (e.g. docs/bench.md)")
+    p.add_argument("--report-only", action="store_true", help="do not measure; only render --json into --write")
+    p.add_argument("--profile", action="store_true",
+                   help="also record the top ops of one compiled train step of bn and normprop (torch.profiler)")
+    args = p.parse_args(argv)
+    args.models = [m for m in args.models.split(",") if m]
+    args.modes = [m for m in args.modes.split(",") if m]
+    args.workloads = [w for w in args.workloads.split(",") if w]
+    for name in args.models:
+        if not hasattr(torchvision.models, name):
+            p.error(f"unknown torchvision model {name!r}")
+    if not set(args.modes) <= set(MODES) or not set(args.workloads) <= {"train", "infer"}:
+        p.error("--modes takes eager,compiled and --workloads takes train,infer")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but torch.cuda.is_available() is False")
+    gpu = args.device == "cuda"
+    args.batch_size = args.batch_size or (128 if gpu else 16)
+    args.image_size = args.image_size or (224 if gpu else 128)
+    args.amp = args.amp or ("bf16" if gpu else "none")
+    args.channels_last = gpu if args.channels_last is None else args.channels_last
+    if min(args.batch_size, args.image_size, args.rounds, args.iters, args.threads) < 1 or args.warmup < 0:
+        p.error("sizes, rounds, iters and threads must be positive")
+    return args
+
+
+# --- the variants ------------------------------------------------------------------------------
+
+
+def without_batchnorm(model: nn.Module) -> nn.Module:
+    """The no-norm floor: a copy of ``model`` with every BatchNorm replaced by nn.Identity."""
+    floor = copy.deepcopy(model)
+    for name, module in list(floor.named_modules()):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            floor.set_submodule(name, nn.Identity())
+    return floor
+
+
+def build_models(name: str, workloads: list[str]) -> dict[str, dict[str, nn.Module]]:
+    original = getattr(torchvision.models, name)()
+    converted = normprop_fx.convert(original)
+    built: dict[str, dict[str, nn.Module]] = {"reference": {"original": original, "converted": converted}}
+    if "train" in workloads:
+        built["train"] = {"bn": copy.deepcopy(original), "normprop": copy.deepcopy(converted), "floor": without_batchnorm(original)}
+    if "infer" in workloads:
+        built["infer"] = {
+            "bn": copy.deepcopy(original).eval(),
+            "normprop": copy.deepcopy(converted).eval(),
+            "floor": without_batchnorm(original).eval(),
+            "bn_folded": fuse(copy.deepcopy(original).eval()),
+            "normprop_folded": normprop_fx.fold(converted),
+        }
+    return built
+
+
+def normalization_sizes(original: nn.Module, converted: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """What each kind of normalization works on per step: the elements every BatchNorm reduces
+    over (its input, for this batch), and the weights NormProp normalizes (O(#weights))."""
+    seen: list[int] = []
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.append(i[0].numel()))
+             for m in original.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    try:
+        with torch.no_grad():
+            original.eval()(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    normalized = sum(m.weight.numel() for m in converted.modules() if isinstance(m, normprop_fx.NormPropLayer))
+    return {"batchnorm_input_elements": sum(seen), "normprop_weight_elements": normalized,
+            "parameters": sum(p.numel() for p in original.parameters())}
+
+
+def make_step(workload: str, model: nn.Module, mode: str, args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    device = torch.device(args.device)
+    model = model.to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    run = normprop_fx.compile(model) if mode == "compiled" else model
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if args.amp == "bf16" else contextlib.nullcontext()
+    )
+    if workload == "train":
+        model.train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+        def train_step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            with autocast:
+                loss = F.cross_entropy(run(x), y)
+            loss.backward()
+            optimizer.step()
+
+        return train_step
+
+    model.eval()
+
+    def infer_step() -> None:
+        with torch.inference_mode(), autocast:
+            run(x)
+
+    return infer_step
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+# --- measuring ---------------------------------------------------------------------------------
+
+
+def measure_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    torch.manual_seed(args.seed)
+    built = build_models(name, args.workloads)
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=args.device)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (args.batch_size,), device=args.device)
+    reference = built.pop("reference")
+    sizes = normalization_sizes(copy.deepcopy(reference["original"]).to(args.device), reference["converted"], x)
+    steps: dict[str, Callable[[], None]] = {}
+    warmup_s: dict[str, float] = {}
+    for workload, variants in built.items():
+        for variant, model in variants.items():
+            for mode in args.modes:
+                key = f"{workload}/{variant}/{mode}"
+                step = make_step(workload, model if mode == "eager" else copy.deepcopy(model), mode, args, x, y)
+                t0 = time.perf_counter()
+                for _ in range(args.warmup):
+                    step()
+                sync(args.device)
+                warmup_s[key] = time.perf_counter() - t0
+                steps[key] = step
+                print(f"  {name} {key}: warm-up {warmup_s[key]:.1f} s", file=sys.stderr, flush=True)
+    times: dict[str, list[float]] = {key: [] for key in steps}
+    keys = list(steps)
+    for r in range(args.rounds):
+        shift = r % len(keys)
+        for key in keys[shift:] + keys[:shift]:
+            sync(args.device)
+            t0 = time.perf_counter()
+            for _ in range(args.iters):
+                steps[key]()
+            sync(args.device)
+            times[key].append((time.perf_counter() - t0) / args.iters)
+    result = {
+        "model": name,
+        "median_ms": {k: 1e3 * statistics.median(v) for k, v in times.items()},
+        "all_ms": {k: [1e3 * t for t in v] for k, v in times.items()},
+        "warmup_s": warmup_s,
+        "sizes": sizes,
+        "loadavg_end": os.getloadavg(),
+    }
+    if args.profile and "train" in built and "compiled" in args.modes:
+        result["profile"] = {v: profile_top_ops(steps[f"train/{v}/compiled"]) for v in ("bn", "normprop")}
+    return result
+
+
+def profile_top_ops(step: Callable[[], None], rows: int = 12) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def machine(args: argparse.Namespace) -> dict[str, Any]:
+    cpu = platform.processor()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    info = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "loadavg_start": os.getloadavg(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "batch_size": args.batch_size,
+        "image_size": args.image_size,
+        "amp": args.amp,
+        "channels_last": args.channels_last,
+        "rounds": args.rounds,
+        "iters": args.iters,
+        "warmup": args.warmup,
+        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+    }
+    return info
+
+
+# --- the report --------------------------------------------------------------------------------
+
+
+def ratio(med: dict[str, float], a: str, b: str) -> float | None:
+    return med[a] / med[b] if a in med and b in med else None
+
+
+def fmt_ratio(value: float | None, target: float | None = None) -> str:
+    if value is None:
+        return "not measured"
+    mark = "" if target is None else (" (met)" if value <= target else f" (missed, target <= {target:.2f})")
+    return f"{value:.3f}{mark}"
+
+
+def render(runs: list[dict[str, Any]], requested: list[str]) -> str:
+    out = ["# Benchmark: BatchNorm vs NormProp vs no-norm floor", ""]
+    out.append("Written by `tools/bench.py` from its results file; every number below comes from the run(s) listed. "
+               "Times are medians over interleaved rounds of the time per step, in ms; ratios are between medians "
+               "of the same run. `floor` = the same network with every BatchNorm replaced by `nn.Identity`; "
+               "`bn_folded` = `torch.fx.experimental.optimization.fuse` (conv-BN folding) of the eval model; "
+               "`normprop_folded` = `normprop_fx.fold` of the conversion. Compiled = `torch.compile` (inductor, "
+               "default mode) via `normprop_fx.compile`.")
+    out.append("")
+    by_device: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        by_device.setdefault("cuda" if run["machine"]["device"] != "cpu" else "cpu", []).append(run)
+    for device in ("cpu", "cuda"):
+        out.append(f"## {device.upper()}")
+        out.append("")
+        device_runs = by_device.get(device, [])
+        if not device_runs:
+            out.append("Not measured: no such device was available for the runs behind this file. "
+                       "Rerun on a GPU machine with `python tools/bench.py --device cuda --json gpu.json "
+                       "--write docs/bench.md` (batch 128, 224x224, bf16 autocast, channels_last).")
+            out.append("")
+            continue
+        for run in device_runs:
+            m = run["machine"]
+            out.append(f"Run of {m['date']}: `{m['command']}`")
+            out.append("")
+            out.append(f"- machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, device {m['device']}; "
+                       f"torch {m['torch']}, torchvision {m['torchvision']}, Python {m['python']}")
+            out.append(f"- torch threads: {m['threads']}; load average (1, 5, 15 min) at start: "
+                       f"{', '.join(f'{v:.2f}' for v in m['loadavg_start'])} (the machine is shared)")
+            out.append(f"- input: batch {m['batch_size']}, {m['image_size']}x{m['image_size']}, amp {m['amp']}, "
+                       f"channels_last {m['channels_last']}; {m['rounds']} rounds x {m['iters']} steps per variant, "
+                       f"{m['warmup']} warm-up steps")
+            out.append("")
+            for res in run["results"]:
+                out += render_model(res)
+        measured = {res["model"] for run in device_runs for res in run["results"]}
+        missing = [name for name in requested if name not in measured]
+        if missing:
+            out.append(f"Not measured on {device.upper()}: {', '.join(missing)} (see the closing note).")
+            out.append("")
+    return "\n".join(out) + "\n"
+
+
+def render_model(res: dict[str, Any]) -> list[str]:
+    med = res["median_ms"]
+    out = [f"### {res['model']}", ""]
+    if "sizes" in res:
+        sz = res["sizes"]
+        out.append(f"Parameters {sz['parameters']:,}; NormProp normalizes {sz['normprop_weight_elements']:,} weight "
+                   f"elements per step; the BatchNorms reduce over {sz['batchnorm_input_elements']:,} activation "
+                   f"elements per step at this input size. Load average at the end of this model: "
+                   f"{', '.join(f'{v:.2f}' for v in res['loadavg_end'])}.")
+        out.append("")
+    rows = []
+    for key in med:
+        workload, variant, mode = key.split("/")
+        rows.append([workload, variant, mode, f"{med[key]:.1f}", f"{res['warmup_s'][key]:.1f}"])
+    out.append(tabulate(rows, headers=["workload", "variant", "mode", "median ms/step", "warm-up s"], tablefmt="github"))
+    out.append("")
+    ratio_rows = []
+    for mode in ("compiled", "eager"):
+        target = TARGETS["train normprop/bn (CPU)"] if mode == "compiled" else None
+        ratio_rows.append([f"train normprop / bn ({mode})", fmt_ratio(ratio(med, f"train/normprop/{mode}", f"train/bn/{mode}"), target)])
+        target = TARGETS["train normprop/floor"] if mode == "compiled" else None
+        ratio_rows.append([f"train normprop / floor ({mode})", fmt_ratio(ratio(med, f"train/normprop/{mode}", f"train/floor/{mode}"), target)])
+        target = TARGETS["infer normprop_folded/bn_folded"] if mode == "compiled" else None
+        ratio_rows.append([f"infer normprop_folded / bn_folded ({mode})",
+                           fmt_ratio(ratio(med, f"infer/normprop_folded/{mode}", f"infer/bn_folded/{mode}"), target)])
+        ratio_rows.append([f"infer normprop / bn, unfolded ({mode})", fmt_ratio(ratio(med, f"infer/normprop/{mode}", f"infer/bn/{mode}"))])
+    out.append(tabulate(ratio_rows, headers=["ratio", "value"], tablefmt="github"))
+    out.append("")
+    for variant, table in res.get("profile", {}).items():
+        out += [f"Top ops of one compiled train step, {variant} (torch.profiler, by self CPU time):", "", "```", table, "```", ""]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    runs: list[dict[str, Any]] = json.loads(args.json.read_text()) if args.json.exists() else []
+    if not args.report_only:
+        if args.device == "cpu":
+            torch.set_num_threads(args.threads)
+        for limit in ("cache_size_limit", "recompile_limit"):  # 8 models of one class get compiled
+            if hasattr(torch._dynamo.config, limit):
+                setattr(torch._dynamo.config, limit, 64)
+        run = {"machine": machine(args), "results": []}
+        runs.append(run)
+        for name in args.models:
+            print(f"{name}: building and warming up", file=sys.stderr, flush=True)
+            run["results"].append(measure_model(name, args))
+            args.json.write_text(json.dumps(runs, indent=1))
+            print("\n".join(render_model(run["results"][-1])), flush=True)
+    if args.write:
+        requested = list(dict.fromkeys(res["model"] for run in runs for res in run["results"])) or list(args.models)
+        requested += [m for m in args.models if m not in requested]
+        args.write.parent.mkdir(parents=True, exist_ok=True)
+        old = args.write.read_text() if args.write.exists() else ""
+        notes = old[old.index(NOTES_MARKER):] if NOTES_MARKER in old else NOTES_MARKER + "\n"
+        args.write.write_text(render(runs, requested) + "\n" + notes)
+        print(f"wrote {args.write}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
