@@ -28,6 +28,7 @@ from .records import ConversionReport, LeftBatchNorm, Rewrite
 from .standardize import Standardize
 from .statistics import LayerStatistics, measure_layer_statistics
 from .summary import summary
+from .training import adaptive_clip_grad_, classifier_name, param_groups
 
 __version__ = "0.1.0"
 
@@ -53,11 +54,14 @@ __all__ = [
     "UnsupportedActivationError",
     "UntraceableModelError",
     "activation",
+    "adaptive_clip_grad_",
     "activation_constants",
     "conversion_report",
+    "classifier_name",
     "convert",
     "gaussian_moments",
     "measure_layer_statistics",
     "normalized_weight",
+    "param_groups",
     "summary",
 ]
