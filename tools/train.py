@@ -231,7 +231,7 @@ class TrainSettings:
     steps_per_epoch: int | None = None  # None: full epochs over the training data
     eval_batch: int = 500
     seed: int = 0
-    trained_threshold: float = 0.5
+    trained_threshold: float = 0.2
     progress: bool = True
 
 
@@ -364,14 +364,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--test-size", type=int, default=3000, help="test subset size (default 3000)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-sizes", type=_numbers(int), default=[128, 8, 1])
-    p.add_argument("--lrs", type=_numbers(float), default=[0.01, 0.03, 0.1, 0.3],
-                   help="learning-rate grid at batch 128 (default 0.01,0.03,0.1,0.3)")
+    p.add_argument("--lrs", type=_numbers(float), default=[0.01, 0.03, 0.1, 0.3, 1.0],
+                   help="learning-rate grid at batch 128 (default 0.01,0.03,0.1,0.3,1)")
     p.add_argument("--lr-scaling", choices=("sqrt", "linear", "none"), default="sqrt",
                    help="how the grid follows the batch size: lr * (batch/128)^(1/2, 1 or 0)")
     p.add_argument("--bs1-steps", type=int, default=400, help="steps per epoch at batch size 1 (default 400)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {','.join(VARIANTS)}")
     p.add_argument("--bn-stab-batch-sizes", type=_numbers(int), default=[128],
                    help="batch sizes at which bn+stab runs (it is the costly optional comparison)")
+    p.add_argument("--collapse-below", type=float, default=0.2,
+                   help="a run whose final test accuracy is below this collapsed (default 0.2, twice chance)")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--clip-factor", type=float, default=0.01, help="adaptive gradient clipping factor (+stab)")
@@ -431,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = TrainSettings(
             epochs=args.epochs, momentum=args.momentum, weight_decay=args.weight_decay,
             clip_factor=args.clip_factor, gamma_init=args.gamma_init, seed=args.seed,
+            trained_threshold=args.collapse_below,
             steps_per_epoch=args.bs1_steps if batch_size == 1 else None, progress=not args.no_progress,
         )
         for variant in args.variants:

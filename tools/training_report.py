@@ -329,7 +329,7 @@ per-epoch records are in `{os.path.relpath(Path(s['out']) / 'results.json', doc.
   weight rows, joint (gamma_i, beta_i) pairs, the classifier excluded). Without them: plain
   `SGD(model.parameters(), weight_decay={s['weight_decay']})`.
 - A run *diverged* when its loss became non-finite (it stops there), *collapsed* when its final test
-  accuracy is below 50%; the *stable lr range* is the widest run of consecutive grid values that
+  accuracy is below {100 * s['collapse_below']:.0f}% (chance is 10%); the *stable lr range* is the widest run of consecutive grid values that
   neither diverged nor collapsed. "s / epoch" is the mean training time of an epoch (evaluation
   excluded) over all runs of that row.
 - Machine: {meta['machine']}; load average at the end {tuple(round(x, 2) for x in meta['loadavg_end'])}
