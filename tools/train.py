@@ -360,8 +360,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="small_resnet", help="small_resnet[:W1,W2,..], or a torchvision/timm name")
     p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST idx(.gz) files "
                    "(default /usr/share/datasets/fashion-mnist)")
-    p.add_argument("--train-size", type=int, default=5000, help="training subset size (default 5000)")
-    p.add_argument("--test-size", type=int, default=3000, help="test subset size (default 3000)")
+    p.add_argument("--train-size", type=int, default=4000, help="training subset size (default 4000)")
+    p.add_argument("--test-size", type=int, default=2000, help="test subset size (default 2000)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-sizes", type=_numbers(int), default=[128, 8, 1])
     p.add_argument("--lrs", type=_numbers(float), default=[0.01, 0.03, 0.1, 0.3, 1.0],
