@@ -86,6 +86,14 @@ def test_batchnorm1d_at_batch_size_1_is_reported_as_an_error():
     assert np_run.status == "trained", np_run.detail
 
 
+@pytest.mark.parametrize("name", ["small_resnet:4,8", "torchvision:resnet18", "timm:resnet10t"])
+def test_models_take_one_channel_and_give_ten_classes(name):
+    model = train_tool.build_model(name).eval()
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    with pytest.raises(ValueError, match="unknown model"):
+        train_tool.build_model("no_such_model")
+
+
 def test_batchnorm_statistics_differ_between_eval_and_train_mode():
     model = _tiny_resnet()
     x = _synthetic_data().stats_x * 3 + 1  # far from the initial running statistics (0, 1)

@@ -295,7 +295,9 @@ def train_run(base: nn.Module, variant: str, batch_size: int, lr: float, data: D
                           disable=not settings.progress):
             try:
                 loss = F.cross_entropy(model(data.train_x[index]), data.train_y[index])
-            except (ValueError, RuntimeError) as error:  # BatchNorm refuses batch statistics of 1 value
+            except ValueError as error:  # BatchNorm refuses batch statistics of 1 value per channel
+                if "value per channel" not in str(error):
+                    raise
                 result.status, result.detail = "error", f"{type(error).__name__}: {error}"
                 break
             if not torch.isfinite(loss):
