@@ -385,13 +385,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stats-batch", type=int, default=256, help="test images in the fixed layer-statistics batch")
     p.add_argument("--out", type=Path, default=Path("training_out"), help="folder for results.json and plots")
     p.add_argument("--doc", type=Path, default=None, help="write the markdown report there")
-    p.add_argument("--quick", action="store_true", help="smoke run: tiny model and data, 2 learning rates")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: model small_resnet:8,16, 512/500 images, 1 epoch, 30 batch-1 steps, lrs 0.01,0.1")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
-    if args.quick:
-        args.model = "small_resnet:8,16" if args.model == "small_resnet" else args.model
-        args.train_size, args.test_size, args.epochs, args.bs1_steps = 512, 500, 1, 30
-        args.lrs = [0.01, 0.1]
+    if args.quick:  # smaller defaults; options given explicitly still win
+        quick = {"model": "small_resnet:8,16", "train_size": 512, "test_size": 500, "epochs": 1, "bs1_steps": 30,
+                 "lrs": [0.01, 0.1]}
+        for name, value in quick.items():
+            if getattr(args, name) == p.get_default(name):
+                setattr(args, name, value)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
