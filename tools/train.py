@@ -227,6 +227,7 @@ class TrainSettings:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     clip_factor: float = 0.01
+    decay_scale_params: bool = False  # +stab: weight decay on gamma/beta too (an ablation)
     gamma_init: str | float = "paper"
     steps_per_epoch: int | None = None  # None: full epochs over the training data
     eval_batch: int = 500
@@ -246,7 +247,7 @@ def make_variant(base: nn.Module, variant: str, gamma_init: str | float) -> nn.M
 
 def make_optimizer(model: nn.Module, variant: str, lr: float, settings: TrainSettings) -> torch.optim.Optimizer:
     if variant.endswith("+stab"):
-        params: Any = param_groups(model, settings.weight_decay)
+        params: Any = param_groups(model, settings.weight_decay, decay_scale_params=settings.decay_scale_params)
         return torch.optim.SGD(params, lr=lr, momentum=settings.momentum)
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
 
@@ -379,7 +380,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--clip-factor", type=float, default=0.01, help="adaptive gradient clipping factor (+stab)")
-    p.add_argument("--gamma-init", type=_gamma_init, default="paper")
+    p.add_argument("--gamma-init", type=_gamma_init, default="paper", help="NormProp gamma init: paper or a number")
+    p.add_argument("--stab-decay-gamma", action="store_true",
+                   help="ablation: the +stab variants put weight decay on gamma/beta/biases too")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--stats-batch", type=int, default=256, help="test images in the fixed layer-statistics batch")
@@ -438,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = TrainSettings(
             epochs=args.epochs, momentum=args.momentum, weight_decay=args.weight_decay,
             clip_factor=args.clip_factor, gamma_init=args.gamma_init, seed=args.seed,
-            trained_threshold=args.collapse_below,
+            trained_threshold=args.collapse_below, decay_scale_params=args.stab_decay_gamma,
             steps_per_epoch=args.bs1_steps if batch_size == 1 else None, progress=not args.no_progress,
         )
         for variant in args.variants:

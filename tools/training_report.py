@@ -146,7 +146,7 @@ def accuracy_tables(payload: dict[str, Any]) -> str:
         steps = next(iter(groups[(model, batch_size, variants[0])]))["epochs"]
         steps_text = f", {steps[0]['steps']} steps per epoch" if steps else ""
         out.append(f"**{model}, batch size {batch_size}**{steps_text}\n\n"
-                   + tabulate(rows, headers, tablefmt="github"))
+                   + tabulate(rows, headers, tablefmt="github", disable_numparse=True))
     return "\n\n".join(out)
 
 
@@ -192,7 +192,7 @@ def targets(payload: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
 
 def targets_text(payload: dict[str, Any]) -> str:
     rows = [(goal, measured, {True: "met", False: "MISSED", None: "n/a"}[met]) for goal, measured, met in targets(payload)]
-    return tabulate(rows, ["target", "measured", "result"], tablefmt="github")
+    return tabulate(rows, ["target", "measured", "result"], tablefmt="github", disable_numparse=True)
 
 
 def statistics_table(payload: dict[str, Any]) -> str:
@@ -213,7 +213,7 @@ def statistics_table(payload: dict[str, Any]) -> str:
                 rows.append([model, batch_size, LABELS[variant], f"{best['lr']:g}", when, what, len(stats),
                              f"{min(means):.2f} .. {max(means):.2f}", f"{min(stds):.2f} .. {max(stds):.2f}"])
     headers = ["model", "batch", "variant", "lr", "when", "measured at", "layers", "mean range", "std range"]
-    return tabulate(rows, headers, tablefmt="github")
+    return tabulate(rows, headers, tablefmt="github", disable_numparse=True)
 
 
 # ----------------------------------------------------------------------------- plots
@@ -294,13 +294,14 @@ def write_doc(payload: dict[str, Any], doc: Path, plots: list[Path]) -> None:
     meta, s = payload["meta"], payload["meta"]["settings"]
     grids = "; ".join(f"batch {b}: {', '.join(f'{lr:g}' for lr in g)}" for b, g in meta["lr_grids"].items())
     corrections = meta["corrections"]
+    counts = ", ".join(f"{n} {c}" for n, c in corrections.items())
     propagation = ("present" if corrections.get("Standardize", 0) else "absent (the moment-propagation pass had not "
                    "landed: the residual adds get no scale correction and the ReLU after each add stays a plain ReLU)")
     exponent = {"sqrt": "1/2", "linear": "1", "none": "0"}[s["lr_scaling"]]
     images = "\n".join(f"![{p.stem}]({os.path.relpath(p, doc.parent)})" for p in plots)
     text = f"""# Training parity on Fashion-MNIST: BatchNorm vs NormProp
 
-Produced by this command (from the repository root; about {meta['wall_seconds'] / 60:.0f} minutes on one thread):
+Produced by this command (from the repository root; it took {meta['wall_seconds'] / 60:.1f} min on one thread):
 
 ```
 {meta['command']}
@@ -308,7 +309,7 @@ Produced by this command (from the repository root; about {meta['wall_seconds'] 
 
 Every number below comes from that run ({meta['date']}, commit {meta['commit'] or 'unknown'}); the raw
 per-epoch records are in `{os.path.relpath(Path(s['out']) / 'results.json', doc.parent)}`, and
-`python tools/training_report.py {s['out']}/results.json --doc {doc}` rebuilds this page from them.
+`.venv/bin/python tools/training_report.py {s['out']}/results.json --doc {doc}` rebuilds this page from them.
 
 ## Setup
 
@@ -316,7 +317,7 @@ per-epoch records are in `{os.path.relpath(Path(s['out']) / 'results.json', doc.
 - Model: `{s['model']}` (tools/train.py `SmallResNet`: 3x3 stem, one BasicBlock per stage with
   BatchNorm, stride 2 from the second stage, global average pooling, linear classifier). NormProp
   = `normprop_fx.convert(model, gamma_init={s['gamma_init']!r})` of the same initial weights.
-  Moment-propagation corrections in the converted model: {corrections} -> {propagation}.
+  Moment-propagation modules in the converted model: {counts} -> corrections {propagation}.
 - Training: SGD, momentum {s['momentum']}, weight decay {s['weight_decay']}, cosine decay to 0 over the
   run, no warm-up, cross-entropy, {s['epochs']} epochs, seed {s['seed']} for weights and data order (the
   same for every variant). Batch size 1 runs {s['bs1_steps']} steps (= images) per epoch, not full
