@@ -31,7 +31,7 @@ NOTES_START, NOTES_END = "<!-- notes -->", "<!-- /notes -->"
 
 def run_metadata(args: argparse.Namespace, data_description: str) -> dict[str, Any]:
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True, text=True,
                                 cwd=Path(__file__).parent, timeout=10).stdout.strip()
     except OSError:
         commit = ""
@@ -185,8 +185,8 @@ def targets(payload: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
             if best is None:
                 continue
             low, high = _np_std_range(best, "end") or (float("nan"), float("nan"))
-            rows.append((f"batch {batch_size}: {LABELS[v]} (best lr) layer output std in [{STD_BAND[0]}, {STD_BAND[1]}] "
-                         "at the end", f"{low:.2f}-{high:.2f}", STD_BAND[0] <= low and high <= STD_BAND[1]))
+            goal = f"batch {batch_size}: {LABELS[v]} (best lr) layer output std in [{STD_BAND[0]}, {STD_BAND[1]}] at the end"
+            rows.append((goal, f"{low:.2f}-{high:.2f}", STD_BAND[0] <= low and high <= STD_BAND[1]))
     return rows
 
 
