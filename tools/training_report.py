@@ -239,15 +239,10 @@ def write_plots(payload: dict[str, Any], out: Path) -> list[Path]:
             epochs = [e["epoch"] for e in best["epochs"]]
             acc = [100 * e["test_accuracy"] for e in best["epochs"]]
             ax.plot(epochs, acc, "o-", color=colors[v], label=f"{LABELS[v]} (lr {best['lr']:g})")
-        ax.set_title(f"{model}, batch {batch_size} (best lr each)")
-        ax.set_xlabel("epoch" if batch_size != 1 else "epoch (fixed steps)")
         ax.set_ylabel("test accuracy %")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "accuracy.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+        _finish_axis(ax, f"{model}, batch {batch_size} (best lr each)",
+                     "epoch" if batch_size != 1 else "epoch (fixed steps)")
+    paths.append(_save(fig, out / "accuracy.png"))
 
     fig, axes = plt.subplots(len(keys), 2, figsize=(11, 3.4 * len(keys)), squeeze=False)
     for row, (model, batch_size) in zip(axes, keys):
@@ -268,15 +263,26 @@ def write_plots(payload: dict[str, Any], out: Path) -> list[Path]:
                 ax.plot([s["mean"] for s in stats], style, color="gray", alpha=0.6)
         for ax, title in ((ax_np, "NormProp layer outputs"), (ax_bn, "BN outputs at the end")):
             ax.axhspan(*STD_BAND, color="green", alpha=0.07)
-            ax.set_title(f"{title}, batch {batch_size} (gray: means)")
-            ax.set_xlabel("layer (call order)")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "layer_statistics.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+            _finish_axis(ax, f"{title}, batch {batch_size} (gray: means)", "layer (call order)")
+    paths.append(_save(fig, out / "layer_statistics.png"))
     return paths
+
+
+def _finish_axis(ax: Any, title: str, xlabel: str) -> None:
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 # ----------------------------------------------------------------------------- the document
