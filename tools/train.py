@@ -436,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = training_report.run_metadata(args, data.description)
     print(f"{data.description}\n{meta['machine']}")
     results: list[RunResult] = []
+    args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     for batch_size in args.batch_sizes:
         settings = TrainSettings(
@@ -451,11 +452,13 @@ def main(argv: list[str] | None = None) -> int:
                 torch.manual_seed(args.seed)
                 base = build_model(args.model)
                 results.append(train_run(base, variant, batch_size, lr, data, settings, args.model, log=tqdm.write))
+                partial = {"meta": {**meta, "complete": False}, "runs": [asdict(r) for r in results]}
+                (args.out / "results.partial.json").write_text(json.dumps(partial))  # progress so far
     meta["wall_seconds"] = time.perf_counter() - start
     meta["loadavg_end"] = os.getloadavg()
     meta["lr_grids"] = {str(b): lr_grid(args, b) for b in args.batch_sizes}
     meta["corrections"] = training_report.count_corrections(normprop_fx.convert(build_model(args.model)))
-    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.partial.json").unlink(missing_ok=True)
     payload = {"meta": meta, "runs": [asdict(r) for r in results]}
     (args.out / "results.json").write_text(json.dumps(payload, indent=1))
     print(training_report.accuracy_tables(payload))
