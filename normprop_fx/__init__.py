@@ -30,6 +30,7 @@ from .records import ConversionReport, LeftBatchNorm, Rewrite
 from .standardize import Standardize
 from .statistics import LayerStatistics, measure_layer_statistics
 from .summary import summary
+from .training import adaptive_clip_grad_, classifier_name, param_groups
 
 __version__ = "0.1.0"
 
@@ -58,11 +59,14 @@ __all__ = [
     "activation",
     "activation_constants",
     "compile",
+    "adaptive_clip_grad_",
+    "classifier_name",
     "conversion_report",
     "convert",
     "fold",
     "gaussian_moments",
     "measure_layer_statistics",
     "normalized_weight",
+    "param_groups",
     "summary",
 ]

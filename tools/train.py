@@ -1,0 +1,475 @@
+#!/usr/bin/env python3
+"""Train a BatchNorm model and its NormProp conversion side by side on Fashion-MNIST.
+
+    python tools/train.py --quick                       # smoke run, about a minute
+    python tools/train.py --out docs/training --doc docs/training.md   # the documented run
+
+For every batch size (128, 8, 1 by default) and every learning rate of one grid, trains the BN
+original ("bn"), its NormProp conversion ("np"), and both again with the library's stabilizers
+("+stab": normprop_fx.training.param_groups without weight decay on gamma/beta, and
+adaptive_clip_grad_), from the same initial weights, data order, optimizer (SGD with momentum)
+and cosine schedule. Batch size 1 runs a fixed number of steps per epoch instead of full
+epochs (--bs1-steps). Prints per epoch the train loss, test accuracy and seconds; writes
+results.json and PNG plots under --out, and the report (--doc) with the tables and targets.
+
+The learning-rate grid is given for batch 128 and scaled by sqrt(batch / 128) for the smaller
+batches (--lr-scaling), the same grid for every variant of a batch size.
+
+Exit status: 0 on success, 1 when the dataset is missing or a run fails unexpectedly, 2 on a
+bad argument.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import normprop_fx
+from normprop_fx.datasets import (
+    DatasetNotFoundError,
+    channel_statistics,
+    load_fashion_mnist,
+    standardize_images,
+)
+from normprop_fx.training import adaptive_clip_grad_, param_groups
+
+VARIANTS = ("bn", "bn+stab", "np", "np+stab")
+VARIANT_LABELS = {
+    "bn": "BN",
+    "bn+stab": "BN + stabilizers",
+    "np": "NormProp",
+    "np+stab": "NormProp + stabilizers",
+}
+
+
+# ----------------------------------------------------------------------------- models
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: conv-BN-ReLU, conv-BN, add the (projected) shortcut, ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return F.relu(y + shortcut)
+
+
+class SmallResNet(nn.Module):
+    """A ResNet for 28x28 inputs: a 3x3 stem, one BasicBlock per stage (stride 2 from the
+    second stage on), global average pooling, a linear classifier."""
+
+    def __init__(self, widths: tuple[int, ...] = (16, 32, 64), in_channels: int = 1, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        blocks, previous = [], widths[0]
+        for i, width in enumerate(widths):
+            blocks.append(BasicBlock(previous, width, 1 if i == 0 else 2))
+            previous = width
+        self.stages = nn.Sequential(*blocks)
+        self.fc = nn.Linear(previous, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.stages(x)
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def _one_channel_first_conv(model: nn.Module) -> nn.Module:
+    """Replace the first Conv2d of a torchvision model by a 1-channel conv with the same
+    hyper-parameters (grayscale input)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            conv = nn.Conv2d(1, module.out_channels, module.kernel_size, module.stride, module.padding,
+                             module.dilation, 1, module.bias is not None, module.padding_mode)
+            model.set_submodule(name, conv)
+            return model
+    raise ValueError(f"{type(model).__name__} has no Conv2d to adapt to 1 channel")
+
+
+def build_model(spec: str) -> nn.Module:
+    """``small_resnet`` (built in), ``small_resnet:8,16,32`` (stage widths), or a torchvision
+    / timm name (``[torchvision:|timm:]NAME``), with 1 input channel and 10 classes."""
+    if spec == "small_resnet" or spec.startswith("small_resnet:"):
+        _, _, widths = spec.partition(":")
+        return SmallResNet(tuple(int(w) for w in widths.split(","))) if widths else SmallResNet()
+    source, _, name = spec.rpartition(":")
+    if source in ("", "torchvision"):
+        import torchvision.models
+
+        if name in torchvision.models.list_models(module=torchvision.models):
+            return _one_channel_first_conv(torchvision.models.get_model(name, num_classes=10))
+    if source in ("", "timm"):
+        import timm
+
+        if name in timm.list_models():
+            return timm.create_model(name, in_chans=1, num_classes=10)
+    raise ValueError(f"unknown model {spec!r}: use small_resnet, a torchvision or a timm model name")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class Data:
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    stats_x: torch.Tensor  # the fixed test batch for layer statistics
+    description: str
+
+
+def load_data(args: argparse.Namespace) -> Data:
+    train = load_fashion_mnist("train", args.data_dir).subset(args.train_size, seed=args.seed)
+    test = load_fashion_mnist("test", args.data_dir).subset(args.test_size, seed=args.seed)
+    mean, std = channel_statistics(train.images)
+    train_x = standardize_images(train.images, mean, std)
+    test_x = standardize_images(test.images, mean, std)
+    description = (f"Fashion-MNIST: {len(train)} training images (random subset of 60000, seed {args.seed}), "
+                   f"{len(test)} test images (of 10000), standardized with the training subset's "
+                   f"mean {mean.item():.4f} and std {std.item():.4f}")
+    return Data(train_x, train.labels, test_x, test.labels, test_x[: args.stats_batch], description)
+
+
+# ----------------------------------------------------------------------------- layer statistics
+
+
+def batchnorm_output_statistics(model: nn.Module, x: torch.Tensor, *, train_mode: bool) -> list[dict[str, Any]]:
+    """Mean/std of every BatchNorm's output on ``x``, in eval mode (running statistics) or in
+    train mode (batch statistics; measured on a copy so the running statistics stay as they are)."""
+    model = copy.deepcopy(model) if train_mode else model
+    was_training = model.training
+    model.train(train_mode)
+    stats: list[dict[str, Any]] = []
+    handles = []
+    for path, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            def hook(_m: nn.Module, _a: Any, out: torch.Tensor, path: str = path) -> None:
+                stats.append({"path": path, "mean": out.mean().item(), "std": out.std().item()})
+            handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return stats
+
+
+def layer_statistics(model: nn.Module, x: torch.Tensor, variant: str) -> dict[str, list[dict[str, Any]]]:
+    if variant.startswith("np"):
+        was_training = model.training
+        model.eval()
+        stats = [asdict(s) for s in normprop_fx.measure_layer_statistics(model, x)]
+        model.train(was_training)
+        return {"normprop": stats}
+    return {"eval": batchnorm_output_statistics(model, x, train_mode=False),
+            "train": batchnorm_output_statistics(model, x, train_mode=True)}
+
+
+def max_scale(model: nn.Module) -> float:
+    """The largest |gamma| (NormProp) or |weight| (BatchNorm affine) in the model."""
+    values = [m.gamma for m in model.modules() if isinstance(m, normprop_fx.NormPropLayer)]
+    values += [m.weight for m in model.modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None]
+    return max((v.detach().abs().max().item() for v in values), default=float("nan"))
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+@dataclass
+class RunResult:
+    model: str
+    variant: str
+    batch_size: int
+    lr: float
+    epochs: list[dict[str, float]] = field(default_factory=list)
+    status: str = "trained"  # trained | diverged | error | collapsed
+    detail: str = ""
+    final_accuracy: float = float("nan")
+    max_scale_end: float = float("nan")
+    stats_init: dict[str, Any] = field(default_factory=dict)
+    stats_end: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainSettings:
+    epochs: int
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    clip_factor: float = 0.01
+    decay_scale_params: bool = False  # +stab: weight decay on gamma/beta too (an ablation)
+    gamma_init: str | float = "paper"
+    steps_per_epoch: int | None = None  # None: full epochs over the training data
+    eval_batch: int = 500
+    seed: int = 0
+    trained_threshold: float = 0.2
+    progress: bool = True
+
+
+def make_variant(base: nn.Module, variant: str, gamma_init: str | float) -> nn.Module:
+    """The model a variant trains: a copy of the BN ``base`` or its NormProp conversion."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    if variant.startswith("np"):
+        return normprop_fx.convert(base, gamma_init=gamma_init)
+    return copy.deepcopy(base)
+
+
+def make_optimizer(model: nn.Module, variant: str, lr: float, settings: TrainSettings) -> torch.optim.Optimizer:
+    if variant.endswith("+stab"):
+        params: Any = param_groups(model, settings.weight_decay, decay_scale_params=settings.decay_scale_params)
+        return torch.optim.SGD(params, lr=lr, momentum=settings.momentum)
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) -> float:
+    model.eval()
+    correct = sum((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum().item() for i in range(0, len(y), batch))
+    model.train()
+    return correct / len(y)
+
+
+def _batches(n: int, batch_size: int, epoch: int, settings: TrainSettings) -> list[torch.Tensor]:
+    """Index batches of one epoch: the same permutation for every variant (seeded by seed and
+    epoch); a fixed number of steps when ``steps_per_epoch`` is set."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(settings.seed * 1000 + epoch))
+    batches = list(order.split(batch_size))
+    if batches and len(batches[-1]) < batch_size and len(batches) > 1:
+        batches.pop()  # a short last batch would be a different batch size
+    if settings.steps_per_epoch is not None:
+        batches = batches[: settings.steps_per_epoch]
+    return batches
+
+
+def train_run(base: nn.Module, variant: str, batch_size: int, lr: float, data: Data,
+              settings: TrainSettings, model_name: str = "", log: Any = print) -> RunResult:
+    """Train ``variant`` of the BN model ``base`` (left unchanged) and return what happened."""
+    from tqdm import tqdm
+
+    result = RunResult(model_name, variant, batch_size, lr)
+    torch.manual_seed(settings.seed)
+    model = make_variant(base, variant, settings.gamma_init)
+    model.train()
+    result.stats_init = layer_statistics(model, data.stats_x, variant)
+    optimizer = make_optimizer(model, variant, lr, settings)
+    epoch_batches = [_batches(len(data.train_y), batch_size, e, settings) for e in range(settings.epochs)]
+    total_steps = sum(len(b) for b in epoch_batches)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
+    label = f"{model_name} {variant} bs={batch_size} lr={lr:g}"
+    step = 0
+    for epoch, batches in enumerate(epoch_batches):
+        losses = []
+        start = time.perf_counter()
+        for index in tqdm(batches, desc=f"{label} epoch {epoch + 1}", leave=False, mininterval=5,
+                          disable=not settings.progress):
+            try:
+                loss = F.cross_entropy(model(data.train_x[index]), data.train_y[index])
+            except ValueError as error:  # BatchNorm refuses batch statistics of 1 value per channel
+                if "value per channel" not in str(error):
+                    raise
+                result.status, result.detail = "error", f"{type(error).__name__}: {error}"
+                break
+            if not torch.isfinite(loss):
+                result.status, result.detail = "diverged", f"non-finite loss at step {step}"
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if variant.endswith("+stab"):
+                adaptive_clip_grad_(model, settings.clip_factor)
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+            step += 1
+        seconds = time.perf_counter() - start
+        if result.status != "trained":
+            log(f"{label}: {result.status} ({result.detail})")
+            break
+        accuracy = evaluate(model, data.test_x, data.test_y, settings.eval_batch)
+        record = {"epoch": epoch + 1, "steps": len(batches), "train_loss": statistics.fmean(losses),
+                  "test_accuracy": accuracy, "seconds": seconds}
+        result.epochs.append(record)
+        log(f"{label} epoch {epoch + 1}/{settings.epochs}: train loss {record['train_loss']:.4f}, "
+            f"test accuracy {accuracy:.4f}, {seconds:.1f} s ({len(batches)} steps)")
+    result.max_scale_end = max_scale(model)
+    if result.status == "trained":
+        result.final_accuracy = result.epochs[-1]["test_accuracy"]
+        result.stats_end = layer_statistics(model, data.stats_x, variant)
+        if result.final_accuracy < settings.trained_threshold:
+            result.status = "collapsed"
+            result.detail = f"final test accuracy {result.final_accuracy:.3f} < {settings.trained_threshold}"
+    return result
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line on stderr and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _numbers(kind: type) -> Any:
+    def parse(text: str) -> list[Any]:
+        try:
+            values = [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        if not values or any(not (math.isfinite(v) and v > 0) for v in values):
+            raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+        return values
+    return parse
+
+
+def _gamma_init(text: str) -> str | float:
+    return text if text == "paper" else _numbers(float)(text)[0]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = _ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="small_resnet", help="small_resnet[:W1,W2,..], or a torchvision/timm name")
+    p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST idx(.gz) files "
+                   "(default /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--train-size", type=int, default=4000, help="training subset size (default 4000)")
+    p.add_argument("--test-size", type=int, default=2000, help="test subset size (default 2000)")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-sizes", type=_numbers(int), default=[128, 8, 1])
+    p.add_argument("--lrs", type=_numbers(float), default=[0.01, 0.03, 0.1, 0.3, 1.0],
+                   help="learning-rate grid at batch 128 (default 0.01,0.03,0.1,0.3,1)")
+    p.add_argument("--lr-scaling", choices=("sqrt", "linear", "none"), default="sqrt",
+                   help="how the grid follows the batch size: lr * (batch/128)^(1/2, 1 or 0)")
+    p.add_argument("--bs1-steps", type=int, default=400, help="steps per epoch at batch size 1 (default 400)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {','.join(VARIANTS)}")
+    p.add_argument("--bn-stab-batch-sizes", type=_numbers(int), default=[128],
+                   help="batch sizes at which bn+stab runs (it is the costly optional comparison)")
+    p.add_argument("--collapse-below", type=float, default=0.2,
+                   help="a run whose final test accuracy is below this collapsed (default 0.2, twice chance)")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--clip-factor", type=float, default=0.01, help="adaptive gradient clipping factor (+stab)")
+    p.add_argument("--gamma-init", type=_gamma_init, default="paper", help="NormProp gamma init: paper or a number")
+    p.add_argument("--stab-decay-gamma", action="store_true",
+                   help="ablation: the +stab variants put weight decay on gamma/beta/biases too")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--stats-batch", type=int, default=256, help="test images in the fixed layer-statistics batch")
+    p.add_argument("--out", type=Path, default=Path("training_out"), help="folder for results.json and plots")
+    p.add_argument("--doc", type=Path, default=None, help="write the markdown report there")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: model small_resnet:8,16, 512/500 images, 1 epoch, 30 batch-1 steps, lrs 0.01,0.1")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    if args.quick:  # smaller defaults; options given explicitly still win
+        quick = {"model": "small_resnet:8,16", "train_size": 512, "test_size": 500, "epochs": 1, "bs1_steps": 30,
+                 "lrs": [0.01, 0.1]}
+        for name, value in quick.items():
+            if getattr(args, name) == p.get_default(name):
+                setattr(args, name, value)
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    for name in ("train_size", "test_size", "epochs", "bs1_steps", "threads", "stats_batch"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    if not (args.weight_decay >= 0 and 0 <= args.momentum < 1 and args.clip_factor > 0):
+        p.error("need --weight-decay >= 0, 0 <= --momentum < 1, --clip-factor > 0")
+    return args
+
+
+def lr_grid(args: argparse.Namespace, batch_size: int) -> list[float]:
+    power = {"sqrt": 0.5, "linear": 1.0, "none": 0.0}[args.lr_scaling]
+    return [float(f"{lr * (batch_size / 128) ** power:.3g}") for lr in args.lrs]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import training_report
+
+    try:
+        build_model(args.model)
+    except ValueError as error:
+        print(f"train.py: error: {error}", file=sys.stderr)
+        return 2
+    try:
+        data = load_data(args)
+    except DatasetNotFoundError as error:
+        print(f"train.py: error: {error}", file=sys.stderr)
+        return 1
+    from tqdm import tqdm
+
+    meta = training_report.run_metadata(args, data.description)
+    print(f"{data.description}\n{meta['machine']}")
+    results: list[RunResult] = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    for batch_size in args.batch_sizes:
+        settings = TrainSettings(
+            epochs=args.epochs, momentum=args.momentum, weight_decay=args.weight_decay,
+            clip_factor=args.clip_factor, gamma_init=args.gamma_init, seed=args.seed,
+            trained_threshold=args.collapse_below, decay_scale_params=args.stab_decay_gamma,
+            steps_per_epoch=args.bs1_steps if batch_size == 1 else None, progress=not args.no_progress,
+        )
+        for variant in args.variants:
+            if variant == "bn+stab" and batch_size not in args.bn_stab_batch_sizes:
+                continue
+            for lr in lr_grid(args, batch_size):
+                torch.manual_seed(args.seed)
+                base = build_model(args.model)
+                results.append(train_run(base, variant, batch_size, lr, data, settings, args.model, log=tqdm.write))
+                partial = {"meta": {**meta, "complete": False}, "runs": [asdict(r) for r in results]}
+                (args.out / "results.partial.json").write_text(json.dumps(partial))  # progress so far
+    meta["wall_seconds"] = time.perf_counter() - start
+    meta["loadavg_end"] = os.getloadavg()
+    meta["lr_grids"] = {str(b): lr_grid(args, b) for b in args.batch_sizes}
+    meta["corrections"] = training_report.count_corrections(normprop_fx.convert(build_model(args.model)))
+    (args.out / "results.partial.json").unlink(missing_ok=True)
+    payload = {"meta": meta, "runs": [asdict(r) for r in results]}
+    (args.out / "results.json").write_text(json.dumps(payload, indent=1))
+    print(training_report.accuracy_tables(payload))
+    print(training_report.targets_text(payload))
+    plots = training_report.write_plots(payload, args.out)
+    if args.doc is not None:
+        training_report.write_doc(payload, args.doc, plots)
+        print(f"wrote {args.doc}")
+    print(f"wrote {args.out / 'results.json'} and {', '.join(str(p) for p in plots)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
