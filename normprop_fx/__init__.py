@@ -22,6 +22,7 @@ from .layers import (
     NormPropLinear,
     normalized_weight,
 )
+from .model_check import ModelCheck, check_model
 from .moments import ActivationConstants, activation_constants, gaussian_moments
 from .normalized_activation import NormalizedActivation
 from .records import ConversionReport, LeftBatchNorm, Rewrite
@@ -39,6 +40,7 @@ __all__ = [
     "InvalidOptionError",
     "LayerStatistics",
     "LeftBatchNorm",
+    "ModelCheck",
     "NormPropAffine",
     "NormPropConv1d",
     "NormPropConv2d",
@@ -54,6 +56,7 @@ __all__ = [
     "UntraceableModelError",
     "activation",
     "activation_constants",
+    "check_model",
     "conversion_report",
     "convert",
     "gaussian_moments",
