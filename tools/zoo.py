@@ -35,6 +35,8 @@ from typing import Any, NoReturn
 SOURCES = ("torchvision", "timm")
 #: The issue's targets: share of BN models that pass every check, per source.
 TARGETS = {"torchvision": 1.00, "timm": 0.98}
+#: Seconds a new worker may take to import torch, torchvision and timm.
+STARTUP_TIMEOUT = 300
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -74,7 +76,7 @@ def _build(key: str, meta: bool = False) -> Any:
     import torch
 
     source, _, name = key.partition(":")
-    if source == "test":  # tests/test_zoo_tool.py: tiny models in an importable module
+    if source == "python":  # python:package.module.factory, any importable model factory
         import importlib
 
         module_name, _, attr = name.rpartition(".")
@@ -175,8 +177,15 @@ def _worker(conn: Connection, threads: int) -> None:
 
     import torch
 
+    import normprop_fx  # noqa: F401 - imported before "ready", like the model libraries
+    for library in SOURCES:
+        try:
+            __import__(library)
+        except ImportError:
+            pass
     warnings.simplefilter("ignore")
     torch.set_num_threads(threads)
+    conn.send("ready")  # imports done: the per-model timeout starts counting after this
     while True:
         try:
             message = conn.recv()
@@ -208,18 +217,23 @@ class _WorkerSlot:
         self.process.start()
         child.close()
         self.conn = parent
+        if not (parent.poll(STARTUP_TIMEOUT) and parent.recv() == "ready"):
+            raise RuntimeError(f"a worker process did not start within {STARTUP_TIMEOUT} s")
 
     def run(self, key: str, options: dict[str, Any], timeout: float) -> dict[str, Any]:
-        if self.process is None or not self.process.is_alive():
-            self._start()
-        assert self.conn is not None and self.process is not None
         start = time.perf_counter()
         try:
+            if self.process is None or not self.process.is_alive():
+                self._start()
+            assert self.conn is not None and self.process is not None
             self.conn.send((key, options))
             if self.conn.poll(timeout):
                 return self.conn.recv()
             reason = f"timeout: no result within {timeout:g} s"
-        except (EOFError, OSError, BrokenPipeError):
+        except RuntimeError as err:  # the worker did not start
+            reason = f"worker crashed: {err}"
+        except (EOFError, OSError):
+            assert self.process is not None
             self.process.join(5)
             code = self.process.exitcode
             how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit status {code}"
@@ -396,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="only models whose name (or source:name) matches; repeatable")
     parser.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="skip these; repeatable")
     parser.add_argument("--models", nargs="+", default=None, metavar="SOURCE:NAME",
-                        help="check exactly these models (e.g. timm:resnet50d) instead of a source's list")
+                        help="check exactly these models (timm:resnet50d, or python:my.module.factory for any "
+                        "importable function that returns a model) instead of a source's list")
     parser.add_argument("--results", type=Path, default=Path("zoo-results.jsonl"),
                         help="JSON-lines file the rows are appended to (default zoo-results.jsonl)")
     parser.add_argument("--redo", action="store_true", help="check models again even if the results file has them")
@@ -417,9 +432,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--timeout and --gamma-init must be positive")
 
     if args.models:
-        bad = [k for k in args.models if k.partition(":")[0] not in (*SOURCES, "test") or not k.partition(":")[2]]
+        bad = [k for k in args.models if k.partition(":")[0] not in (*SOURCES, "python") or not k.partition(":")[2]]
         if bad:
-            parser.error(f"--models takes SOURCE:NAME with SOURCE one of {', '.join(SOURCES)}, got {bad[0]!r}")
+            parser.error(f"--models takes SOURCE:NAME with SOURCE one of {', '.join(SOURCES)} or python "
+                         f"(python:module.factory), got {bad[0]!r}")
         keys = select(args.models, args.include, args.exclude)
     else:
         sources = SOURCES if args.source == "all" else (args.source,)
