@@ -178,7 +178,7 @@ def _worker(conn: Connection, threads: int) -> None:
     import torch
 
     import normprop_fx  # noqa: F401 - imported before "ready", like the model libraries
-    for library in SOURCES:
+    for library in SOURCES:  # convert() uses both (timm's and torchvision's layer types)
         try:
             __import__(library)
         except ImportError:
