@@ -122,15 +122,20 @@ def _candidate_shapes(key: str, model: Any, small: int) -> list[tuple[int, ...]]
 
 
 def _input_shape(key: str, model: Any, small: int) -> tuple[tuple[int, ...], list[str]]:
-    """The first candidate shape the original model runs on (eval, batch 2), and what failed before."""
+    """The first candidate shape the original model runs on (batch 2, in train mode, where some
+    models run more, e.g. auxiliary heads, and in eval mode), and what failed before it."""
     import torch
+
+    from normprop_fx.model_check import dropout_off
 
     tried = []
     training = model.training
     for shape in _candidate_shapes(key, model, small):
         try:
             with torch.no_grad():
-                model.eval()(torch.randn(2, *shape))
+                x = torch.randn(2, *shape)
+                dropout_off(model.train())(x)
+                model.eval()(x)
             return shape, tried
         except Exception as err:  # noqa: BLE001 - any failure means: try the next size
             tried.append(f"{shape}: {type(err).__name__}: {' '.join(str(err).split())[:200]}")
@@ -172,8 +177,13 @@ def check_one(key: str, options: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _worker(conn: Connection, threads: int) -> None:
+def _worker(conn: Connection, threads: int, memory_limit_gb: float) -> None:
+    import resource
     import warnings
+
+    if memory_limit_gb:  # a model too big becomes a MemoryError/RuntimeError row, not an OOM kill
+        limit = int(memory_limit_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
     import torch
 
@@ -205,15 +215,16 @@ def _worker(conn: Connection, threads: int) -> None:
 class _WorkerSlot:
     """One worker process; restarted after a timeout or a crash."""
 
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int, memory_limit_gb: float) -> None:
         self.threads = threads
+        self.memory_limit_gb = memory_limit_gb
         self.process: multiprocessing.process.BaseProcess | None = None
         self.conn: Connection | None = None
 
     def _start(self) -> None:
         context = multiprocessing.get_context("spawn")
         parent, child = context.Pipe()
-        self.process = context.Process(target=_worker, args=(child, self.threads), daemon=True)
+        self.process = context.Process(target=_worker, args=(child, self.threads, self.memory_limit_gb), daemon=True)
         self.process.start()
         child.close()
         self.conn = parent
@@ -236,8 +247,10 @@ class _WorkerSlot:
             assert self.process is not None
             self.process.join(5)
             code = self.process.exitcode
-            how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit status {code}"
-            reason = f"worker crashed: the worker process died ({how}; signal 9 is usually the OOM killer)"
+            how = f"exit status {code}"
+            if code is not None and code < 0:
+                how = f"killed by signal {-code}" + (", e.g. by the OOM killer" if code == -9 else "")
+            reason = f"worker crashed: the worker process died ({how})"
         self.stop()
         return {"model": key, "passed": False, "has_bn": None, "failures": [reason],
                 "seconds": round(time.perf_counter() - start, 3)}
@@ -262,7 +275,7 @@ class _WorkerSlot:
 
 
 def sweep(keys: list[str], results: Path, options: dict[str, Any], *, jobs: int, timeout: float,
-          threads: int) -> None:
+          threads: int, memory_limit_gb: float) -> None:
     """Check every key, ``jobs`` at a time, appending each row to ``results`` as it comes."""
     from tqdm import tqdm
 
@@ -272,7 +285,7 @@ def sweep(keys: list[str], results: Path, options: dict[str, Any], *, jobs: int,
     done: queue.Queue[dict[str, Any]] = queue.Queue()
 
     def serve() -> None:
-        slot = _WorkerSlot(threads)
+        slot = _WorkerSlot(threads, memory_limit_gb)
         try:
             while True:
                 try:
@@ -418,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds a model may take (default 600)")
+    parser.add_argument("--memory-limit-gb", type=float, default=6,
+                        help="address-space limit of each worker in GiB, 0 for none (default 6)")
     parser.add_argument("--small-size", type=int, default=64,
                         help="input side tried first (default 64); the model's default when the original fails on it")
     parser.add_argument("--gamma-init", type=float, default=1.0)
@@ -428,8 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("jobs", "threads", "small_size"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
-    if not (args.timeout > 0 and args.gamma_init > 0):
-        parser.error("--timeout and --gamma-init must be positive")
+    if not (args.timeout > 0 and args.gamma_init > 0 and args.memory_limit_gb >= 0):
+        parser.error("--timeout and --gamma-init must be positive, --memory-limit-gb at least 0")
 
     if args.models:
         bad = [k for k in args.models if k.partition(":")[0] not in (*SOURCES, "python") or not k.partition(":")[2]]
@@ -451,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     options = {"seed": args.seed, "small_size": args.small_size, "gamma_init": args.gamma_init}
     if todo:
         args.results.parent.mkdir(parents=True, exist_ok=True)
-        sweep(todo, args.results, options, jobs=args.jobs, timeout=args.timeout, threads=args.threads)
+        sweep(todo, args.results, options, jobs=args.jobs, timeout=args.timeout, threads=args.threads,
+              memory_limit_gb=args.memory_limit_gb)
 
     results = load_results(args.results)
     rows = [results[k] for k in keys if k in results]
