@@ -465,6 +465,10 @@ def main(argv: list[str] | None = None) -> int:
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
     options = {"seed": args.seed, "small_size": args.small_size, "gamma_init": args.gamma_init}
     if todo:
+        try:
+            import tqdm  # noqa: F401
+        except ImportError:
+            parser.error("the progress bar needs tqdm: pip install -e .[zoo]")
         args.results.parent.mkdir(parents=True, exist_ok=True)
         sweep(todo, args.results, options, jobs=args.jobs, timeout=args.timeout, threads=args.threads,
               memory_limit_gb=args.memory_limit_gb)
