@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_leaves
 
 from .convert import conversion_report, convert
 from .errors import InvalidOptionError, UntraceableModelError
+from .passes.trace import mode_dependent_modules
 from .statistics import measure_layer_statistics
 
 logger = logging.getLogger(__name__)
@@ -162,20 +163,8 @@ def dropout_off(model: nn.Module) -> nn.Module:
 
 
 def _stochastic_types() -> tuple[type, ...]:
-    found: list[type] = [nn.modules.dropout._DropoutNd]
-    try:
-        from torchvision.ops import StochasticDepth
-
-        found.append(StochasticDepth)
-    except ImportError:
-        pass
-    try:
-        from timm.layers import DropBlock2d, DropPath
-
-        found += [DropPath, DropBlock2d]
-    except ImportError:
-        pass
-    return tuple(found)
+    # the modes the tracer keeps as leaves are the stochastic ones: drop-path, drop-block...
+    return (nn.modules.dropout._DropoutNd, *mode_dependent_modules())
 
 
 def _failure_line(category: str, err: BaseException) -> str:

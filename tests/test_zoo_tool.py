@@ -25,7 +25,7 @@ def _check(factory, shape=(3, 8, 8)):
 
 
 def test_small_bn_model_passes_every_check():
-    check = _check(zoo_models.small)
+    check = _check(zoo_models.Small)
     assert (check.traced, check.batchnorms_found, check.converted, check.left) == (True, 1, 1, 0)
     assert check.forward_ok and check.backward_ok and check.batch_independent and check.passed
     assert check.batch_max_relative_difference < 1e-12
@@ -41,21 +41,21 @@ def test_small_bn_model_passes_every_check():
 
 
 def test_untraceable_model_is_a_trace_failure():
-    check = _check(zoo_models.untraceable)
+    check = _check(zoo_models.Untraceable)
     assert check.traced is False and not check.passed
     assert check.reason.startswith("trace: UntraceableModelError")
     assert check.forward_ok is None and check.batchnorms_found is None
 
 
 def test_error_in_converted_forward_is_a_forward_failure():
-    check = _check(zoo_models.raises_after_conversion)
+    check = _check(zoo_models.RaisesAfterConversion)
     assert check.traced and check.left == 0
     assert check.forward_ok is False and not check.passed
     assert check.reason.startswith("forward: RuntimeError: boom")
 
 
 def test_batch_dependent_op_is_caught():
-    check = _check(zoo_models.batch_dependent)
+    check = _check(zoo_models.BatchDependent)
     assert check.left == 0 and check.forward_ok and check.backward_ok
     assert check.batch_independent is False and not check.passed
     assert check.batch_max_relative_difference > 1e-3
@@ -63,18 +63,18 @@ def test_batch_dependent_op_is_caught():
 
 
 def test_non_finite_gradient_is_a_backward_failure():
-    check = _check(zoo_models.non_finite_gradient)
+    check = _check(zoo_models.NonFiniteGradient)
     assert check.forward_ok and check.backward_ok is False and not check.passed
     assert check.reason.startswith("backward: non-finite gradient")
 
 
 def test_parameter_unused_by_the_original_too_is_not_a_failure():
-    check = _check(zoo_models.unused_parameters)
+    check = _check(zoo_models.UnusedParameters)
     assert check.backward_ok and check.passed
 
 
 def test_uncalled_batchnorm_is_left_with_its_reason():
-    check = _check(zoo_models.uncalled_batchnorm)
+    check = _check(zoo_models.UncalledBatchNorm)
     assert (check.batchnorms_found, check.converted, check.left) == (2, 1, 1)
     assert check.left_reasons == {"never called by the model's forward": 1}
     assert check.batch_independent and not check.passed
@@ -83,9 +83,9 @@ def test_uncalled_batchnorm_is_left_with_its_reason():
 
 def test_bad_options_raise():
     with pytest.raises(InvalidOptionError):
-        normprop_fx.check_model(zoo_models.small(), (3, 0, 8))
+        normprop_fx.check_model(zoo_models.Small(), (3, 0, 8))
     with pytest.raises(InvalidOptionError):
-        normprop_fx.check_model(zoo_models.small(), (3, 8, 8), batch_size=1)
+        normprop_fx.check_model(zoo_models.Small(), (3, 8, 8), batch_size=1)
 
 
 def _zoo(*args: str) -> subprocess.CompletedProcess:
@@ -101,27 +101,27 @@ def _rows(path: Path) -> list[dict]:
 def test_sweep_isolates_failures_resumes_and_writes_docs(tmp_path):
     pytest.importorskip("tqdm", reason="tools/zoo.py needs the zoo extra: pip install -e .[zoo]")
     results, docs = tmp_path / "results.jsonl", tmp_path / "zoo.md"
-    models = [f"python:zoo_models.{f}" for f in ("small", "no_batchnorm", "untraceable", "crashes", "hangs")]
+    models = [f"python:zoo_models.{f}" for f in ("Small", "NoBatchNorm", "Untraceable", "Crashes", "Hangs")]
     common = ["--results", str(results), "--small-size", "8", "--timeout", "10"]
     first = _zoo("--models", *models, "--jobs", "2", *common, "--write-docs", str(docs))
     assert first.returncode == 0, first.stderr
     assert "5 to check with 2 worker(s)" in first.stdout
     rows = {r["model"].rpartition(".")[2]: r for r in _rows(results)}
-    assert sorted(rows) == ["crashes", "hangs", "no_batchnorm", "small", "untraceable"]
-    assert rows["small"]["passed"] and rows["small"]["input_shape"] == [3, 8, 8]
-    assert rows["small"]["threads"] == 1 and len(rows["small"]["loadavg"]) == 3
-    assert rows["no_batchnorm"]["has_bn"] is False and "traced" not in rows["no_batchnorm"]
-    assert rows["untraceable"]["traced"] is False
-    assert rows["crashes"]["failures"][0].startswith("worker crashed:")
-    assert "signal 9" in rows["crashes"]["failures"][0]
-    assert rows["hangs"]["failures"] == ["timeout: no result within 10 s"]
+    assert sorted(rows) == ["Crashes", "Hangs", "NoBatchNorm", "Small", "Untraceable"]
+    assert rows["Small"]["passed"] and rows["Small"]["input_shape"] == [3, 8, 8]
+    assert rows["Small"]["threads"] == 1 and len(rows["Small"]["loadavg"]) == 3
+    assert rows["NoBatchNorm"]["has_bn"] is False and "traced" not in rows["NoBatchNorm"]
+    assert rows["Untraceable"]["traced"] is False
+    assert rows["Crashes"]["failures"][0].startswith("worker crashed:")
+    assert "signal 9" in rows["Crashes"]["failures"][0]
+    assert rows["Hangs"]["failures"] == ["timeout: no result within 10 s"]
 
     text = docs.read_text()
     assert text.index("## Summary") < text.index("## Failures by category") < text.index("## Models with BatchNorm")
     assert "| trace | 1 |" in text and "| worker crashed | 1 |" in text and "| timeout | 1 |" in text
-    assert "| python:zoo_models.small | 8x8 | yes | 1 / 1 / 0 | yes | yes | yes | yes |" in text
-    assert "## Models without BatchNorm (1, not checked)" in text and "python:zoo_models.no_batchnorm" in text
-    assert "python tools/zoo.py --models python:zoo_models.small" in text
+    assert "| python:zoo_models.Small | 8x8 | yes | 1 / 1 / 0 | yes | yes | yes | yes |" in text
+    assert "## Models without BatchNorm (1, not checked)" in text and "python:zoo_models.NoBatchNorm" in text
+    assert "python tools/zoo.py --models python:zoo_models.Small" in text
 
     again = _zoo("--models", *models[:2], *common)
     assert again.returncode == 0 and "2 already in" in again.stdout and "0 to check" in again.stdout
@@ -132,7 +132,7 @@ def test_sweep_isolates_failures_resumes_and_writes_docs(tmp_path):
 
 
 def test_bad_arguments_are_exit_2_one_line(tmp_path):
-    for args in (["--jobs", "0"], ["--models", "nosource"], ["--models", "python:zoo_models.small", "--exclude", "*small"]):
+    for args in (["--jobs", "0"], ["--models", "nosource"], ["--models", "python:zoo_models.Small", "--exclude", "*Small"]):
         result = _zoo(*args, "--results", str(tmp_path / "r.jsonl"))
         assert result.returncode == 2, (args, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr

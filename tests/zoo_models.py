@@ -1,5 +1,5 @@
 """Tiny models with one known behaviour each, for check_model and tools/zoo.py
-(the tool builds them in its worker processes as ``python:zoo_models.<factory>``)."""
+(the tool builds them in its worker processes as ``python:zoo_models.<Class>``)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def _fail_at_run_time(x: torch.Tensor) -> torch.Tensor:
 fx.wrap("_fail_at_run_time")  # a graph node: tracing succeeds, running raises
 
 
-class _Small(nn.Module):
+class Small(nn.Module):
     """conv -> BN -> ReLU -> global pool -> linear, with a hook for each behaviour."""
 
     default_input_size = (3, 8, 8)
@@ -36,7 +36,7 @@ class _Small(nn.Module):
         return self.fc(self.features(x).mean((2, 3)))
 
 
-class _NoBatchNorm(nn.Module):
+class NoBatchNorm(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3)
@@ -45,7 +45,7 @@ class _NoBatchNorm(nn.Module):
         return self.conv(x).mean((2, 3))
 
 
-class _Untraceable(_Small):
+class Untraceable(Small):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.features(x)
         if y.sum() > 0:  # data-dependent control flow: torch.fx cannot trace this
@@ -53,7 +53,7 @@ class _Untraceable(_Small):
         return self.fc(y.mean((2, 3)))
 
 
-class _RaisesAfterConversion(_Small):
+class RaisesAfterConversion(Small):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.features(x)
         if not isinstance(x, fx.Proxy) and not torch.is_grad_enabled():
@@ -61,77 +61,37 @@ class _RaisesAfterConversion(_Small):
         return self.fc(_fail_at_run_time(y).mean((2, 3)))
 
 
-class _BatchDependent(_Small):
+class BatchDependent(Small):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.features(x)
         return self.fc((y - y.mean(0, keepdim=True)).mean((2, 3)))  # mixes the samples of a batch
 
 
-class _NonFiniteGradient(_Small):
+class NonFiniteGradient(Small):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.features(x)
         return self.fc(y.mean((2, 3))) + (y * 0).sqrt().sum()  # finite forward, d sqrt(0) = inf
 
 
-class _UnusedParameters(_Small):
+class UnusedParameters(Small):
     def __init__(self) -> None:
         super().__init__()
         self.unused = nn.Linear(4, 4)  # no gradient in the original either: not a failure
 
 
-class _UncalledBatchNorm(_Small):
+class UncalledBatchNorm(Small):
     def __init__(self) -> None:
         super().__init__()
         self.spare_bn = nn.BatchNorm2d(8)  # never called: left, with that reason
 
 
-class _Crashes(_Small):
+class Crashes(Small):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         os.kill(os.getpid(), signal.SIGKILL)  # what the OOM killer does
         return x
 
 
-class _Hangs(_Small):
+class Hangs(Small):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         time.sleep(3600)
         return x
-
-
-def small() -> nn.Module:
-    return _Small()
-
-
-def no_batchnorm() -> nn.Module:
-    return _NoBatchNorm()
-
-
-def untraceable() -> nn.Module:
-    return _Untraceable()
-
-
-def raises_after_conversion() -> nn.Module:
-    return _RaisesAfterConversion()
-
-
-def batch_dependent() -> nn.Module:
-    return _BatchDependent()
-
-
-def non_finite_gradient() -> nn.Module:
-    return _NonFiniteGradient()
-
-
-def unused_parameters() -> nn.Module:
-    return _UnusedParameters()
-
-
-def uncalled_batchnorm() -> nn.Module:
-    return _UncalledBatchNorm()
-
-
-def crashes() -> nn.Module:
-    return _Crashes()
-
-
-def hangs() -> nn.Module:
-    return _Hangs()

@@ -76,7 +76,7 @@ def _build(key: str, meta: bool = False) -> Any:
     import torch
 
     source, _, name = key.partition(":")
-    if source == "python":  # python:package.module.factory, any importable model factory
+    if source == "python":  # python:package.module.factory: any importable callable (a class too)
         import importlib
 
         module_name, _, attr = name.rpartition(".")
