@@ -101,13 +101,13 @@ def _rows(path: Path) -> list[dict]:
 def test_sweep_isolates_failures_resumes_and_writes_docs(tmp_path):
     pytest.importorskip("tqdm", reason="tools/zoo.py needs the zoo extra: pip install -e .[zoo]")
     results, docs = tmp_path / "results.jsonl", tmp_path / "zoo.md"
-    models = [f"python:zoo_models.{f}" for f in ("Small", "NoBatchNorm", "Untraceable", "Crashes", "Hangs")]
-    common = ["--results", str(results), "--small-size", "8", "--timeout", "10"]
+    models = [f"python:zoo_models.{f}" for f in ("Small", "NoBatchNorm", "Untraceable", "Crashes", "Hangs", "Hog")]
+    common = ["--results", str(results), "--small-size", "8", "--timeout", "10", "--memory-limit-gb", "2"]
     first = _zoo("--models", *models, "--jobs", "2", *common, "--write-docs", str(docs))
     assert first.returncode == 0, first.stderr
-    assert "5 to check with 2 worker(s)" in first.stdout
+    assert "6 to check with 2 worker(s)" in first.stdout
     rows = {r["model"].rpartition(".")[2]: r for r in _rows(results)}
-    assert sorted(rows) == ["Crashes", "Hangs", "NoBatchNorm", "Small", "Untraceable"]
+    assert sorted(rows) == ["Crashes", "Hangs", "Hog", "NoBatchNorm", "Small", "Untraceable"]
     assert rows["Small"]["passed"] and rows["Small"]["input_shape"] == [3, 8, 8]
     assert rows["Small"]["threads"] == 1 and len(rows["Small"]["loadavg"]) == 3
     assert rows["NoBatchNorm"]["has_bn"] is False and "traced" not in rows["NoBatchNorm"]
@@ -115,6 +115,7 @@ def test_sweep_isolates_failures_resumes_and_writes_docs(tmp_path):
     assert rows["Crashes"]["failures"][0].startswith("worker crashed:")
     assert "signal 9" in rows["Crashes"]["failures"][0]
     assert rows["Hangs"]["failures"] == ["timeout: no result within 10 s"]
+    assert rows["Hog"]["failures"][0].startswith("memory: the worker's resident memory reached")
 
     text = docs.read_text()
     assert text.index("## Summary") < text.index("## Failures by category") < text.index("## Models with BatchNorm")
@@ -125,10 +126,10 @@ def test_sweep_isolates_failures_resumes_and_writes_docs(tmp_path):
 
     again = _zoo("--models", *models[:2], *common)
     assert again.returncode == 0 and "2 already in" in again.stdout and "0 to check" in again.stdout
-    assert len(_rows(results)) == 5
+    assert len(_rows(results)) == 6
     redo = _zoo("--models", models[0], "--redo", *common)
     assert redo.returncode == 0 and "1 to check" in redo.stdout
-    assert len(_rows(results)) == 6 and _rows(results)[-1]["model"] == models[0]
+    assert len(_rows(results)) == 7 and _rows(results)[-1]["model"] == models[0]
 
 
 def test_bad_arguments_are_exit_2_one_line(tmp_path):

@@ -95,3 +95,10 @@ class Hangs(Small):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         time.sleep(3600)
         return x
+
+
+class Hog(Small):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        held = torch.ones(2**29)  # 2 GiB, touched, then held
+        time.sleep(3600)
+        return x + held[0]

@@ -21,6 +21,7 @@ import json
 import multiprocessing
 import os
 import queue
+import re
 import shlex
 import sys
 import threading
@@ -37,6 +38,8 @@ SOURCES = ("torchvision", "timm")
 TARGETS = {"torchvision": 1.00, "timm": 0.98}
 #: Seconds a new worker may take to import torch, torchvision and timm.
 STARTUP_TIMEOUT = 300
+#: How often the parent looks at a running model's time and memory.
+POLL_SECONDS = 0.5
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -177,13 +180,8 @@ def check_one(key: str, options: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _worker(conn: Connection, threads: int, memory_limit_gb: float) -> None:
-    import resource
+def _worker(conn: Connection, threads: int) -> None:
     import warnings
-
-    if memory_limit_gb:  # a model too big becomes a MemoryError/RuntimeError row, not an OOM kill
-        limit = int(memory_limit_gb * 2**30)
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
     import torch
 
@@ -224,7 +222,7 @@ class _WorkerSlot:
     def _start(self) -> None:
         context = multiprocessing.get_context("spawn")
         parent, child = context.Pipe()
-        self.process = context.Process(target=_worker, args=(child, self.threads, self.memory_limit_gb), daemon=True)
+        self.process = context.Process(target=_worker, args=(child, self.threads), daemon=True)
         self.process.start()
         child.close()
         self.conn = parent
@@ -238,9 +236,12 @@ class _WorkerSlot:
                 self._start()
             assert self.conn is not None and self.process is not None
             self.conn.send((key, options))
-            if self.conn.poll(timeout):
-                return self.conn.recv()
-            reason = f"timeout: no result within {timeout:g} s"
+            reason = self._wait(timeout)
+            if reason is None:
+                row = self.conn.recv()
+                if self.memory_limit_gb and self._resident_gb() > self.memory_limit_gb / 2:
+                    self.stop()  # start the next model in a fresh process, not in a bloated one
+                return row
         except RuntimeError as err:  # the worker did not start
             reason = f"worker crashed: {err}"
         except (EOFError, OSError):
@@ -254,6 +255,28 @@ class _WorkerSlot:
         self.stop()
         return {"model": key, "passed": False, "has_bn": None, "failures": [reason],
                 "seconds": round(time.perf_counter() - start, 3)}
+
+    def _wait(self, timeout: float) -> str | None:
+        """None when the result is ready; the reason when the model ran out of time or memory.
+        (Watched from outside: an address-space rlimit inside the worker breaks oneDNN.)"""
+        assert self.conn is not None
+        deadline = time.monotonic() + timeout
+        while not self.conn.poll(min(POLL_SECONDS, max(deadline - time.monotonic(), 0))):
+            if time.monotonic() >= deadline:
+                return f"timeout: no result within {timeout:g} s"
+            resident = self._resident_gb()
+            if self.memory_limit_gb and resident > self.memory_limit_gb:
+                return (f"memory: the worker's resident memory reached {resident:.1f} GiB, over "
+                        f"--memory-limit-gb {self.memory_limit_gb:g}")
+        return None
+
+    def _resident_gb(self) -> float:
+        """Resident set size of the worker (Linux /proc; 0 where it cannot be read)."""
+        try:
+            pages = int(Path(f"/proc/{self.process.pid}/statm").read_text().split()[1])  # type: ignore[union-attr]
+        except (OSError, ValueError, IndexError, AttributeError):
+            return 0.0
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**30
 
     def stop(self) -> None:
         if self.process is not None:
@@ -335,6 +358,20 @@ def _category(row: dict[str, Any]) -> str:
     return reasons[0].split(":", 1)[0] if reasons else ""
 
 
+def _reason_key(row: dict[str, Any]) -> str:
+    """The row's first failure with numbers, quoted names and source locations blanked out."""
+    reasons = [f for f in row.get("failures", []) if not f.startswith("statistics")] or row.get("failures", [""])
+    text = re.sub(r" \[[\w.]+:\d+\]$", "", reasons[0])
+    text = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", text)
+    text = re.sub(r"e\.g\. \S+ \(", "e.g. … (", text)
+    text = re.sub(r"(?<![\w.])\d+(\.\d+)?(e[-+]?\d+)?(?![\w.])", "N", text)
+    return text[:160]
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2] if values else 0.0
+
+
 def _yes(value: Any) -> str:
     return {True: "yes", False: "**no**", None: "-"}[value]
 
@@ -343,14 +380,17 @@ def _pct(part: int, whole: int) -> str:
     return f"{part} ({100 * part / whole:.1f}%)" if whole else f"{part}"
 
 
-def render_docs(rows: list[dict[str, Any]], command: str) -> str:
+def render_docs(rows: list[dict[str, Any]], command: str, selected: int | None = None) -> str:
     """docs/zoo.md: summary counts per source first, then failures, then the table, then the command."""
     lines = ["# Model-zoo sweep", "",
              ("Every model through `normprop_fx.check_model` at `gamma_init=1` on N(0, I) input, "
              "no pretrained weights. Generated by `tools/zoo.py`; do not edit by hand."), ""]
     header = ["source", "models swept", "with BN", "without BN", "traced", "no BN left", "forward OK",
               "backward OK", "batch-independent", "**pass** (target)", "std within [0.7, 1.4], abs(mean) < 0.3"]
-    lines += ["## Summary", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["## Summary", ""]
+    if selected is not None and selected > len(rows):
+        lines += [f"**A partial sweep: {len(rows)} of the {selected} models selected have results.**", ""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for source in SOURCES:
         mine = [r for r in rows if r["model"].startswith(source + ":")]
         if not mine:
@@ -373,13 +413,18 @@ def render_docs(rows: list[dict[str, Any]], command: str) -> str:
               "backward (a finite gradient for every parameter the original model trains) and batch "
               "independence (train mode, float64, each sample alone vs in a batch of 2, tolerance "
               "1e-6 of the output scale) are OK. The std column is the per-layer target at init."), ""]
-    categories = Counter(_category(r) for r in rows if r.get("has_bn") is not False and not r.get("passed"))
-    if categories:
+    failed = [r for r in rows if r.get("has_bn") is not False and not r.get("passed")]
+    if failed:
         lines += ["## Failures by category", "", "| category | models | examples |", "|---|---|---|"]
-        for category, count in categories.most_common():
-            examples = [r["model"] for r in rows if r.get("has_bn") is not False and not r.get("passed")
-                        and _category(r) == category][:4]
+        for category, count in Counter(_category(r) for r in failed).most_common():
+            examples = [r["model"] for r in failed if _category(r) == category][:4]
             lines.append(f"| {category or 'statistics only'} | {count} | {', '.join(examples)} |")
+        lines += ["", "## Failure reasons", "",
+                  ("The first failure of each model that does not pass, numbers and quoted names blanked out "
+                   "to group alike reasons."), "", "| models | reason | examples |", "|---|---|---|"]
+        for reason, count in Counter(_reason_key(r) for r in failed).most_common():
+            examples = [r["model"] for r in failed if _reason_key(r) == reason][:3]
+            lines.append(f"| {count} | {reason.replace('|', chr(92) + '|')} | {', '.join(examples)} |")
         lines.append("")
     columns = ["model", "input", "traced", "BN found / converted / left", "fwd", "bwd", "batch-indep.",
                "pass", "worst abs(std-1) (layer)", "worst abs(mean)", "std target", "convert s", "total s",
@@ -402,13 +447,17 @@ def render_docs(rows: list[dict[str, Any]], command: str) -> str:
     lines += ["", f"## Models without BatchNorm ({len(without)}, not checked)", "",
               ", ".join(without) if without else "none", ""]
     seconds = [r.get("seconds", 0.0) for r in rows]
+    checked = sorted((r for r in rows if r.get("has_bn") is not False), key=lambda r: -r.get("seconds", 0.0))
     threads = sorted({r["threads"] for r in rows if "threads" in r})
     loads = [r["loadavg"][0] for r in rows if "loadavg" in r]
     lines += ["## How this was made", "", "```", command, "```", "",
-              (f"{len(rows)} models, {sum(seconds):.0f} s of worker time in all (median "
-              f"{sorted(seconds)[len(seconds) // 2]:.1f} s a model), torch threads per worker: "
-              f"{', '.join(map(str, threads)) or '-'}, 1-minute load average while it ran: "
-              f"{min(loads, default=0):.1f} to {max(loads, default=0):.1f} (a shared machine)."), ""]
+              (f"{len(rows)} models, {sum(seconds):.0f} s of worker time in all; a model with BatchNorm took "
+               f"{_median([r.get('seconds', 0.0) for r in checked]):.1f} s (median), one without "
+               f"{_median([r.get('seconds', 0.0) for r in rows if r.get('has_bn') is False]):.1f} s. "
+               f"Torch threads per worker: {', '.join(map(str, threads)) or '-'}; 1-minute load average "
+               f"while it ran: {min(loads, default=0):.1f} to {max(loads, default=0):.1f} (a shared machine). "
+               "Slowest: " + ", ".join(f"{r['model']} {r.get('seconds', 0.0):.0f} s" for r in checked[:8]) + "."),
+              ""]
     return "\n".join(lines)
 
 
@@ -432,11 +481,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds a model may take (default 600)")
     parser.add_argument("--memory-limit-gb", type=float, default=6,
-                        help="address-space limit of each worker in GiB, 0 for none (default 6)")
+                        help="resident memory a worker may reach before its model is stopped and made a "
+                        "'memory' row, 0 for no limit (default 6: four people share 24 GiB here)")
     parser.add_argument("--small-size", type=int, default=64,
                         help="input side tried first (default 64); the model's default when the original fails on it")
     parser.add_argument("--gamma-init", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-check", action="store_true",
+                        help="check nothing: only report (and --write-docs) the results already in the file")
     parser.add_argument("--write-docs", type=Path, metavar="PATH",
                         help="write the summary and table of the selected models' results (e.g. docs/zoo.md)")
     args = parser.parse_args(argv)
@@ -459,8 +511,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("no model matches the source and filters")
 
     existing = load_results(args.results)
-    todo = keys if args.redo else [k for k in keys if k not in existing]
-    print(f"zoo.py: {len(keys)} models selected, {len(keys) - len(todo)} already in {args.results}, "
+    todo = [] if args.no_check else keys if args.redo else [k for k in keys if k not in existing]
+    print(f"zoo.py: {len(keys)} models selected, {sum(k in existing for k in keys)} already in {args.results}, "
           f"{len(todo)} to check with {args.jobs} worker(s) x {args.threads} thread(s); "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
     options = {"seed": args.seed, "small_size": args.small_size, "gamma_init": args.gamma_init}
@@ -481,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_docs:
         command = "python tools/zoo.py " + shlex.join(argv)
         args.write_docs.parent.mkdir(parents=True, exist_ok=True)
-        args.write_docs.write_text(render_docs(rows, command))
+        args.write_docs.write_text(render_docs(rows, command, selected=len(keys)))
         print(f"zoo.py: wrote {args.write_docs}")
     return 0
 
