@@ -24,6 +24,7 @@ from .layers import (
     NormPropLinear,
     normalized_weight,
 )
+from .model_check import ModelCheck, check_model
 from .moments import ActivationConstants, activation_constants, gaussian_moments
 from .normalized_activation import NormalizedActivation
 from .records import ConversionReport, LeftBatchNorm, Rewrite
@@ -43,6 +44,7 @@ __all__ = [
     "InvalidOptionError",
     "LayerStatistics",
     "LeftBatchNorm",
+    "ModelCheck",
     "NormPropAffine",
     "NormPropConv1d",
     "NormPropConv2d",
@@ -61,6 +63,7 @@ __all__ = [
     "compile",
     "adaptive_clip_grad_",
     "classifier_name",
+    "check_model",
     "conversion_report",
     "convert",
     "fold",

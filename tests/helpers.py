@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normprop_fx.model_check import dropout_off  # noqa: F401 - re-exported for the tests
+
 
 class ConvNormAct(nn.Module):
     """producer -> norm -> act, where act is an nn.Module or any callable (F/torch/method form)."""
@@ -56,20 +58,3 @@ def mlp(depth: int, width: int, act: type[nn.Module] = nn.ReLU) -> nn.Sequential
     for _ in range(depth):
         layers += [nn.Linear(width, width), nn.BatchNorm1d(width), act()]
     return nn.Sequential(*layers)
-
-
-def _stochastic_types() -> tuple[type, ...]:
-    from timm.layers import DropBlock2d, DropPath
-    from torchvision.ops import StochasticDepth
-
-    return (nn.modules.dropout._DropoutNd, StochasticDepth, DropPath, DropBlock2d)
-
-
-def dropout_off(model: nn.Module) -> nn.Module:
-    """Put dropout, stochastic depth and drop-path modules in eval mode, so that train/eval and
-    batch-independence comparisons test the normalization only."""
-    stochastic = _stochastic_types()
-    for m in model.modules():
-        if isinstance(m, stochastic):
-            m.eval()
-    return model

@@ -1,0 +1,293 @@
+"""``check_model``: convert one model and check what the issue's targets ask of it.
+
+One call answers, for one model and one input shape: did it trace, how many BatchNorms were
+found / converted / left, do forward and backward run (gradient reaching every parameter the
+original model trains, all finite), is the converted model batch-independent in train mode,
+and how far each NormProp layer's output is from its nominal moments (mean 0, std 1) at
+``gamma_init=1`` on N(0, I) input. Every exception is caught into a failure line, so a zoo
+sweep gets a row per model and never a crash.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+import traceback
+import warnings
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves
+
+from .convert import conversion_report, convert
+from .errors import InvalidOptionError, UntraceableModelError
+from .passes.trace import mode_dependent_modules
+from .statistics import measure_layer_statistics
+
+logger = logging.getLogger(__name__)
+
+#: The issue's per-layer target at gamma_init=1 on N(0, I) input: std in this closed range...
+STD_TARGET = (0.7, 1.4)
+#: ... and |mean| below this.
+MEAN_TARGET = 0.3
+
+#: Batch independence is checked in float64. A batch-dependent op (a BatchNorm left in train
+#: mode) moves a sample's output by O(1) relative to the output scale; what is left between a
+#: sample run alone and inside a batch is summation order (different conv blocking per batch
+#: size), ~1e-16 per op, grown by depth and by the unpropagated activation growth of deep
+#: residual nets to at most ~1e-12 in torchvision's zoo. 1e-6 of the output scale sits many
+#: orders of magnitude from both.
+BATCH_INDEPENDENCE_RTOL = 1e-6
+
+#: Failure categories, in the order the checks run (the prefix of each failure line).
+CATEGORIES = ("trace", "convert", "BN left", "forward", "backward", "batch dependence", "statistics")
+
+
+@dataclass
+class ModelCheck:
+    """What :func:`check_model` found for one model. ``None`` means "not reached"."""
+
+    name: str
+    input_shape: tuple[int, ...]
+    gamma_init: float
+    traced: bool | None = None
+    batchnorms_found: int | None = None
+    converted: int | None = None
+    left: int | None = None
+    #: reason -> how many BatchNorms were left for it
+    left_reasons: dict[str, int] = field(default_factory=dict)
+    conversion_seconds: float | None = None
+    forward_ok: bool | None = None
+    backward_ok: bool | None = None
+    batch_independent: bool | None = None
+    #: max |sample alone - same sample in the batch| / max(output scale, 1), float64
+    batch_max_relative_difference: float | None = None
+    layers_measured: int = 0
+    worst_std_deviation: float | None = None  #: max over NormProp layers of |std - 1|
+    worst_std_layer: str | None = None
+    worst_abs_mean: float | None = None  #: max over NormProp layers of |mean|
+    worst_mean_layer: str | None = None
+    #: every NormProp layer within STD_TARGET and MEAN_TARGET (None: nothing measured)
+    within_std_target: bool | None = None
+    #: "category: detail" lines, in the order found; the first is the reason of the row
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        """The issue's target: BN found, none left, forward, backward and batch independence OK."""
+        return bool(
+            self.batchnorms_found
+            and self.left == 0
+            and self.forward_ok
+            and self.backward_ok
+            and self.batch_independent
+        )
+
+    @property
+    def reason(self) -> str:
+        return self.failures[0] if self.failures else ""
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["input_shape"] = list(self.input_shape)
+        data["passed"] = self.passed
+        return data
+
+
+def check_model(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    name: str = "",
+    gamma_init: float = 1.0,
+    batch_size: int = 2,
+    statistics_batch_size: int = 4,
+    convert_options: dict[str, Any] | None = None,
+) -> ModelCheck:
+    """Convert ``model`` (left unchanged) and check it on N(0, I) input of ``input_shape``
+    (one sample, no batch dimension).
+
+    Checks, in order; a check that cannot run because an earlier one failed stays ``None``:
+
+    1. ``convert(model, gamma_init=gamma_init)``: traced?, BatchNorms found / converted / left.
+    2. Train mode (dropout, drop-path and drop-block off), a batch of ``batch_size``: forward
+       output finite; backward of the mean square of every floating output: every parameter
+       gets a finite gradient, except parameters that get none in the original model too.
+    3. Eval mode, a batch of ``statistics_batch_size``: each NormProp layer's output mean and
+       std against the nominal (0, 1), via :func:`measure_layer_statistics`.
+    4. Train mode in float64: each sample alone gives the output it gives inside the batch.
+
+    Seed the RNG before calling for a reproducible result. Never raises for a failing model:
+    every exception becomes a line of ``failures``.
+    """
+    shape = tuple(int(d) for d in input_shape)
+    if not shape or any(d <= 0 for d in shape):
+        raise InvalidOptionError(f"input_shape must be positive sizes without the batch dim, got {input_shape!r}")
+    if batch_size < 2 or statistics_batch_size < 1:
+        raise InvalidOptionError("batch_size must be >= 2 (batch independence) and statistics_batch_size >= 1")
+    check = ModelCheck(name=name or type(model).__name__, input_shape=shape, gamma_init=float(gamma_init))
+
+    converted = _convert(model, check, gamma_init, convert_options or {})
+    if converted is None:
+        return check
+    x = torch.randn(batch_size, *shape)
+    outputs = _run(check, "forward", lambda: _floating_outputs(dropout_off(converted.train())(x)))
+    if outputs is None:
+        return check
+    check.forward_ok = all(bool(torch.isfinite(t).all()) for t in outputs)
+    if not check.forward_ok:
+        check.failures.append("forward: non-finite output")
+    if outputs:
+        _run(check, "backward", lambda: _check_backward(converted, model, x, outputs, check))
+    else:
+        check.failures.append("forward: the model returns no floating-point tensor")
+    _run(check, "statistics", lambda: _check_statistics(converted, shape, statistics_batch_size, check))
+    _run(check, "batch dependence", lambda: _check_batch_independence(converted, x, check))
+    return check
+
+
+def dropout_off(model: nn.Module) -> nn.Module:
+    """Put every stochastic module (dropout, stochastic depth, drop-path, drop-block) in eval
+    mode, so train-mode comparisons test the normalization only."""
+    stochastic = _stochastic_types()
+    for m in model.modules():
+        if isinstance(m, stochastic):
+            m.eval()
+    return model
+
+
+def _stochastic_types() -> tuple[type, ...]:
+    # the modes the tracer keeps as leaves are the stochastic ones: drop-path, drop-block...
+    return (nn.modules.dropout._DropoutNd, *mode_dependent_modules())
+
+
+def _failure_line(category: str, err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    if len(text) > 300:
+        text = text[:297] + "..."
+    frame = traceback.extract_tb(err.__traceback__)[-1] if err.__traceback__ else None
+    where = f" [{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}]" if frame else ""
+    return f"{category}: {type(err).__name__}: {text}{where}"
+
+
+def _run(check: ModelCheck, category: str, step: Callable[[], Any]) -> Any:
+    """``step()``, or None with a failure line (and the check's flag set False) if it raises."""
+    try:
+        return step()
+    except Exception as err:
+        logger.debug("%s: %s failed", check.name, category, exc_info=True)
+        check.failures.append(_failure_line(category, err))
+        flag = {"forward": "forward_ok", "backward": "backward_ok", "batch dependence": "batch_independent",
+                "statistics": "within_std_target"}[category]
+        setattr(check, flag, False)
+        return None
+
+
+def _convert(model: nn.Module, check: ModelCheck, gamma_init: float, options: dict[str, Any]) -> nn.Module | None:
+    start = time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            converted = convert(model, gamma_init=gamma_init, **options)
+    except UntraceableModelError as err:
+        check.traced = False
+        check.failures.append(_failure_line("trace", err))
+        return None
+    except Exception as err:  # noqa: BLE001 - any conversion error is this model's row
+        check.failures.append(_failure_line("convert", err))
+        return None
+    check.conversion_seconds = time.perf_counter() - start
+    check.traced = True
+    report = conversion_report(converted)
+    check.batchnorms_found = report.batchnorms_found
+    check.converted = report.converted
+    check.left = len(report.left)
+    check.left_reasons = dict(Counter(b.reason for b in report.left))
+    if report.left:
+        first = report.left[0]
+        check.failures.append(f"BN left: {len(report.left)} of {report.batchnorms_found}, e.g. {first.path} "
+                              f"({first.type}): {first.reason}")
+    return converted
+
+
+def _floating_outputs(out: Any) -> list[torch.Tensor]:
+    return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def _check_backward(converted: nn.Module, original: nn.Module, x: torch.Tensor,
+                    outputs: list[torch.Tensor], check: ModelCheck) -> None:
+    sum(t.float().square().mean() for t in outputs).backward()
+    params = {n: p for n, p in converted.named_parameters() if p.requires_grad}
+    missing = {n for n, p in params.items() if p.grad is None}
+    if missing:
+        missing -= _parameters_without_gradient(original, x)
+    nonfinite = sorted(n for n, p in params.items() if p.grad is not None and not torch.isfinite(p.grad).all())
+    check.backward_ok = not missing and not nonfinite
+    if missing:
+        names = sorted(missing)
+        check.failures.append(f"backward: no gradient for {len(names)} of {len(params)} parameters, "
+                              f"e.g. {', '.join(names[:3])}")
+    if nonfinite:
+        check.failures.append(f"backward: non-finite gradient in {len(nonfinite)} parameters, e.g. {nonfinite[0]}")
+
+
+def _parameters_without_gradient(model: nn.Module, x: torch.Tensor) -> set[str]:
+    """Parameters the *original* model leaves without gradient on ``x`` (unused heads...);
+    empty when the original cannot run in train mode (then every missing gradient counts)."""
+    model = copy.deepcopy(model)
+    try:
+        outputs = _floating_outputs(dropout_off(model.train())(x))
+        sum(t.float().square().mean() for t in outputs).backward()
+    except Exception:  # noqa: BLE001 - documented: then every missing gradient counts
+        return set()
+    return {n for n, p in model.named_parameters() if p.requires_grad and p.grad is None}
+
+
+def _check_statistics(converted: nn.Module, shape: tuple[int, ...], batch: int, check: ModelCheck) -> None:
+    stats = measure_layer_statistics(converted.eval(), torch.randn(batch, *shape))
+    check.layers_measured = len(stats)
+    if not stats:
+        return
+    worst_std = max(stats, key=lambda s: abs(s.std - 1))
+    worst_mean = max(stats, key=lambda s: abs(s.mean))
+    check.worst_std_deviation = abs(worst_std.std - 1)
+    check.worst_std_layer = worst_std.path
+    check.worst_abs_mean = abs(worst_mean.mean)
+    check.worst_mean_layer = worst_mean.path
+    low, high = STD_TARGET
+    outside = [s for s in stats if not (low <= s.std <= high and abs(s.mean) < MEAN_TARGET)]
+    check.within_std_target = not outside
+    if outside:
+        s = outside[0]
+        check.failures.append(f"statistics: {len(outside)} of {len(stats)} NormProp layers outside std "
+                              f"[{low}, {high}] / |mean| < {MEAN_TARGET}, first {s.path} "
+                              f"(mean {s.mean:+.3f}, std {s.std:.3f})")
+
+
+def _check_batch_independence(converted: nn.Module, x: torch.Tensor, check: ModelCheck) -> None:
+    model = dropout_off(converted.train()).double()
+    x = x.double()
+    with torch.no_grad():
+        batched = _floating_outputs(model(x))
+        scale = max(max(t.abs().max().item() for t in batched), 1.0)
+        worst = 0.0
+        for i in range(x.shape[0]):
+            alone = _floating_outputs(model(x[i : i + 1]))
+            for a, b in zip(alone, batched, strict=True):
+                if a.shape[1:] != b.shape[1:]:
+                    raise ValueError(f"output shape {tuple(a.shape)} alone vs {tuple(b.shape)} in the batch")
+                if a.shape[0] != 1 or b.shape[0] != x.shape[0]:
+                    continue  # not a per-sample output (e.g. a scalar loss term)
+                difference = (a[0] - b[i]).abs().max().item() / scale
+                worst = max(worst, float("inf") if math.isnan(difference) else difference)
+    check.batch_max_relative_difference = worst
+    check.batch_independent = worst <= BATCH_INDEPENDENCE_RTOL
+    if not check.batch_independent:
+        check.failures.append(f"batch dependence: a sample alone differs from itself in a batch of "
+                              f"{x.shape[0]} by {worst:.2e} of the output scale (train mode, float64)")

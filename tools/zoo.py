@@ -1,0 +1,542 @@
+#!/usr/bin/env python3
+"""Sweep torchvision and timm models through normprop_fx.check_model; write docs/zoo.md.
+
+    python tools/zoo.py --source torchvision --results zoo-torchvision.jsonl --write-docs docs/zoo.md
+    python tools/zoo.py --source timm --include 'resnet*' --exclude '*_gn' --jobs 2 --results zoo-timm.jsonl
+
+Per model (no pretrained weights, seeded): build it on the meta device and count BatchNorms
+(models without any are listed, not checked); otherwise build it for real, pick the input
+size (the small one, else the model's default, the first the *original* model runs on), and
+run normprop_fx.check_model at gamma_init=1. Each model runs in a worker process with a
+timeout, so a crash, an OOM kill or a hang is a row with its reason. Results are appended to a
+JSON-lines file, one line a model; a rerun skips models already there unless --redo.
+Exit status: 0 when the sweep ran (whatever the models did), 2 on a bad argument.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import multiprocessing
+import os
+import queue
+import re
+import shlex
+import sys
+import threading
+import time
+import traceback
+from collections import Counter
+from collections.abc import Iterable
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, NoReturn
+
+SOURCES = ("torchvision", "timm")
+#: The issue's targets: share of BN models that pass every check, per source.
+TARGETS = {"torchvision": 1.00, "timm": 0.98}
+#: Seconds a new worker may take to import torch, torchvision and timm.
+STARTUP_TIMEOUT = 300
+#: How often the parent looks at a running model's time and memory.
+POLL_SECONDS = 0.5
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line on stderr and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+# --------------------------------------------------------------------------- model lists
+
+
+def model_names(source: str) -> list[str]:
+    """``source:name`` for every classification model of torchvision, or every timm model."""
+    if source == "torchvision":
+        import torchvision.models
+
+        return [f"torchvision:{n}" for n in sorted(torchvision.models.list_models(module=torchvision.models))]
+    import timm
+
+    return [f"timm:{n}" for n in sorted(timm.list_models())]
+
+
+def select(keys: Iterable[str], include: list[str], exclude: list[str]) -> list[str]:
+    """Keys whose bare name or ``source:name`` matches an include glob (all if none) and no exclude glob."""
+    def matches(key: str, globs: list[str]) -> bool:
+        bare = key.partition(":")[2]
+        return any(fnmatch.fnmatchcase(bare, g) or fnmatch.fnmatchcase(key, g) for g in globs)
+
+    return [k for k in keys if (not include or matches(k, include)) and not matches(k, exclude)]
+
+
+# --------------------------------------------------------------------------- one model (in a worker)
+
+
+def _build(key: str, meta: bool = False) -> Any:
+    import torch
+
+    source, _, name = key.partition(":")
+    if source == "python":  # python:package.module.factory: any importable callable (a class too)
+        import importlib
+
+        module_name, _, attr = name.rpartition(".")
+        factory = getattr(importlib.import_module(module_name), attr)
+    elif source == "torchvision":
+        import torchvision.models
+
+        def factory() -> Any:
+            return torchvision.models.get_model(name, weights=None)
+    elif source == "timm":
+        import timm
+
+        def factory() -> Any:
+            return timm.create_model(name, pretrained=False)
+    else:
+        raise ValueError(f"unknown model source {source!r} in {key!r}")
+    if meta:
+        with torch.device("meta"):
+            return factory()
+    return factory()
+
+
+def _candidate_shapes(key: str, model: Any, small: int) -> list[tuple[int, ...]]:
+    """Per-sample input shapes to try, smallest first: ``small`` (raised to the model's minimum)
+    unless the model needs a fixed size, then the model's default."""
+    source, _, name = key.partition(":")
+    if source == "torchvision":
+        import torchvision.models
+
+        try:
+            minimum = max(next(iter(torchvision.models.get_model_weights(name))).meta.get("min_size", (1, 1)))
+        except (ValueError, StopIteration):  # a model without published weights
+            minimum = 1
+        side, default = max(small, minimum), 299 if name == "inception_v3" else 224
+        return list(dict.fromkeys([(3, side, side), (3, default, default)]))
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    default = tuple(cfg.get("input_size", getattr(model, "default_input_size", (3, 224, 224))))
+    if cfg.get("fixed_input_size"):
+        return [default]
+    minimum = cfg.get("min_input_size") or (3, 1, 1)
+    first = (default[0], max(small, minimum[1]), max(small, minimum[2]))
+    return list(dict.fromkeys([first, default]))
+
+
+def _input_shape(key: str, model: Any, small: int) -> tuple[tuple[int, ...], list[str]]:
+    """The first candidate shape the original model runs on (batch 2, in train mode, where some
+    models run more, e.g. auxiliary heads, and in eval mode), and what failed before it."""
+    import torch
+
+    from normprop_fx.model_check import dropout_off
+
+    tried = []
+    training = model.training
+    for shape in _candidate_shapes(key, model, small):
+        try:
+            with torch.no_grad():
+                x = torch.randn(2, *shape)
+                dropout_off(model.train())(x)
+                model.eval()(x)
+            return shape, tried
+        except Exception as err:  # noqa: BLE001 - any failure means: try the next size
+            tried.append(f"{shape}: {type(err).__name__}: {' '.join(str(err).split())[:200]}")
+        finally:
+            model.train(training)  # convert traces in the mode the model was built in
+    raise RuntimeError("the original model runs on none of the input sizes tried: " + " | ".join(tried))
+
+
+def check_one(key: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The result row of one model; exceptions become the row's reason."""
+    import torch
+    from normprop_fx.passes.inventory import batchnorm_modules
+
+    import normprop_fx
+
+    start = time.perf_counter()
+    row: dict[str, Any] = {"model": key, "threads": torch.get_num_threads(), "loadavg": list(os.getloadavg())}
+    try:
+        torch.manual_seed(options["seed"])
+        try:
+            probe = _build(key, meta=True)
+        except Exception:  # noqa: BLE001 - a model that cannot be built on meta: count on the real one
+            probe = _build(key)
+        row["has_bn"] = bool(batchnorm_modules(probe))
+        del probe
+        if row["has_bn"]:
+            torch.manual_seed(options["seed"])
+            model = _build(key)
+            shape, tried = _input_shape(key, model, options["small_size"])
+            torch.manual_seed(options["seed"])
+            check = normprop_fx.check_model(model, shape, name=key, gamma_init=options["gamma_init"])
+            row.update(check.to_dict())
+            row["smaller_sizes_failed"] = tried
+    except Exception as err:  # noqa: BLE001 - a model that cannot be built is a row
+        row["failures"] = [f"model: {type(err).__name__}: {' '.join(str(err).split())[:400]}"]
+        row["passed"] = False
+        row.setdefault("has_bn", None)
+    row["seconds"] = round(time.perf_counter() - start, 3)
+    return row
+
+
+def _worker(conn: Connection, threads: int) -> None:
+    import warnings
+
+    import torch
+
+    import normprop_fx  # noqa: F401 - imported before "ready", like the model libraries
+    for library in SOURCES:  # convert() uses both (timm's and torchvision's layer types)
+        try:
+            __import__(library)
+        except ImportError:
+            pass
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(threads)
+    conn.send("ready")  # imports done: the per-model timeout starts counting after this
+    while True:
+        try:
+            message = conn.recv()
+        except EOFError:
+            return
+        if message is None:
+            return
+        key, options = message
+        try:
+            row = check_one(key, options)
+        except BaseException as err:  # noqa: BLE001 - anything at all is a row
+            row = {"model": key, "passed": False, "has_bn": None,
+                   "failures": [f"worker: {type(err).__name__}: {err}"], "trace": traceback.format_exc()[-2000:]}
+        conn.send(row)
+
+
+class _WorkerSlot:
+    """One worker process; restarted after a timeout or a crash."""
+
+    def __init__(self, threads: int, memory_limit_gb: float) -> None:
+        self.threads = threads
+        self.memory_limit_gb = memory_limit_gb
+        self.process: multiprocessing.process.BaseProcess | None = None
+        self.conn: Connection | None = None
+
+    def _start(self) -> None:
+        context = multiprocessing.get_context("spawn")
+        parent, child = context.Pipe()
+        self.process = context.Process(target=_worker, args=(child, self.threads), daemon=True)
+        self.process.start()
+        child.close()
+        self.conn = parent
+        if not (parent.poll(STARTUP_TIMEOUT) and parent.recv() == "ready"):
+            raise RuntimeError(f"a worker process did not start within {STARTUP_TIMEOUT} s")
+
+    def run(self, key: str, options: dict[str, Any], timeout: float) -> dict[str, Any]:
+        start = time.perf_counter()
+        try:
+            if self.process is None or not self.process.is_alive():
+                self._start()
+            assert self.conn is not None and self.process is not None
+            self.conn.send((key, options))
+            reason = self._wait(timeout)
+            if reason is None:
+                row = self.conn.recv()
+                if self.memory_limit_gb and self._resident_gb() > self.memory_limit_gb / 2:
+                    self.stop()  # start the next model in a fresh process, not in a bloated one
+                return row
+        except RuntimeError as err:  # the worker did not start
+            reason = f"worker crashed: {err}"
+        except (EOFError, OSError):
+            assert self.process is not None
+            self.process.join(5)
+            code = self.process.exitcode
+            how = f"exit status {code}"
+            if code is not None and code < 0:
+                how = f"killed by signal {-code}" + (", e.g. by the OOM killer" if code == -9 else "")
+            reason = f"worker crashed: the worker process died ({how})"
+        self.stop()
+        return {"model": key, "passed": False, "has_bn": None, "failures": [reason],
+                "seconds": round(time.perf_counter() - start, 3)}
+
+    def _wait(self, timeout: float) -> str | None:
+        """None when the result is ready; the reason when the model ran out of time or memory.
+        (Watched from outside: an address-space rlimit inside the worker breaks oneDNN.)"""
+        assert self.conn is not None
+        deadline = time.monotonic() + timeout
+        while not self.conn.poll(min(POLL_SECONDS, max(deadline - time.monotonic(), 0))):
+            if time.monotonic() >= deadline:
+                return f"timeout: no result within {timeout:g} s"
+            resident = self._resident_gb()
+            if self.memory_limit_gb and resident > self.memory_limit_gb:
+                return (f"memory: the worker's resident memory reached {resident:.1f} GiB, over "
+                        f"--memory-limit-gb {self.memory_limit_gb:g}")
+        return None
+
+    def _resident_gb(self) -> float:
+        """Resident set size of the worker (Linux /proc; 0 where it cannot be read)."""
+        try:
+            pages = int(Path(f"/proc/{self.process.pid}/statm").read_text().split()[1])  # type: ignore[union-attr]
+        except (OSError, ValueError, IndexError, AttributeError):
+            return 0.0
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+    def stop(self) -> None:
+        if self.process is not None:
+            if self.process.is_alive():
+                self.process.kill()  # the worker this slot started, by its own handle
+            self.process.join(5)
+        if self.conn is not None:
+            self.conn.close()
+        self.process, self.conn = None, None
+
+    def close(self) -> None:
+        if self.process is not None and self.process.is_alive() and self.conn is not None:
+            try:
+                self.conn.send(None)
+                self.process.join(10)
+            except OSError:
+                pass
+        self.stop()
+
+
+def sweep(keys: list[str], results: Path, options: dict[str, Any], *, jobs: int, timeout: float,
+          threads: int, memory_limit_gb: float) -> None:
+    """Check every key, ``jobs`` at a time, appending each row to ``results`` as it comes."""
+    from tqdm import tqdm
+
+    todo: queue.Queue[str] = queue.Queue()
+    for key in keys:
+        todo.put(key)
+    done: queue.Queue[dict[str, Any]] = queue.Queue()
+
+    def serve() -> None:
+        slot = _WorkerSlot(threads, memory_limit_gb)
+        try:
+            while True:
+                try:
+                    key = todo.get_nowait()
+                except queue.Empty:
+                    return
+                done.put(slot.run(key, options, timeout))
+        finally:
+            slot.close()
+
+    workers = [threading.Thread(target=serve, daemon=True) for _ in range(min(jobs, len(keys)))]
+    for w in workers:
+        w.start()
+    with results.open("a") as out, tqdm(total=len(keys), unit="model", dynamic_ncols=True) as bar:
+        for _ in keys:
+            row = done.get()
+            out.write(json.dumps(row) + "\n")
+            out.flush()
+            bar.set_postfix_str(row["model"], refresh=False)
+            bar.update()
+    for w in workers:
+        w.join()
+
+
+def load_results(path: Path) -> dict[str, dict[str, Any]]:
+    """Rows by model key; the last line of a model wins (a --redo appends a newer one)."""
+    rows: dict[str, dict[str, Any]] = {}
+    if path.exists():
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                print(f"zoo.py: warning: {path}:{number} is not JSON (an interrupted write?); ignored",
+                      file=sys.stderr)
+                continue
+            rows[row["model"]] = row
+    return rows
+
+
+# --------------------------------------------------------------------------- docs
+
+
+def _category(row: dict[str, Any]) -> str:
+    reasons = [f for f in row.get("failures", []) if not f.startswith("statistics")]
+    return reasons[0].split(":", 1)[0] if reasons else ""
+
+
+def _reason_key(row: dict[str, Any]) -> str:
+    """The row's first failure with numbers, quoted names and source locations blanked out."""
+    reasons = [f for f in row.get("failures", []) if not f.startswith("statistics")] or row.get("failures", [""])
+    text = re.sub(r" \[[\w.]+:\d+\]$", "", reasons[0])
+    text = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", text)
+    text = re.sub(r"e\.g\. \S+ \(", "e.g. … (", text)
+    text = re.sub(r"(?<![\w.])\d+(\.\d+)?(e[-+]?\d+)?(?![\w.])", "N", text)
+    return text[:160]
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2] if values else 0.0
+
+
+def _yes(value: Any) -> str:
+    return {True: "yes", False: "**no**", None: "-"}[value]
+
+
+def _pct(part: int, whole: int) -> str:
+    return f"{part} ({100 * part / whole:.1f}%)" if whole else f"{part}"
+
+
+def render_docs(rows: list[dict[str, Any]], command: str, selected: int | None = None) -> str:
+    """docs/zoo.md: summary counts per source first, then failures, then the table, then the command."""
+    lines = ["# Model-zoo sweep", "",
+             ("Every model through `normprop_fx.check_model` at `gamma_init=1` on N(0, I) input, "
+             "no pretrained weights. Generated by `tools/zoo.py`; do not edit by hand."), ""]
+    header = ["source", "models swept", "with BN", "without BN", "traced", "no BN left", "forward OK",
+              "backward OK", "batch-independent", "**pass** (target)", "std within [0.7, 1.4], abs(mean) < 0.3"]
+    lines += ["## Summary", ""]
+    if selected is not None and selected > len(rows):
+        lines += [f"**A partial sweep: {len(rows)} of the {selected} models selected have results.**", ""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for source in SOURCES:
+        mine = [r for r in rows if r["model"].startswith(source + ":")]
+        if not mine:
+            continue
+        bn = [r for r in mine if r.get("has_bn") is not False]
+        n = len(bn)
+        passed = sum(bool(r.get("passed")) for r in bn)
+        target = TARGETS[source]
+        verdict = "met" if n and passed / n >= target else "**not met**"
+        cells = [source, str(len(mine)), str(n), str(len(mine) - n),
+                 _pct(sum(r.get("traced") is True for r in bn), n),
+                 _pct(sum(r.get("left") == 0 and bool(r.get("batchnorms_found")) for r in bn), n),
+                 _pct(sum(r.get("forward_ok") is True for r in bn), n),
+                 _pct(sum(r.get("backward_ok") is True for r in bn), n),
+                 _pct(sum(r.get("batch_independent") is True for r in bn), n),
+                 f"{_pct(passed, n)} (target {target:.0%}: {verdict})",
+                 _pct(sum(r.get("within_std_target") is True for r in bn), n)]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", ("A model **passes** when it has BatchNorm, none is left after conversion, and forward, "
+              "backward (a finite gradient for every parameter the original model trains) and batch "
+              "independence (train mode, float64, each sample alone vs in a batch of 2, tolerance "
+              "1e-6 of the output scale) are OK. The std column is the per-layer target at init."), ""]
+    failed = [r for r in rows if r.get("has_bn") is not False and not r.get("passed")]
+    if failed:
+        lines += ["## Failures by category", "", "| category | models | examples |", "|---|---|---|"]
+        for category, count in Counter(_category(r) for r in failed).most_common():
+            examples = [r["model"] for r in failed if _category(r) == category][:4]
+            lines.append(f"| {category or 'statistics only'} | {count} | {', '.join(examples)} |")
+        lines += ["", "## Failure reasons", "",
+                  ("The first failure of each model that does not pass, numbers and quoted names blanked out "
+                   "to group alike reasons."), "", "| models | reason | examples |", "|---|---|---|"]
+        for reason, count in Counter(_reason_key(r) for r in failed).most_common():
+            examples = [r["model"] for r in failed if _reason_key(r) == reason][:3]
+            lines.append(f"| {count} | {reason.replace('|', chr(92) + '|')} | {', '.join(examples)} |")
+        lines.append("")
+    columns = ["model", "input", "traced", "BN found / converted / left", "fwd", "bwd", "batch-indep.",
+               "pass", "worst abs(std-1) (layer)", "worst abs(mean)", "std target", "convert s", "total s",
+               "reason"]
+    lines += ["## Models with BatchNorm", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in sorted((r for r in rows if r.get("has_bn") is not False), key=lambda r: r["model"]):
+        counts = (f"{r['batchnorms_found']} / {r['converted']} / {r['left']}"
+                  if r.get("batchnorms_found") is not None else "-")
+        worst = (f"{r['worst_std_deviation']:.3f} ({r['worst_std_layer']})"
+                 if r.get("worst_std_deviation") is not None else "-")
+        mean = f"{r['worst_abs_mean']:.3f}" if r.get("worst_abs_mean") is not None else "-"
+        shape = "x".join(map(str, r["input_shape"][1:])) if r.get("input_shape") else "-"
+        convert_s = f"{r['conversion_seconds']:.2f}" if r.get("conversion_seconds") is not None else "-"
+        reason = (r.get("failures") or [""])[0].replace("|", "\\|")
+        cells = [r["model"], shape, _yes(r.get("traced")), counts, _yes(r.get("forward_ok")),
+                 _yes(r.get("backward_ok")), _yes(r.get("batch_independent")), _yes(bool(r.get("passed"))),
+                 worst, mean, _yes(r.get("within_std_target")), convert_s, f"{r.get('seconds', 0):.1f}", reason]
+        lines.append("| " + " | ".join(cells) + " |")
+    without = sorted(r["model"] for r in rows if r.get("has_bn") is False)
+    lines += ["", f"## Models without BatchNorm ({len(without)}, not checked)", "",
+              ", ".join(without) if without else "none", ""]
+    seconds = [r.get("seconds", 0.0) for r in rows]
+    checked = sorted((r for r in rows if r.get("has_bn") is not False), key=lambda r: -r.get("seconds", 0.0))
+    threads = sorted({r["threads"] for r in rows if "threads" in r})
+    loads = [r["loadavg"][0] for r in rows if "loadavg" in r]
+    lines += ["## How this was made", "", "```", command, "```", "",
+              (f"{len(rows)} models, {sum(seconds):.0f} s of worker time in all; a model with BatchNorm took "
+               f"{_median([r.get('seconds', 0.0) for r in checked]):.1f} s (median), one without "
+               f"{_median([r.get('seconds', 0.0) for r in rows if r.get('has_bn') is False]):.1f} s. "
+               f"Torch threads per worker: {', '.join(map(str, threads)) or '-'}; 1-minute load average "
+               f"while it ran: {min(loads, default=0):.1f} to {max(loads, default=0):.1f} (a shared machine). "
+               "Slowest: " + ", ".join(f"{r['model']} {r.get('seconds', 0.0):.0f} s" for r in checked[:8]) + "."),
+              ""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = _ArgumentParser(prog="zoo.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--source", choices=(*SOURCES, "all"), default="all")
+    parser.add_argument("--include", action="append", default=[], metavar="GLOB",
+                        help="only models whose name (or source:name) matches; repeatable")
+    parser.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="skip these; repeatable")
+    parser.add_argument("--models", nargs="+", default=None, metavar="SOURCE:NAME",
+                        help="check exactly these models (timm:resnet50d, or python:my.module.factory for any "
+                        "importable function that returns a model) instead of a source's list")
+    parser.add_argument("--results", type=Path, default=Path("zoo-results.jsonl"),
+                        help="JSON-lines file the rows are appended to (default zoo-results.jsonl)")
+    parser.add_argument("--redo", action="store_true", help="check models again even if the results file has them")
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds a model may take (default 600)")
+    parser.add_argument("--memory-limit-gb", type=float, default=6,
+                        help="resident memory a worker may reach before its model is stopped and made a "
+                        "'memory' row, 0 for no limit (default 6: four people share 24 GiB here)")
+    parser.add_argument("--small-size", type=int, default=64,
+                        help="input side tried first (default 64); the model's default when the original fails on it")
+    parser.add_argument("--gamma-init", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-check", action="store_true",
+                        help="check nothing: only report (and --write-docs) the results already in the file")
+    parser.add_argument("--write-docs", type=Path, metavar="PATH",
+                        help="write the summary and table of the selected models' results (e.g. docs/zoo.md)")
+    args = parser.parse_args(argv)
+    for flag in ("jobs", "threads", "small_size"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if not (args.timeout > 0 and args.gamma_init > 0 and args.memory_limit_gb >= 0):
+        parser.error("--timeout and --gamma-init must be positive, --memory-limit-gb at least 0")
+
+    if args.models:
+        bad = [k for k in args.models if k.partition(":")[0] not in (*SOURCES, "python") or not k.partition(":")[2]]
+        if bad:
+            parser.error(f"--models takes SOURCE:NAME with SOURCE one of {', '.join(SOURCES)} or python "
+                         f"(python:module.factory), got {bad[0]!r}")
+        keys = select(args.models, args.include, args.exclude)
+    else:
+        sources = SOURCES if args.source == "all" else (args.source,)
+        keys = select([k for s in sources for k in model_names(s)], args.include, args.exclude)
+    if not keys:
+        parser.error("no model matches the source and filters")
+
+    existing = load_results(args.results)
+    todo = [] if args.no_check else keys if args.redo else [k for k in keys if k not in existing]
+    print(f"zoo.py: {len(keys)} models selected, {sum(k in existing for k in keys)} already in {args.results}, "
+          f"{len(todo)} to check with {args.jobs} worker(s) x {args.threads} thread(s); "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    options = {"seed": args.seed, "small_size": args.small_size, "gamma_init": args.gamma_init}
+    if todo:
+        try:
+            import tqdm  # noqa: F401
+        except ImportError:
+            parser.error("the progress bar needs tqdm: pip install -e .[zoo]")
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        sweep(todo, args.results, options, jobs=args.jobs, timeout=args.timeout, threads=args.threads,
+              memory_limit_gb=args.memory_limit_gb)
+
+    results = load_results(args.results)
+    rows = [results[k] for k in keys if k in results]
+    passed = sum(bool(r.get("passed")) for r in rows)
+    with_bn = sum(r.get("has_bn") is not False for r in rows)
+    print(f"zoo.py: {len(rows)} models, {with_bn} with BatchNorm (or unknown), {passed} pass")
+    if args.write_docs:
+        command = "python tools/zoo.py " + shlex.join(argv)
+        args.write_docs.parent.mkdir(parents=True, exist_ok=True)
+        args.write_docs.write_text(render_docs(rows, command, selected=len(keys)))
+        print(f"zoo.py: wrote {args.write_docs}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
