@@ -16,8 +16,7 @@ import torch
 from torch import nn
 
 from .activation_functions import ActivationSpec, activation
-from .layers import GammaInit, resolve_gamma_init
-from .normalized_activation import NormalizedActivation
+from .layers import GammaInit, init_gamma_beta_activation
 
 
 class NormPropAffine(nn.Module):
@@ -39,17 +38,7 @@ class NormPropAffine(nn.Module):
         super().__init__()
         spec = _activation(activation)
         self.num_features = num_features
-        self.affine = affine
-        self.gamma_init = resolve_gamma_init(gamma_init, spec)
-        gamma = torch.full((num_features,), self.gamma_init, device=device, dtype=dtype)
-        beta = torch.zeros(num_features, device=device, dtype=dtype)
-        if affine:
-            self.gamma = nn.Parameter(gamma)
-            self.beta = nn.Parameter(beta)
-        else:
-            self.register_buffer("gamma", gamma)
-            self.register_buffer("beta", beta)
-        self.activation = NormalizedActivation(spec)
+        init_gamma_beta_activation(self, num_features, spec, gamma_init, affine, {"device": device, "dtype": dtype})
 
     @classmethod
     def from_batchnorm(cls, bn: nn.modules.batchnorm._BatchNorm, **options: Any) -> NormPropAffine:

@@ -44,6 +44,25 @@ def resolve_gamma_init(gamma_init: GammaInit, spec: ActivationSpec) -> float:
     return float(gamma_init)
 
 
+def init_gamma_beta_activation(
+    module: nn.Module, channels: int, spec: ActivationSpec, gamma_init: GammaInit, affine: bool,
+    factory: dict[str, Any],
+) -> None:
+    """Give ``module`` its per-channel gamma (at gamma_init) and beta (0), as parameters when
+    ``affine`` else fixed buffers, and its normalized activation: shared by every NormProp module."""
+    module.affine = affine
+    module.gamma_init = resolve_gamma_init(gamma_init, spec)
+    gamma = torch.full((channels,), module.gamma_init, **factory)
+    beta = torch.zeros(channels, **factory)
+    if affine:
+        module.gamma = nn.Parameter(gamma)
+        module.beta = nn.Parameter(beta)
+    else:
+        module.register_buffer("gamma", gamma)
+        module.register_buffer("beta", beta)
+    module.activation = NormalizedActivation(spec)
+
+
 def normalized_weight(weight: torch.Tensor, gamma: torch.Tensor, eps: float = DEFAULT_EPS) -> torch.Tensor:
     """``gamma_i * W_i / ||W_i||`` for every output row i of ``weight`` (dim 0).
 
@@ -92,17 +111,7 @@ class NormPropLayer(nn.Module):
     ) -> None:
         spec = activation(act) if isinstance(act, str) else act
         self.eps = float(eps)
-        self.affine = affine
-        self.gamma_init = resolve_gamma_init(gamma_init, spec)
-        gamma = torch.full((out_channels,), self.gamma_init, **factory)
-        beta = torch.zeros(out_channels, **factory)
-        if affine:
-            self.gamma = nn.Parameter(gamma)
-            self.beta = nn.Parameter(beta)
-        else:
-            self.register_buffer("gamma", gamma)
-            self.register_buffer("beta", beta)
-        self.activation = NormalizedActivation(spec)
+        init_gamma_beta_activation(self, out_channels, spec, gamma_init, affine, factory)
 
     def normalized_weight(self) -> torch.Tensor:
         return normalized_weight(self.weight, self.gamma, self.eps)
