@@ -162,8 +162,8 @@ def targets(payload: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
     for model, batch_size in dict.fromkeys((m, b) for m, b, _ in groups):
         bn = best_run(groups.get((model, batch_size, "bn"), []))
         for v in ("np", "np+stab"):
-            if (model, batch_size, v) not in groups:
-                continue
+            if (model, batch_size, v) not in groups or (model, batch_size, "bn") not in groups:
+                continue  # no comparison without both sides
             npr = best_run(groups[(model, batch_size, v)])
             margin = PARITY_POINTS if batch_size >= 128 else 0.0
             goal = f"batch {batch_size}: {LABELS[v]} best >= BN best" + (f" - {margin} points" if margin else "")
