@@ -82,6 +82,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--report-only", action="store_true", help="do not measure; only render --json into --write")
     p.add_argument("--profile", action="store_true",
                    help="also record the top ops of one compiled train step of bn and normprop (torch.profiler)")
+    p.add_argument("--kernel-profile", action="store_true",
+                   help="with --profile: one profiler row per inductor-generated CPU kernel "
+                        "(torch._inductor.config.cpp.enable_kernel_profile; adds a little overhead to every kernel)")
     args = p.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]
     args.modes = [m for m in args.modes.split(",") if m]
@@ -237,7 +240,7 @@ def measure_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def profile_top_ops(step: Callable[[], None], rows: int = 12) -> str:
+def profile_top_ops(step: Callable[[], None], rows: int = 16) -> str:
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
@@ -372,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         if args.device == "cpu":
             torch.set_num_threads(args.threads)
+        if args.kernel_profile:
+            torch._inductor.config.cpp.enable_kernel_profile = True
         for limit in ("cache_size_limit", "recompile_limit"):  # 8 models of one class get compiled
             if hasattr(torch._dynamo.config, limit):
                 setattr(torch._dynamo.config, limit, 64)
