@@ -246,7 +246,7 @@ def profile_top_ops(step: Callable[[], None], rows: int = 16) -> str:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as prof:
         step()
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=110)
 
 
 def machine(args: argparse.Namespace) -> dict[str, Any]:
