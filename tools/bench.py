@@ -77,7 +77,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workloads", default="train,infer", help="train, infer or both")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (CPU)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, default=Path("bench_results.json"), help="results file (appended per model)")
+    p.add_argument("--json", type=Path, nargs="+", default=[Path("bench_results.json")],
+                   help="results files: a run appends to the first (per model, as it goes); --write renders them all")
     p.add_argument("--write", type=Path, help="render this markdown file from --json (e.g. docs/bench.md)")
     p.add_argument("--report-only", action="store_true", help="do not measure; only render --json into --write")
     p.add_argument("--profile", action="store_true",
@@ -281,22 +282,45 @@ def machine(args: argparse.Namespace) -> dict[str, Any]:
 # --- the report --------------------------------------------------------------------------------
 
 
-def ratio(med: dict[str, float], a: str, b: str) -> float | None:
+#: The ratios reported per model: (label, numerator, denominator, target key or None), per mode.
+RATIOS = (
+    ("train normprop / bn", "train/normprop", "train/bn", "train normprop/bn (CPU)"),
+    ("train normprop / floor", "train/normprop", "train/floor", "train normprop/floor"),
+    ("infer normprop_folded / bn_folded", "infer/normprop_folded", "infer/bn_folded", "infer normprop_folded/bn_folded"),
+    ("infer normprop / bn, unfolded", "infer/normprop", "infer/bn", None),
+)
+
+
+def ratio_of_medians(res: dict[str, Any], a: str, b: str) -> float | None:
+    med = res["median_ms"]
     return med[a] / med[b] if a in med and b in med else None
 
 
-def fmt_ratio(value: float | None, target: float | None = None) -> str:
-    if value is None:
-        return "not measured"
-    mark = "" if target is None else (" (met)" if value <= target else f" (missed, target <= {target:.2f})")
-    return f"{value:.3f}{mark}"
+def median_of_paired_ratios(res: dict[str, Any], a: str, b: str) -> float | None:
+    """Median over rounds of a/b measured in the same round: robust to load that changes
+    between rounds on a shared machine."""
+    times = res["all_ms"]
+    if a not in times or b not in times:
+        return None
+    return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
+
+
+def fmt_ratio(value: float | None) -> str:
+    return "not measured" if value is None else f"{value:.3f}"
+
+
+def verdict(value: float | None, target: float | None) -> str:
+    if value is None or target is None:
+        return ""
+    return "met" if value <= target else "missed"
 
 
 def render(runs: list[dict[str, Any]], requested: list[str]) -> str:
     out = ["# Benchmark: BatchNorm vs NormProp vs no-norm floor", ""]
     out.append("Written by `tools/bench.py` from its results file; every number below comes from the run(s) listed. "
-               "Times are medians over interleaved rounds of the time per step, in ms; ratios are between medians "
-               "of the same run. `floor` = the same network with every BatchNorm replaced by `nn.Identity`; "
+               "Times are medians over interleaved rounds of the time per step, in ms. Ratios come from the same "
+               "run, two ways: the ratio of the two medians, and the median over rounds of the ratio measured within "
+               "one round (robust to load that changes between rounds); the verdict uses the latter. `floor` = the same network with every BatchNorm replaced by `nn.Identity`; "
                "`bn_folded` = `torch.fx.experimental.optimization.fuse` (conv-BN folding) of the eval model; "
                "`normprop_folded` = `normprop_fx.fold` of the conversion. Compiled = `torch.compile` (inductor, "
                "default mode) via `normprop_fx.compile`.")
@@ -354,15 +378,14 @@ def render_model(res: dict[str, Any]) -> list[str]:
     out.append("")
     ratio_rows = []
     for mode in ("compiled", "eager"):
-        target = TARGETS["train normprop/bn (CPU)"] if mode == "compiled" else None
-        ratio_rows.append([f"train normprop / bn ({mode})", fmt_ratio(ratio(med, f"train/normprop/{mode}", f"train/bn/{mode}"), target)])
-        target = TARGETS["train normprop/floor"] if mode == "compiled" else None
-        ratio_rows.append([f"train normprop / floor ({mode})", fmt_ratio(ratio(med, f"train/normprop/{mode}", f"train/floor/{mode}"), target)])
-        target = TARGETS["infer normprop_folded/bn_folded"] if mode == "compiled" else None
-        ratio_rows.append([f"infer normprop_folded / bn_folded ({mode})",
-                           fmt_ratio(ratio(med, f"infer/normprop_folded/{mode}", f"infer/bn_folded/{mode}"), target)])
-        ratio_rows.append([f"infer normprop / bn, unfolded ({mode})", fmt_ratio(ratio(med, f"infer/normprop/{mode}", f"infer/bn/{mode}"))])
-    out.append(tabulate(ratio_rows, headers=["ratio", "value"], tablefmt="github"))
+        for label, num, den, target_key in RATIOS:
+            a, b = f"{num}/{mode}", f"{den}/{mode}"
+            target = TARGETS[target_key] if target_key and mode == "compiled" else None
+            paired = median_of_paired_ratios(res, a, b)
+            ratio_rows.append([f"{label} ({mode})", fmt_ratio(ratio_of_medians(res, a, b)), fmt_ratio(paired),
+                               "" if target is None else f"<= {target:.2f}", verdict(paired, target)])
+    out.append(tabulate(ratio_rows, headers=["ratio", "of medians", "median of per-round ratios", "target", "verdict (per-round)"],
+                        tablefmt="github", disable_numparse=True))
     out.append("")
     for variant, table in res.get("profile", {}).items():
         out += [f"Top ops of one compiled train step, {variant} (torch.profiler, by self CPU time):", "", "```", table, "```", ""]
@@ -371,7 +394,8 @@ def render_model(res: dict[str, Any]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    runs: list[dict[str, Any]] = json.loads(args.json.read_text()) if args.json.exists() else []
+    results_file = args.json[0]
+    runs: list[dict[str, Any]] = json.loads(results_file.read_text()) if results_file.exists() else []
     if not args.report_only:
         if args.device == "cpu":
             torch.set_num_threads(args.threads)
@@ -385,9 +409,11 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.models:
             print(f"{name}: building and warming up", file=sys.stderr, flush=True)
             run["results"].append(measure_model(name, args))
-            args.json.write_text(json.dumps(runs, indent=1))
+            results_file.write_text(json.dumps(runs, indent=1))
             print("\n".join(render_model(run["results"][-1])), flush=True)
     if args.write:
+        for extra in args.json[1:]:
+            runs += json.loads(extra.read_text())
         requested = list(dict.fromkeys(res["model"] for run in runs for res in run["results"])) or list(args.models)
         requested += [m for m in args.models if m not in requested]
         args.write.parent.mkdir(parents=True, exist_ok=True)
