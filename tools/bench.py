@@ -9,15 +9,17 @@ eager and torch.compile'd, for
             normprop_folded (normprop_fx.fold)
 
 Variants are interleaved: every round runs each variant for --iters steps, in a rotated order,
-and the reported time is the median over --rounds rounds of the time per step. Ratios are taken
-between medians of the same run. Results are appended per model to --json as they are measured,
+and the reported time is the median over --rounds rounds of the time per step. Ratios come from
+the same run: the ratio of medians, and the median over rounds of the per-round ratio. Results are appended per model to --json as they are measured,
 so an interrupted run keeps what it has; --write renders docs/bench.md from that file.
 
 CPU (default when no GPU): fp32, --threads 1 (the machine is shared), small inputs.
 GPU: pass --device cuda; the defaults then are the issue's targets: batch 128, 224x224,
 bf16 autocast, channels_last. For example, on a CUDA machine:
 
-    python tools/bench.py --device cuda --models resnet50 --json gpu.json --write docs/bench.md
+    python tools/bench.py --device cuda --json docs/bench_gpu.json docs/bench_results.json docs/bench_profile.json --write docs/bench.md
+
+(the run appends to the first --json file; --write renders all of them, so the CPU runs stay).
 
 Exit status: 0 on success, 2 for a bad argument.
 """
@@ -334,8 +336,9 @@ def render(runs: list[dict[str, Any]], requested: list[str]) -> str:
         device_runs = by_device.get(device, [])
         if not device_runs:
             out.append("Not measured: no such device was available for the runs behind this file. "
-                       "Rerun on a GPU machine with `python tools/bench.py --device cuda --json gpu.json "
-                       "--write docs/bench.md` (batch 128, 224x224, bf16 autocast, channels_last).")
+                       "Rerun on a GPU machine with `python tools/bench.py --device cuda --json docs/bench_gpu.json "
+                       "docs/bench_results.json docs/bench_profile.json --write docs/bench.md` (batch 128, 224x224, "
+                       "bf16 autocast, channels_last; the GPU targets are for resnet50).")
             out.append("")
             continue
         for run in device_runs:
