@@ -9,15 +9,17 @@ eager and torch.compile'd, for
             normprop_folded (normprop_fx.fold)
 
 Variants are interleaved: every round runs each variant for --iters steps, in a rotated order,
-and the reported time is the median over --rounds rounds of the time per step. Ratios are taken
-between medians of the same run. Results are appended per model to --json as they are measured,
+and the reported time is the median over --rounds rounds of the time per step. Ratios come from
+the same run: the ratio of medians, and the median over rounds of the per-round ratio. Results are appended per model to --json as they are measured,
 so an interrupted run keeps what it has; --write renders docs/bench.md from that file.
 
 CPU (default when no GPU): fp32, --threads 1 (the machine is shared), small inputs.
 GPU: pass --device cuda; the defaults then are the issue's targets: batch 128, 224x224,
 bf16 autocast, channels_last. For example, on a CUDA machine:
 
-    python tools/bench.py --device cuda --models resnet50 --json gpu.json --write docs/bench.md
+    python tools/bench.py --device cuda --json docs/bench_gpu.json docs/bench_results.json docs/bench_profile.json --write docs/bench.md
+
+(the run appends to the first --json file; --write renders all of them, so the CPU runs stay).
 
 Exit status: 0 on success, 2 for a bad argument.
 """
@@ -77,11 +79,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workloads", default="train,infer", help="train, infer or both")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (CPU)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, default=Path("bench_results.json"), help="results file (appended per model)")
+    p.add_argument("--json", type=Path, nargs="+", default=[Path("bench_results.json")],
+                   help="results files: a run appends to the first (per model, as it goes); --write renders them all")
     p.add_argument("--write", type=Path, help="render this markdown file from --json (e.g. docs/bench.md)")
     p.add_argument("--report-only", action="store_true", help="do not measure; only render --json into --write")
     p.add_argument("--profile", action="store_true",
                    help="also record the top ops of one compiled train step of bn and normprop (torch.profiler)")
+    p.add_argument("--kernel-profile", action="store_true",
+                   help="with --profile: one profiler row per inductor-generated CPU kernel "
+                        "(torch._inductor.config.cpp.enable_kernel_profile; adds a little overhead to every kernel)")
     args = p.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]
     args.modes = [m for m in args.modes.split(",") if m]
@@ -237,13 +243,13 @@ def measure_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def profile_top_ops(step: Callable[[], None], rows: int = 12) -> str:
+def profile_top_ops(step: Callable[[], None], rows: int = 16) -> str:
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as prof:
         step()
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=110)
 
 
 def machine(args: argparse.Namespace) -> dict[str, Any]:
@@ -278,22 +284,45 @@ def machine(args: argparse.Namespace) -> dict[str, Any]:
 # --- the report --------------------------------------------------------------------------------
 
 
-def ratio(med: dict[str, float], a: str, b: str) -> float | None:
+#: The ratios reported per model: (label, numerator, denominator, target key or None), per mode.
+RATIOS = (
+    ("train normprop / bn", "train/normprop", "train/bn", "train normprop/bn (CPU)"),
+    ("train normprop / floor", "train/normprop", "train/floor", "train normprop/floor"),
+    ("infer normprop_folded / bn_folded", "infer/normprop_folded", "infer/bn_folded", "infer normprop_folded/bn_folded"),
+    ("infer normprop / bn, unfolded", "infer/normprop", "infer/bn", None),
+)
+
+
+def ratio_of_medians(res: dict[str, Any], a: str, b: str) -> float | None:
+    med = res["median_ms"]
     return med[a] / med[b] if a in med and b in med else None
 
 
-def fmt_ratio(value: float | None, target: float | None = None) -> str:
-    if value is None:
-        return "not measured"
-    mark = "" if target is None else (" (met)" if value <= target else f" (missed, target <= {target:.2f})")
-    return f"{value:.3f}{mark}"
+def median_of_paired_ratios(res: dict[str, Any], a: str, b: str) -> float | None:
+    """Median over rounds of a/b measured in the same round: robust to load that changes
+    between rounds on a shared machine."""
+    times = res["all_ms"]
+    if a not in times or b not in times:
+        return None
+    return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
+
+
+def fmt_ratio(value: float | None) -> str:
+    return "not measured" if value is None else f"{value:.3f}"
+
+
+def verdict(value: float | None, target: float | None) -> str:
+    if value is None or target is None:
+        return ""
+    return "met" if value <= target else "missed"
 
 
 def render(runs: list[dict[str, Any]], requested: list[str]) -> str:
     out = ["# Benchmark: BatchNorm vs NormProp vs no-norm floor", ""]
     out.append("Written by `tools/bench.py` from its results file; every number below comes from the run(s) listed. "
-               "Times are medians over interleaved rounds of the time per step, in ms; ratios are between medians "
-               "of the same run. `floor` = the same network with every BatchNorm replaced by `nn.Identity`; "
+               "Times are medians over interleaved rounds of the time per step, in ms. Ratios come from the same "
+               "run, two ways: the ratio of the two medians, and the median over rounds of the ratio measured within "
+               "one round (robust to load that changes between rounds); the verdict uses the latter. `floor` = the same network with every BatchNorm replaced by `nn.Identity`; "
                "`bn_folded` = `torch.fx.experimental.optimization.fuse` (conv-BN folding) of the eval model; "
                "`normprop_folded` = `normprop_fx.fold` of the conversion. Compiled = `torch.compile` (inductor, "
                "default mode) via `normprop_fx.compile`.")
@@ -307,8 +336,9 @@ def render(runs: list[dict[str, Any]], requested: list[str]) -> str:
         device_runs = by_device.get(device, [])
         if not device_runs:
             out.append("Not measured: no such device was available for the runs behind this file. "
-                       "Rerun on a GPU machine with `python tools/bench.py --device cuda --json gpu.json "
-                       "--write docs/bench.md` (batch 128, 224x224, bf16 autocast, channels_last).")
+                       "Rerun on a GPU machine with `python tools/bench.py --device cuda --json docs/bench_gpu.json "
+                       "docs/bench_results.json docs/bench_profile.json --write docs/bench.md` (batch 128, 224x224, "
+                       "bf16 autocast, channels_last; the GPU targets are for resnet50).")
             out.append("")
             continue
         for run in device_runs:
@@ -351,15 +381,14 @@ def render_model(res: dict[str, Any]) -> list[str]:
     out.append("")
     ratio_rows = []
     for mode in ("compiled", "eager"):
-        target = TARGETS["train normprop/bn (CPU)"] if mode == "compiled" else None
-        ratio_rows.append([f"train normprop / bn ({mode})", fmt_ratio(ratio(med, f"train/normprop/{mode}", f"train/bn/{mode}"), target)])
-        target = TARGETS["train normprop/floor"] if mode == "compiled" else None
-        ratio_rows.append([f"train normprop / floor ({mode})", fmt_ratio(ratio(med, f"train/normprop/{mode}", f"train/floor/{mode}"), target)])
-        target = TARGETS["infer normprop_folded/bn_folded"] if mode == "compiled" else None
-        ratio_rows.append([f"infer normprop_folded / bn_folded ({mode})",
-                           fmt_ratio(ratio(med, f"infer/normprop_folded/{mode}", f"infer/bn_folded/{mode}"), target)])
-        ratio_rows.append([f"infer normprop / bn, unfolded ({mode})", fmt_ratio(ratio(med, f"infer/normprop/{mode}", f"infer/bn/{mode}"))])
-    out.append(tabulate(ratio_rows, headers=["ratio", "value"], tablefmt="github"))
+        for label, num, den, target_key in RATIOS:
+            a, b = f"{num}/{mode}", f"{den}/{mode}"
+            target = TARGETS[target_key] if target_key and mode == "compiled" else None
+            paired = median_of_paired_ratios(res, a, b)
+            ratio_rows.append([f"{label} ({mode})", fmt_ratio(ratio_of_medians(res, a, b)), fmt_ratio(paired),
+                               "" if target is None else f"<= {target:.2f}", verdict(paired, target)])
+    out.append(tabulate(ratio_rows, headers=["ratio", "of medians", "median of per-round ratios", "target", "verdict (per-round)"],
+                        tablefmt="github", disable_numparse=True))
     out.append("")
     for variant, table in res.get("profile", {}).items():
         out += [f"Top ops of one compiled train step, {variant} (torch.profiler, by self CPU time):", "", "```", table, "```", ""]
@@ -368,10 +397,13 @@ def render_model(res: dict[str, Any]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    runs: list[dict[str, Any]] = json.loads(args.json.read_text()) if args.json.exists() else []
+    results_file = args.json[0]
+    runs: list[dict[str, Any]] = json.loads(results_file.read_text()) if results_file.exists() else []
     if not args.report_only:
         if args.device == "cpu":
             torch.set_num_threads(args.threads)
+        if args.kernel_profile:
+            torch._inductor.config.cpp.enable_kernel_profile = True
         for limit in ("cache_size_limit", "recompile_limit"):  # 8 models of one class get compiled
             if hasattr(torch._dynamo.config, limit):
                 setattr(torch._dynamo.config, limit, 64)
@@ -380,9 +412,11 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.models:
             print(f"{name}: building and warming up", file=sys.stderr, flush=True)
             run["results"].append(measure_model(name, args))
-            args.json.write_text(json.dumps(runs, indent=1))
+            results_file.write_text(json.dumps(runs, indent=1))
             print("\n".join(render_model(run["results"][-1])), flush=True)
     if args.write:
+        for extra in args.json[1:]:
+            runs += json.loads(extra.read_text())
         requested = list(dict.fromkeys(res["model"] for run in runs for res in run["results"])) or list(args.models)
         requested += [m for m in args.models if m not in requested]
         args.write.parent.mkdir(parents=True, exist_ok=True)
