@@ -138,16 +138,16 @@ def activation_moments(spec: ActivationSpec, mean: torch.Tensor, var: torch.Tens
     mean64, var64 = torch.broadcast_tensors(mean.double(), var.double())
     out_mean = torch.empty_like(mean64)
     out_var = torch.empty_like(var64)
-    cache: dict[tuple[float, float], tuple[float, float]] = {}
+    seen: dict[tuple[float, float], tuple[float, float]] = {}
     for index, (m, v) in enumerate(zip(mean64.flatten().tolist(), var64.flatten().tolist())):
         key = (round(m, 9), round(v, 9))
-        if key not in cache:
+        if key not in seen:
             if v <= 1e-18:
                 y = float(spec(torch.tensor(m, dtype=torch.float64)))
-                cache[key] = (y, 0.0)
+                seen[key] = (y, 0.0)
             else:
                 g = gaussian_moments(spec, m, math.sqrt(v))
-                cache[key] = (g.mean, g.std**2)
-        out_mean.view(-1)[index], out_var.view(-1)[index] = cache[key]
+                seen[key] = (g.mean, g.std**2)
+        out_mean.view(-1)[index], out_var.view(-1)[index] = seen[key]
     return out_mean, out_var
 

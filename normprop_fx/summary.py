@@ -83,26 +83,15 @@ def summary(
         parts.append("No BatchNorm left unconverted.")
     else:
         parts.append("The model has no BatchNorm module: nothing to convert.")
-    if report.normalized_activations:
-        parts.append("")
-        parts.append(
-            tabulate(
-                [[a.path, a.original, a.activation] for a in report.normalized_activations],
-                headers=["normalized activation", "original", "activation"],
-                tablefmt=tablefmt,
-            )
-        )
-    if report.corrections:
-        parts.append("")
-        parts.append(
-            tabulate(
-                [[c.path, c.consumer, c.mean, c.scale, "estimated" if c.estimated else "structural", c.reason]
-                 for c in report.corrections],
-                headers=["scale correction", "feeds", "mean", "scale", "kind", "reason"],
-                tablefmt=tablefmt,
-                disable_numparse=True,
-            )
-        )
+    for rows, headers in (
+        ([[a.path, a.original, a.activation] for a in report.normalized_activations],
+         ["normalized activation", "original", "activation"]),
+        ([[c.path, c.consumer, c.mean, c.scale, "estimated" if c.estimated else "structural", c.reason]
+          for c in report.corrections],
+         ["scale correction", "feeds", "mean", "scale", "kind", "reason"]),
+    ):
+        if rows:
+            parts.extend(["", tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True)])
     parts.append("")
     parts.append(
         f"BatchNorm found: {report.batchnorms_found}, converted: {report.converted}, left: {len(report.left)}; "

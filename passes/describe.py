@@ -39,3 +39,9 @@ def describe_node(node: Any, gm: fx.GraphModule | None = None) -> str:
     if node.op == "get_attr":
         return f"the attribute '{node.target}'"
     return node.op
+
+
+def owner_module_path(node: fx.Node) -> str:
+    """Qualified name of the innermost module whose forward created ``node`` ('' at top level)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return next(reversed(stack.values()))[0] if stack else ""

@@ -162,7 +162,7 @@ def _unit_activation(
     note = ()
     if form is not None:
         try:
-            spec = activation(form.name, **{p: getattr(act, p) for p in form.params})
+            spec = activation_spec(form, None, act)
             activation_constants(spec)
         except UnsupportedActivationError as err:
             spec, note = None, (f"its activation {type(act).__name__} is not normalized: {err}",)
@@ -212,20 +212,27 @@ def _activation_after(
     if form is None or len(user.args) > 1 + len(form.params):
         return None, identity, ()
     try:
-        spec = activation(form.name, **_activation_params(form, user, module))
+        spec = activation_spec(form, user, module)
         activation_constants(spec)
     except UnsupportedActivationError as err:
         return None, identity, (f"{describe_node(user, gm)} after the BatchNorm is not normalized: {err}",)
     return user, spec, ()
 
 
-def _activation_params(form: ActivationForm, node: fx.Node, module: nn.Module | None) -> dict[str, Any]:
+def activation_spec(form: ActivationForm, node: fx.Node | None, module: nn.Module | None) -> ActivationSpec:
+    """The activation a node (or activation module) computes, with its constant parameters.
+
+    Raises UnsupportedActivationError when a parameter is computed at run time, or the call has
+    more positional arguments than the form knows."""
     if module is not None:
-        return {p: getattr(module, p) for p in form.params}
+        return activation(form.name, **{p: getattr(module, p) for p in form.params})
+    assert node is not None
+    if len(node.args) > 1 + len(form.params):
+        raise UnsupportedActivationError(f"{len(node.args) - 1} positional parameters, the form knows {len(form.params)}")
     params = dict(zip(form.params, node.args[1:]))
     params.update(node.kwargs)
     params.pop("inplace", None)
     for key, value in params.items():
         if isinstance(value, fx.Node):
             raise UnsupportedActivationError(f"parameter {key} is computed at run time, not a constant")
-    return params
+    return activation(form.name, **params)

@@ -21,6 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normprop_fx.moments import activation_constants
+
+from .moment_shape import activation_moments_of, activation_shape, particles
+from .trace import mode_dependent_modules
+
 
 @dataclass(frozen=True)
 class Moments:
@@ -47,10 +52,6 @@ class Moments:
     def normalized_activation(rank: int, spec: Any, input_shape: torch.Tensor | None = None) -> Moments:
         """Moments of (f(x) - c_mean) / c_std for a standardized x of the given shape: (0, 1)
         exactly when x is Gaussian, else computed on the particles."""
-        from normprop_fx.moments import activation_constants
-
-        from .moment_shape import activation_moments_of, activation_shape, particles
-
         ones = (1,) * rank
         if spec is None or spec.is_identity:
             return Moments(torch.zeros(ones, dtype=torch.float64), torch.ones(ones, dtype=torch.float64), shape=input_shape)
@@ -153,12 +154,6 @@ METHOD_RULES: dict[str, str] = {
 }
 
 
-def _mode_dependent_pass_modules() -> tuple[type, ...]:
-    from .trace import mode_dependent_modules
-
-    return mode_dependent_modules()
-
-
 MODULE_RULES: dict[type, str] = {
     nn.Identity: PASS, nn.Dropout: PASS, nn.Dropout1d: PASS, nn.Dropout2d: PASS, nn.Dropout3d: PASS,
     nn.AlphaDropout: PASS, nn.FeatureAlphaDropout: PASS,
@@ -170,7 +165,7 @@ MODULE_RULES: dict[type, str] = {
     nn.MaxPool1d: MAX_POOL, nn.MaxPool2d: MAX_POOL, nn.MaxPool3d: MAX_POOL,
     nn.AdaptiveMaxPool1d: MAX_POOL, nn.AdaptiveMaxPool2d: MAX_POOL, nn.AdaptiveMaxPool3d: MAX_POOL,
     nn.Conv1d: LINEAR, nn.Conv2d: LINEAR, nn.Conv3d: LINEAR, nn.Linear: LINEAR,
-    **{cls: PASS for cls in _mode_dependent_pass_modules()},
+    **{cls: PASS for cls in mode_dependent_modules()},
 }
 
 

@@ -23,10 +23,14 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+from torch._subclasses.fake_tensor import (
+    FakeTensor,
+    FakeTensorMode,
+    unset_fake_temporarily,
+)
 from torch.utils._pytree import tree_map
 
-from normprop_fx.activation_functions import ActivationSpec, activation
+from normprop_fx.activation_functions import ActivationSpec
 from normprop_fx.affine import NormPropAffine
 from normprop_fx.errors import UnsupportedActivationError
 from normprop_fx.layers import NormPropLayer
@@ -35,7 +39,8 @@ from normprop_fx.normalized_activation import NormalizedActivation
 from normprop_fx.records import Correction, NormalizedStandalone
 from normprop_fx.standardize import Standardize
 
-from .describe import describe_node
+from .describe import describe_node, owner_module_path
+from .match import activation_spec
 from .moment_rules import (
     ADD,
     AVG_POOL,
@@ -163,7 +168,7 @@ class _Propagation(fx.Interpreter):
         if not isinstance(moments, Moments):
             return self._probe(n, value, module)
         try:
-            spec = _activation_spec(form, n, module)
+            spec = activation_spec(form, n, module)
             activation_constants(spec)
         except UnsupportedActivationError:
             return self._probe(n, value, module)
@@ -365,8 +370,6 @@ def _has_float_tensor(v: Any) -> bool:
 
 
 def _is_fake(t: Any) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
-
     return isinstance(t, FakeTensor)
 
 
@@ -478,19 +481,6 @@ def _activation_form(n: fx.Node, module: nn.Module | None) -> ActivationForm | N
     return None
 
 
-def _activation_spec(form: ActivationForm, n: fx.Node, module: nn.Module | None) -> ActivationSpec:
-    if module is not None:
-        return activation(form.name, **{p: getattr(module, p) for p in form.params})
-    if len(n.args) > 1 + len(form.params):
-        raise UnsupportedActivationError("unexpected arguments")
-    params = dict(zip(form.params, n.args[1:]))
-    params.update(n.kwargs)
-    params.pop("inplace", None)
-    if any(isinstance(v, fx.Node) for v in params.values()):
-        raise UnsupportedActivationError("a parameter is computed at run time")
-    return activation(form.name, **params)
-
-
 # --- the pass -----------------------------------------------------------------------------------
 
 
@@ -535,11 +525,6 @@ def propagate_moments(
     return gm, corrections, standalone, propagation.estimated
 
 
-def _owner_path(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    return next(reversed(stack.values()))[0] if stack else ""
-
-
 def _free_name(gm: fx.GraphModule, path: str) -> str:
     candidate, k = path, 1
     while True:
@@ -552,9 +537,11 @@ def _free_name(gm: fx.GraphModule, path: str) -> str:
 
 
 def _insert_correction(gm: fx.GraphModule, consumer: fx.Node, source: fx.Node, moments: Moments, name: str) -> Correction:
-    rank = len(moments.mean.shape)
-    mean, var = moments.mean.reshape(moments.mean.shape[1:]) if rank >= 2 else moments.mean.reshape(()), None
-    var = moments.var.reshape(moments.var.shape[1:]) if rank >= 2 else moments.var.reshape(())
+    # compact (1, C, 1, ...) -> Standardize's (C, 1, ...) without the batch dim; scalar below rank 2
+    def without_batch(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(t.shape[1:]) if t.dim() >= 2 else t.reshape(())
+
+    mean, var = without_batch(moments.mean), without_batch(moments.var)
     if mean.numel() > 1 and torch.allclose(mean, mean.flatten()[0].expand_as(mean)) and torch.allclose(var, var.flatten()[0].expand_as(var)):
         mean, var = mean.flatten()[0], var.flatten()[0]
     scale = var.clamp_min(1e-12).rsqrt()
@@ -581,7 +568,7 @@ def _normalize_standalone(
     gm: fx.GraphModule, node: fx.Node, spec: ActivationSpec, moments: Moments, corrections: list[Correction]
 ) -> NormalizedStandalone:
     original = describe_node(node, gm)
-    base = str(node.target) if node.op == "call_module" else ".".join(p for p in (_owner_path(node), node.name) if p)
+    base = str(node.target) if node.op == "call_module" else ".".join(p for p in (owner_module_path(node), node.name) if p)
     uses = sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == node.target)
     target = base if node.op == "call_module" and uses == 1 else _free_name(gm, f"{base}_normalized")
     module = NormalizedActivation(spec)

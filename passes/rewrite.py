@@ -64,7 +64,7 @@ def rewrite_patterns(
             layer.train(norm.training)
         set_submodule(gm, path, layer)
 
-        first_kept, tail = _insert_kept(gm, path if out is match.norm else str(match.norm.target), out, match.kept)
+        first_kept, tail = _insert_kept(gm, str(match.norm.target), out, match.kept)
         last = match.activation if match.activation is not None else match.norm
         if last is out:
             if tail is not out:

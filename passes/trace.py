@@ -19,6 +19,8 @@ from normprop_fx.layers import NormPropLayer
 from normprop_fx.normalized_activation import NormalizedActivation
 from normprop_fx.standardize import Standardize
 
+from .describe import owner_module_path
+
 LeafSpec = type | str
 
 
@@ -148,8 +150,7 @@ def frozen_training_flags(gm: fx.GraphModule) -> list[str]:
     for node in gm.graph.nodes:
         flag = node.kwargs.get("training") if node.op in ("call_function", "call_method") else None
         if isinstance(flag, bool):
-            stack = node.meta.get("nn_module_stack") or {}
-            owner = next(reversed(stack.values()))[0] if stack else ""
+            owner = owner_module_path(node)
             where = f" in module '{owner}'" if owner else ""
             found.append(
                 f"{node.name}{where} was traced with training={flag} and keeps it in train() and "
