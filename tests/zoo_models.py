@@ -12,6 +12,8 @@ from torch import fx, nn
 
 
 def _fail_at_run_time(x: torch.Tensor) -> torch.Tensor:
+    if not torch.is_grad_enabled():
+        return x  # convert's shape pass falls back to a no-grad run: let the conversion itself succeed
     raise RuntimeError("boom: this op fails when the converted model runs")
 
 
