@@ -107,7 +107,7 @@ def convert(
     gm, rewrites = rewrite_patterns(gm, matches, gamma_init=gamma_init, eps=eps)
     inputs, shape_assumption = resolve_example_inputs(model, gm, example_inputs)
     try:
-        gm, corrections, standalone, estimated = propagate_moments(gm, inputs)
+        gm, corrections, standalone, estimated, unknown = propagate_moments(gm, inputs)
     except Exception as err:
         raise NormPropError(
             f"moment propagation failed on {type(model).__name__} for input shapes "
@@ -127,6 +127,7 @@ def convert(
         corrections=corrections,
         normalized_activations=standalone,
         estimated_ops=tuple(estimated),
+        unknown_moments=tuple(unknown),
         input_shapes=tuple(tuple(x.shape) for x in inputs),
     )
     setattr(gm, REPORT_ATTRIBUTE, report)

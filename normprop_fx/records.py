@@ -67,7 +67,9 @@ class ConversionReport:
     warnings: tuple[str, ...] = ()  #: things the user should act on, e.g. a frozen training flag
     corrections: list[Correction] = field(default_factory=list)
     normalized_activations: list[NormalizedStandalone] = field(default_factory=list)
-    estimated_ops: tuple[str, ...] = ()  #: ops whose moments a Gaussian probe estimated
+    estimated_ops: tuple[str, ...] = ()  #: ops whose moments a Gaussian probe or the sample estimated
+    #: ops whose moments could not be computed (with the error): nothing downstream is corrected
+    unknown_moments: tuple[str, ...] = ()
     input_shapes: tuple[tuple[int, ...], ...] = ()  #: the shapes the nominal moments were computed for
 
     @property

@@ -99,7 +99,11 @@ def summary(
         f"{len(report.normalized_activations)}"
     )
     if report.estimated_ops:
-        parts.append(f"Moments estimated by a Gaussian probe at: {', '.join(report.estimated_ops)}")
+        parts.append("Moments estimated (by a Gaussian probe, or measured on the Gaussian sample) at:")
+        parts.extend(f"  {op}" for op in report.estimated_ops)
+    if report.unknown_moments:
+        parts.append("Moments unknown (values computed from these get no correction):")
+        parts.extend(f"  {op}" for op in report.unknown_moments)
     if report.leaf_modules:
         parts.append(f"Leaf modules (not traced): {', '.join(report.leaf_modules)}")
     parts.extend(f"Assumed: {a}." for a in report.assumptions)

@@ -9,25 +9,27 @@ activation that stands alone (after a residual add, a concat, a kept drop-block)
 input moments follow from the structure is normalized too: corrected input, then the
 activation's own (f - c_mean) / c_std.
 
-Shapes come from running the graph on fake tensors (no compute). Ops without a rule are
-estimated by running them on Gaussian probes with the predicted moments; such estimates are
-marked in the records.
+The graph runs once, without gradients and in eval mode, on a Gaussian sample input with every
+NormProp gamma at 1 and beta at 0, exactly as the converted model will run at init: each
+correction and normalized activation is applied to the sample as soon as it is decided. The
+sample gives the shapes, and it measures what no structural rule can know: how correlated the
+values that a pooling op combines are (neighbouring positions of a feature map are, so their
+average keeps more than 1/k of the variance, and their max is smaller than the max of k
+independent values). Pooling moments are the rule's, scaled by that measured correlation, and
+reported as estimated. Ops without a rule are estimated by running them on Gaussian probes with
+the predicted moments; such estimates are marked in the records too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import fx, nn
-from torch._subclasses.fake_tensor import (
-    FakeTensor,
-    FakeTensorMode,
-    unset_fake_temporarily,
-)
 from torch.utils._pytree import tree_map
 
 from normprop_fx.activation_functions import ActivationSpec
@@ -94,10 +96,10 @@ _CONSUMERS = (NormPropLayer, NormPropAffine)
 
 
 class _Propagation(fx.Interpreter):
-    """Runs the graph on fake tensors for shapes while computing every node's moments."""
+    """Runs the graph on a Gaussian sample, as corrected, while computing every node's moments."""
 
     def __init__(self, gm: fx.GraphModule) -> None:
-        super().__init__(gm, garbage_collect_values=False)
+        super().__init__(gm)
         self.modules = dict(gm.named_modules())
         self.moments: dict[fx.Node, Any] = {}
         self.corrections: dict[fx.Node, Moments] = {}  # consumer -> moments of its input
@@ -107,14 +109,70 @@ class _Propagation(fx.Interpreter):
         self.generator = torch.Generator().manual_seed(PROBE_SEED)
 
     def run_node(self, n: fx.Node) -> Any:
-        value = super().run_node(n)
-        with unset_fake_temporarily():
-            try:
-                self.moments[n] = self._moments_of(n, value)
-            except Exception as err:  # noqa: BLE001 - an unforeseen op: unknown moments, reported
-                self.moments[n] = None
-                self.unknown.append(f"{describe_node(n, self.module)}: {type(err).__name__}: {err}")
+        value = self._run_as_corrected(n)
+        try:
+            self.moments[n] = self._moments_of(n, value)
+        except Exception as err:  # noqa: BLE001 - an unforeseen op: unknown moments, reported
+            self.moments[n] = None
+            self.unknown.append(f"{describe_node(n, self.module)}: {type(err).__name__}: {err}")
         return value
+
+    def _run_as_corrected(self, n: fx.Node) -> Any:
+        """Run ``n`` on the sample as the converted model will: a consumer (NormProp layer,
+        NormPropAffine) on its corrected input, a normalized standalone activation as a
+        NormalizedActivation of its corrected input. Decides and records both."""
+        module = self.modules.get(n.target) if n.op == "call_module" else None
+        source = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+        moments = self.moments.get(source) if source is not None else None
+        needs_correction = isinstance(moments, Moments) and not moments.constant and not moments.is_standard()
+        if isinstance(module, _CONSUMERS):
+            if needs_correction:
+                if not moments.structural:
+                    moments = self._calibrated(n, source, moments)
+                self.corrections[n] = moments
+                args, kwargs = self.fetch_args_kwargs_from_env(n)
+                with torch.no_grad():
+                    return module(_standardized(args[0], moments), *args[1:], **kwargs)
+        elif isinstance(moments, Moments):
+            spec = self._standalone_spec(n, module, moments)
+            if spec is not None:
+                self.standalone[n] = (spec, moments)
+                x = self.env[source]
+                with torch.no_grad():
+                    return NormalizedActivation(spec)(_standardized(x, moments) if needs_correction else x)
+        return super().run_node(n)
+
+    def _calibrated(self, n: fx.Node, source: fx.Node, moments: Moments) -> Moments:
+        """Estimated moments (they went through plain weighted layers or a probe, so they depend
+        on the weights) with the variance scaled so that, on the sample, the corrected input has
+        unit variance over all channels: one scalar, so per-channel noise does not enter."""
+        x = self.env[source]
+        mean, var = per_channel(moments, x.dim())
+        spread = float(((x.detach().double().cpu() - mean) ** 2).mean())
+        nominal = float(var.expand((1, *x.shape[1:])).mean()) if x.dim() >= 1 else float(var)
+        if not (spread > 0 and nominal > 0):
+            return moments
+        ratio = spread / nominal
+        self.estimated.append(
+            f"input of {describe_node(n, self.module)} (estimated moments: on the Gaussian sample the variance "
+            f"around the nominal mean is x{ratio:.3g} the estimate, which is scaled by that)"
+        )
+        return Moments(moments.mean, moments.var * ratio, False, shape=moments.shape)
+
+    def _standalone_spec(self, n: fx.Node, module: nn.Module | None, moments: Moments) -> ActivationSpec | None:
+        """The activation ``n`` applies, when it is a standalone activation to normalize: its
+        input's moments follow from the structure (else they are only estimates)."""
+        if isinstance(module, _STANDARDIZED_MODULES) or not moments.structural or moments.constant:
+            return None
+        form = _activation_form(n, module)
+        if form is None:
+            return None
+        try:
+            spec = activation_spec(form, n, module)
+            activation_constants(spec)
+        except UnsupportedActivationError:
+            return None
+        return None if spec.is_identity else spec
 
     # -- dispatch ---------------------------------------------------------------------------
 
@@ -129,8 +187,6 @@ class _Propagation(fx.Interpreter):
             return None
         module = self.modules.get(n.target) if n.op == "call_module" else None
         if module is not None and isinstance(module, _STANDARDIZED_MODULES):
-            if isinstance(module, _CONSUMERS):
-                self._consume(n)
             spec = getattr(module, "spec", None) or getattr(getattr(module, "activation", None), "spec", None)
             # A NormPropAffine keeps its (standardized) input's distribution shape.
             source = self.moments.get(n.args[0]) if n.args and isinstance(n.args[0], fx.Node) else None
@@ -156,12 +212,6 @@ class _Propagation(fx.Interpreter):
         except _NoRule:
             return self._probe(n, value, module)
 
-    def _consume(self, n: fx.Node) -> None:
-        source = n.args[0] if n.args else None
-        moments = self.moments.get(source) if isinstance(source, fx.Node) else None
-        if isinstance(moments, Moments) and not moments.constant and not moments.is_standard():
-            self.corrections[n] = moments
-
     def _activation(self, n: fx.Node, value: torch.Tensor, module: nn.Module | None, form: ActivationForm) -> Moments | None:
         source = n.args[0]
         moments = self.moments.get(source) if isinstance(source, fx.Node) else None
@@ -172,8 +222,7 @@ class _Propagation(fx.Interpreter):
             activation_constants(spec)
         except UnsupportedActivationError:
             return self._probe(n, value, module)
-        if moments.structural and not moments.constant and not spec.is_identity:
-            self.standalone[n] = (spec, moments)
+        if n in self.standalone:
             return Moments.normalized_activation(value.dim(), spec, moments.shape)
         mean, var = per_channel(moments, value.dim())
         if moments.shape is None and mean.numel() <= _QUADRATURE_CHANNELS:
@@ -188,12 +237,19 @@ class _Propagation(fx.Interpreter):
     def _env_value(self, a: Any) -> Any:
         return self.env[a] if isinstance(a, fx.Node) else a
 
-    def _apply(self, n: fx.Node, module: nn.Module | None, pick: Callable[[Moments, torch.Size], torch.Tensor]) -> Any:
-        """Run the node's own op on tensors built from each input's moments by ``pick``."""
+    def _apply(
+        self,
+        n: fx.Node,
+        module: nn.Module | None,
+        pick: Callable[[Moments, torch.Size], torch.Tensor],
+        moments: dict[fx.Node, Moments] | None = None,
+    ) -> Any:
+        """Run the node's own op on tensors built from each input's moments by ``pick``
+        (``moments`` overrides the propagated moments of some inputs)."""
 
         def materialize(a: Any) -> Any:
             if isinstance(a, fx.Node):
-                m = self.moments.get(a)
+                m = (moments or {}).get(a, self.moments.get(a))
                 v = self.env[a]
                 if isinstance(m, Moments) and isinstance(v, torch.Tensor):
                     return pick(m, v.shape)
@@ -241,15 +297,7 @@ class _Propagation(fx.Interpreter):
         ma, mb, same = self._binary(n)
         if same:
             raise _NoRule
-        second_a = ma.var + ma.mean**2
-        second_b = mb.var + mb.mean**2
-        mean = ma.mean * mb.mean
-        if ma.constant or mb.constant:
-            random, constant = (mb, ma) if ma.constant else (ma, mb)
-            shape = _signed(random.shape, -1.0 if bool((constant.mean < 0).all()) else 1.0)
-        else:
-            shape = product_shape(ma.shape, mb.shape, ma.average_mean, ma.average_std, mb.average_mean, mb.average_std)
-        return _fit(mean, second_a * second_b - mean**2, ma.structural and mb.structural, value, shape)
+        return _product(ma, mb, value)
 
     def _div(self, n: fx.Node, value: torch.Tensor, module: nn.Module | None) -> Moments:
         ma, mb, _ = self._binary(n)
@@ -265,10 +313,35 @@ class _Propagation(fx.Interpreter):
     def _avg_pool(self, n: fx.Node, value: torch.Tensor, module: nn.Module | None) -> Moments:
         source = _tensor_args(n)[0]
         k = pooled_count(_pool_args(n, module), self.env[source].shape, value.shape)
-        mean = self._apply(n, module, lambda m, s: m.full(s)[0].contiguous())
-        var = self._apply(n, module, lambda m, s: m.full(s)[1].contiguous())
         src = self.moments[source]
-        return compact(mean, var / k, src.structural, average_of(src.shape, k))
+        nominal = self._averaged(n, module, source, src, k)
+        # The rule assumes the k values independent; the sample says how much variance their
+        # correlation keeps, relative to that.
+        sample = _sample_moments(self.env[source])
+        predicted = self._averaged(n, module, source, sample, k)
+        measured = _sample_moments(value, center=predicted.mean)
+        total = float(predicted.var.sum())
+        inflation = float(measured.var.sum()) / total if total > 0 else 1.0
+        inflation = min(max(inflation, 1.0 / k), float(k))
+        # Each channel's mean also differs from its nominal mean by a weight-dependent offset
+        # (small next to a unit variance, but averaging keeps it while it shrinks the variance,
+        # so after a global pool it can dominate): its spread over channels, on the sample.
+        nominal_mean = per_channel(src, sample.mean.dim())[0]
+        offsets = float(((sample.mean - nominal_mean) ** 2).mean()) if sample.mean.dim() == nominal_mean.dim() else 0.0
+        self.estimated.append(
+            f"{describe_node(n, self.module)} (averages {k} values; on the Gaussian sample their correlation keeps "
+            f"x{inflation:.3g} the variance of independent values, and channel-mean offsets add {offsets:.3g})"
+        )
+        k_independent = max(1, round(k / inflation))
+        var = nominal.var * inflation + offsets
+        return Moments(nominal.mean, var, src.structural, shape=average_of(src.shape, k_independent))
+
+    def _averaged(self, n: fx.Node, module: nn.Module | None, source: fx.Node, moments: Moments, k: int) -> Moments:
+        """The average pool's moments for independent inputs of the given moments."""
+        override = {source: moments}
+        mean = self._apply(n, module, lambda m, s: m.full(s)[0].contiguous(), override)
+        var = self._apply(n, module, lambda m, s: m.full(s)[1].contiguous(), override)
+        return compact(mean, var / k, moments.structural)
 
     def _max_pool(self, n: fx.Node, value: torch.Tensor, module: nn.Module | None) -> Moments:
         source = _tensor_args(n)[0]
@@ -282,6 +355,17 @@ class _Propagation(fx.Interpreter):
             shape = None
         else:
             e_max, v_max, shape = max_of(src.shape, min(k, 4 * MAX_EXPLICIT_AVERAGE))
+        # Correlated neighbours have a smaller and wider max than k independent values: take the
+        # standardized max's mean and variance from the sample instead, averaged over channels.
+        inputs, outputs = _sample_moments(self.env[source]), _sample_moments(value)
+        spread = float(inputs.var.sqrt().sum())
+        if spread > 0 and inputs.mean.shape == outputs.mean.shape:
+            e_max = float((outputs.mean - inputs.mean).sum()) / spread
+            v_max = float(outputs.var.sum() / inputs.var.sum())
+            self.estimated.append(
+                f"{describe_node(n, self.module)} (max of {k} values; on the Gaussian sample it shifts the mean by "
+                f"{e_max:.3g} std and scales the variance x{v_max:.3g})"
+            )
         return Moments(mean + var.sqrt() * e_max, var * v_max, src.structural, shape=shape)
 
     def _linear(self, n: fx.Node, value: torch.Tensor, module: nn.Module | None) -> Moments:
@@ -302,7 +386,7 @@ class _Propagation(fx.Interpreter):
             def run(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
                 return n.target(x, w, b, *rest)
         m = self.moments.get(source)
-        if not isinstance(m, Moments) or _is_fake(weight) or _is_fake(bias):
+        if not isinstance(m, Moments):
             raise _NoRule
         shape = self.env[source].shape
         w = weight.detach().double()
@@ -369,8 +453,36 @@ def _has_float_tensor(v: Any) -> bool:
     return _is_float_tensor(v)
 
 
-def _is_fake(t: Any) -> bool:
-    return isinstance(t, FakeTensor)
+def _sample_moments(t: torch.Tensor, center: torch.Tensor | None = None) -> Moments:
+    """Per-channel mean and variance of a sample tensor (over every dim but 1), compact; with
+    ``center`` (compact, like the result), the mean square around it instead of the variance."""
+    t = t.detach().double()
+    dims = [d for d in range(t.dim()) if d != 1] if t.dim() >= 2 else list(range(t.dim()))
+    mean = t.mean(dims, keepdim=True) if dims else t
+    around = mean if center is None else center.to(t.device)
+    var = ((t - around) ** 2).mean(dims, keepdim=True) if dims else torch.zeros_like(t)
+    return Moments(mean.cpu(), var.cpu(), structural=False)
+
+
+def _product(ma: Moments, mb: Moments, value: torch.Tensor) -> Moments:
+    """Moments of a * b for independent a and b."""
+    second_a = ma.var + ma.mean**2
+    second_b = mb.var + mb.mean**2
+    mean = ma.mean * mb.mean
+    if ma.constant or mb.constant:
+        random, constant = (mb, ma) if ma.constant else (ma, mb)
+        shape = _signed(random.shape, -1.0 if bool((constant.mean < 0).all()) else 1.0)
+    else:
+        shape = product_shape(ma.shape, mb.shape, ma.average_mean, ma.average_std, mb.average_mean, mb.average_std)
+    return _fit(mean, second_a * second_b - mean**2, ma.structural and mb.structural, value, shape)
+
+
+def _standardized(x: torch.Tensor, moments: Moments) -> torch.Tensor:
+    """(x - mean) / std with the nominal per-channel moments, as a correction does."""
+    mean, var = per_channel(moments, x.dim())
+    mean = mean.to(x.device, x.dtype)
+    scale = var.clamp_min(1e-12).rsqrt().to(x.device, x.dtype)
+    return (x - mean) * scale
 
 
 def _tensor_args(n: fx.Node) -> list[fx.Node]:
@@ -486,31 +598,22 @@ def _activation_form(n: fx.Node, module: nn.Module | None) -> ActivationForm | N
 
 def propagate_moments(
     gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]
-) -> tuple[fx.GraphModule, list[Correction], list[NormalizedStandalone], list[str]]:
+) -> tuple[fx.GraphModule, list[Correction], list[NormalizedStandalone], list[str], list[str]]:
     """Insert the corrections and normalize standalone activations in ``gm`` (modified, returned).
 
-    ``example_inputs`` only give shapes (their values are never read). Returns the records of
-    corrections and normalized activations, and the ops whose moments were estimated by a probe.
+    ``example_inputs`` only give shapes and dtypes (their values are never read: the sample is
+    seeded Gaussian noise of those shapes). Returns the records of corrections and normalized
+    activations, the ops whose moments were estimated (by a probe or a sample measurement), and
+    the ops whose moments could not be computed at all, with the error.
     """
     reference = next(iter(gm.parameters()), None)
     device = reference.device if reference is not None else torch.device("cpu")
     dtypes = [x.dtype if x.dtype != torch.float32 or reference is None else reference.dtype for x in example_inputs]
+    generator = torch.Generator().manual_seed(PROBE_SEED)
+    sample = [torch.randn(x.shape, generator=generator, dtype=torch.float64).to(device, d) for x, d in zip(example_inputs, dtypes)]
     propagation = _Propagation(gm)
-    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    try:
-        with fake_mode:
-            propagation.run(*[torch.empty(x.shape, dtype=d, device=device) for x, d in zip(example_inputs, dtypes)])
-    except Exception as err:  # noqa: BLE001 - data-dependent code: shapes from a real run instead
-        logger.info("fake-tensor shape propagation failed (%s); running on real Gaussian input", err)
-        propagation = _Propagation(gm)
-        saved = _save_buffers(gm)
-        generator = torch.Generator().manual_seed(PROBE_SEED)
-        try:
-            inputs = [torch.randn(x.shape, generator=generator, dtype=d).to(device) for x, d in zip(example_inputs, dtypes)]
-            with torch.no_grad():
-                propagation.run(*inputs)
-        finally:
-            _restore_buffers(gm, saved)
+    with _as_at_init(gm), torch.no_grad():
+        propagation.run(*sample)
 
     corrections: list[Correction] = []
     standalone: list[NormalizedStandalone] = []
@@ -522,7 +625,32 @@ def propagate_moments(
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
-    return gm, corrections, standalone, propagation.estimated
+    return gm, corrections, standalone, propagation.estimated, propagation.unknown
+
+
+@contextlib.contextmanager
+def _as_at_init(gm: fx.GraphModule) -> Iterator[None]:
+    """The structural state the corrections are computed for: eval mode (dropout off, BNs on
+    their running statistics), every NormProp gamma 1 and beta 0; all restored afterwards."""
+    training = [(m, m.training) for m in gm.modules()]
+    affine = [m for m in gm.modules() if isinstance(m, _CONSUMERS)]
+    saved = [(m, m.gamma.detach().clone(), m.beta.detach().clone()) for m in affine]
+    buffers = _save_buffers(gm)
+    gm.eval()
+    try:
+        with torch.no_grad():
+            for m in affine:
+                m.gamma.fill_(1.0)
+                m.beta.zero_()
+        yield
+    finally:
+        with torch.no_grad():
+            for m, gamma, beta in saved:
+                m.gamma.copy_(gamma)
+                m.beta.copy_(beta)
+        _restore_buffers(gm, buffers)
+        for m, flag in training:
+            m.training = flag
 
 
 def _free_name(gm: fx.GraphModule, path: str) -> str:

@@ -1,0 +1,92 @@
+"""Moment propagation on the Gaussian sample: what the structural rules cannot know (correlated
+values under a pooling op, weight-dependent estimates) is measured there, and reported."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import normprop_fx
+
+
+class SmoothThenPool(nn.Module):
+    """A conv whose positive 3x3 filters make neighbouring outputs strongly correlated, then an
+    average pool over 4x4 windows, then a conv-BN-ReLU that needs a standardized input."""
+
+    def __init__(self, pool: nn.Module) -> None:
+        super().__init__()
+        self.smooth = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        with torch.no_grad():
+            self.smooth.weight.uniform_(0.5, 1.0)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.pool = pool
+        self.conv = nn.Conv2d(16, 32, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(torch.relu(self.bn1(self.smooth(x))))
+        return torch.relu(self.bn2(self.conv(x)))
+
+
+def _second_layer_std(pool: nn.Module) -> tuple[float, normprop_fx.ConversionReport]:
+    torch.manual_seed(0)
+    converted = normprop_fx.convert(SmoothThenPool(pool), gamma_init=1.0, example_inputs=torch.empty(2, 3, 32, 32))
+    torch.manual_seed(1)
+    stats = {s.path: s for s in normprop_fx.measure_layer_statistics(converted, torch.randn(8, 3, 32, 32))}
+    return stats["conv"].std, normprop_fx.conversion_report(converted)
+
+
+@pytest.mark.parametrize("pool", [nn.AvgPool2d(4), nn.MaxPool2d(4)], ids=["avg", "max"])
+def test_pooling_of_correlated_values_is_measured_on_the_sample(pool):
+    std, report = _second_layer_std(pool)
+    # Independent-value rules are far off here: var/16 for the average would leave the next
+    # layer's output with std ~4 once corrected; the max of 16 correlated values is much
+    # closer to its input than the max of 16 independent ones.
+    assert 0.8 <= std <= 1.25
+    (line,) = [op for op in report.estimated_ops if op.startswith("pool")]
+    assert "Gaussian sample" in line
+
+
+def test_average_pool_of_correlated_values_keeps_more_than_one_kth_of_the_variance():
+    _, report = _second_layer_std(nn.AvgPool2d(4))
+    (line,) = [op for op in report.estimated_ops if op.startswith("pool")]
+    inflation = float(line.split("keeps x")[1].split(" ")[0])
+    assert inflation > 4  # 16 strongly correlated values behave like fewer than 4 independent ones
+
+
+def test_estimated_consumer_input_is_calibrated_and_reported():
+    """A plain conv (no BN) in front of a conv-BN: its output's moments depend on the weights,
+    so they are estimates; the sample calibrates them to unit variance and says so."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.Tanh(),  # no BN: plain weighted layer, then a probe-free activation
+        nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.ReLU(),
+    )
+    converted = normprop_fx.convert(model, gamma_init=1.0, example_inputs=torch.empty(2, 3, 16, 16))
+    report = normprop_fx.conversion_report(converted)
+    assert any(c.estimated for c in report.corrections)
+    assert any(op.startswith("input of") and "scaled by that" in op for op in report.estimated_ops)
+    torch.manual_seed(1)
+    last = normprop_fx.measure_layer_statistics(converted, torch.randn(8, 3, 16, 16))[-1]
+    assert 0.85 <= last.std <= 1.15
+
+
+def test_propagation_leaves_the_model_as_it_was():
+    """The sample run sets gamma 1 / beta 0 and eval mode for itself only."""
+    torch.manual_seed(0)
+    model = SmoothThenPool(nn.AvgPool2d(2)).train()
+    converted = normprop_fx.convert(model, example_inputs=torch.empty(2, 3, 16, 16))
+    assert converted.training and all(m.training for m in converted.modules())
+    gammas = [m.gamma for m in converted.modules() if hasattr(m, "gamma")]
+    assert gammas and all(torch.allclose(g, torch.full_like(g, 1 / 1.21), rtol=1e-3) for g in gammas)
+
+
+def test_summary_lists_estimated_and_unknown_moments():
+    torch.manual_seed(0)
+    converted = normprop_fx.convert(SmoothThenPool(nn.AvgPool2d(4)), example_inputs=torch.empty(2, 3, 32, 32))
+    text = normprop_fx.summary(converted)
+    assert "measured on the Gaussian sample" in text or "Gaussian sample" in text
+    report = normprop_fx.conversion_report(converted)
+    assert report.unknown_moments == ()
