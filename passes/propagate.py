@@ -87,6 +87,8 @@ logger = logging.getLogger(__name__)
 PROBE_SAMPLES = 4096
 PROBE_MAX_RUNS = 16
 PROBE_SEED = 0
+#: A structural correction is kept while the sample's variance is within this fraction of it.
+STRUCTURAL_TOLERANCE = 0.1
 #: Up to this many distinct channels, an activation's Gaussian moments are integrated by
 #: quadrature per channel; past it, on the shared particles at once (much faster, ~1% noise).
 _QUADRATURE_CHANNELS = 16
@@ -127,8 +129,7 @@ class _Propagation(fx.Interpreter):
         needs_correction = isinstance(moments, Moments) and not moments.constant and not moments.is_standard()
         if isinstance(module, _CONSUMERS):
             if needs_correction:
-                if not moments.structural:
-                    moments = self._calibrated(n, source, moments)
+                moments = self._calibrated(n, source, moments)
                 self.corrections[n] = moments
                 args, kwargs = self.fetch_args_kwargs_from_env(n)
                 with torch.no_grad():
@@ -143,9 +144,12 @@ class _Propagation(fx.Interpreter):
         return super().run_node(n)
 
     def _calibrated(self, n: fx.Node, source: fx.Node, moments: Moments) -> Moments:
-        """Estimated moments (they went through plain weighted layers or a probe, so they depend
-        on the weights) with the variance scaled so that, on the sample, the corrected input has
-        unit variance over all channels: one scalar, so per-channel noise does not enter."""
+        """The moments a consumer's correction uses. Estimated moments (through plain weighted
+        layers or a probe: they depend on the weights) get their variance scaled so that, on the
+        sample, the corrected input has unit variance over all channels (one scalar, so no
+        per-channel noise enters). Structural moments are kept unless the sample is off by more
+        than STRUCTURAL_TOLERANCE: per-channel mean offsets that depend on the weights can build
+        up through many blocks, and the structural rules cannot see them."""
         x = self.env[source]
         mean, var = per_channel(moments, x.dim())
         spread = float(((x.detach().double().cpu() - mean) ** 2).mean())
@@ -153,9 +157,12 @@ class _Propagation(fx.Interpreter):
         if not (spread > 0 and nominal > 0):
             return moments
         ratio = spread / nominal
+        if moments.structural and abs(math.log(ratio)) <= math.log1p(STRUCTURAL_TOLERANCE):
+            return moments
+        why = "estimated moments" if not moments.structural else "structural moments off on the sample"
         self.estimated.append(
-            f"input of {describe_node(n, self.module)} (estimated moments: on the Gaussian sample the variance "
-            f"around the nominal mean is x{ratio:.3g} the estimate, which is scaled by that)"
+            f"input of {describe_node(n, self.module)} ({why}: on the Gaussian sample the variance around the "
+            f"nominal mean is x{ratio:.3g} the nominal one, which is scaled by that)"
         )
         return Moments(moments.mean, moments.var * ratio, False, shape=moments.shape)
 

@@ -1,9 +1,9 @@
 """Issue 3 target: with gamma_init=1 and N(0, I) input at init, every NormProp layer's measured
 output std is within [0.7, 1.4] and |mean| < 0.3, on 13 zoo models (torchvision and timm).
 
-Models that miss the target today are strict xfails that carry the measured numbers, so the
-suite says exactly where the moment propagation falls short, and turns red the moment a change
-makes one of them pass (then drop its mark) or makes a passing one fail.
+A model that misses the target goes in KNOWN_MISSES as a strict xfail carrying its measured
+numbers, so the suite says exactly where the moment propagation falls short, and turns red the
+moment a change makes it pass (then drop its mark) or makes a passing one fail. All 13 pass now.
 """
 
 from __future__ import annotations
@@ -34,11 +34,7 @@ MODELS = [
 ]
 
 #: Measured misses (run this file to reproduce); see the issue 3 closing note.
-KNOWN_MISSES: dict[str, str] = {
-    "timm:resnet50d": "18/55 layers off, std up to 2.9 in layer3/layer4: the per-channel mean offsets of the "
-    "deep stem's output grow through the residual blocks (structural corrections do not see them)",
-    "timm:rexnet_100": "3/62 layers off: SE fc1 in features.3/12/13, std down to 0.63, mean -0.24",
-}
+KNOWN_MISSES: dict[str, str] = {}
 
 
 def _build(source: str, name: str) -> torch.nn.Module:
