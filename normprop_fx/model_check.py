@@ -115,7 +115,8 @@ def check_model(
 
     Checks, in order; a check that cannot run because an earlier one failed stays ``None``:
 
-    1. ``convert(model, gamma_init=gamma_init)``: traced?, BatchNorms found / converted / left.
+    1. ``convert(model, gamma_init=gamma_init, example_inputs=<a batch of input_shape>)``: traced?,
+       BatchNorms found / converted / left.
     2. Train mode (dropout, drop-path and drop-block off), a batch of ``batch_size``: forward
        output finite; backward of the mean square of every floating output: every parameter
        gets a finite gradient, except parameters that get none in the original model too.
@@ -133,7 +134,9 @@ def check_model(
         raise InvalidOptionError("batch_size must be >= 2 (batch independence) and statistics_batch_size >= 1")
     check = ModelCheck(name=name or type(model).__name__, input_shape=shape, gamma_init=float(gamma_init))
 
-    converted = _convert(model, check, gamma_init, convert_options or {})
+    # The moments are computed for the shape the model is checked on, as a user passes theirs.
+    options = {"example_inputs": torch.empty(batch_size, *shape), **(convert_options or {})}
+    converted = _convert(model, check, gamma_init, options)
     if converted is None:
         return check
     x = torch.randn(batch_size, *shape)
