@@ -108,6 +108,7 @@ class _Propagation(fx.Interpreter):
         self.standalone: dict[fx.Node, tuple[ActivationSpec, Moments]] = {}
         self.estimated: list[str] = []
         self.unknown: list[str] = []  #: nodes whose moments could not be computed, and why
+        self.calibrations: dict[fx.Node, str] = {}  #: consumer -> how the sample rescaled its correction
         self.generator = torch.Generator().manual_seed(PROBE_SEED)
 
     def run_node(self, n: fx.Node) -> Any:
@@ -164,6 +165,7 @@ class _Propagation(fx.Interpreter):
             f"input of {describe_node(n, self.module)} ({why}: on the Gaussian sample the variance around the "
             f"nominal mean is x{ratio:.3g} the nominal one, which is scaled by that)"
         )
+        self.calibrations[n] = f"calibrated on the Gaussian sample: x{ratio:.3g} the {'structural' if moments.structural else 'estimated'} variance {nominal:.4g}"
         return Moments(moments.mean, moments.var * ratio, False, shape=moments.shape)
 
     def _standalone_spec(self, n: fx.Node, module: nn.Module | None, moments: Moments) -> ActivationSpec | None:
@@ -628,7 +630,8 @@ def propagate_moments(
         standalone.append(_normalize_standalone(gm, node, spec, moments, corrections))
     for node, moments in propagation.corrections.items():
         source = node.args[0]
-        corrections.append(_insert_correction(gm, node, source, moments, str(node.target)))
+        note = propagation.calibrations.get(node)
+        corrections.append(_insert_correction(gm, node, source, moments, str(node.target), note))
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
@@ -671,7 +674,9 @@ def _free_name(gm: fx.GraphModule, path: str) -> str:
         candidate = f"{path}_{k}"
 
 
-def _insert_correction(gm: fx.GraphModule, consumer: fx.Node, source: fx.Node, moments: Moments, name: str) -> Correction:
+def _insert_correction(
+    gm: fx.GraphModule, consumer: fx.Node, source: fx.Node, moments: Moments, name: str, note: str | None = None
+) -> Correction:
     # compact (1, C, 1, ...) -> Standardize's (C, 1, ...) without the batch dim; scalar below rank 2
     def without_batch(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(t.shape[1:]) if t.dim() >= 2 else t.reshape(())
@@ -681,7 +686,10 @@ def _insert_correction(gm: fx.GraphModule, consumer: fx.Node, source: fx.Node, m
         mean, var = mean.flatten()[0], var.flatten()[0]
     scale = var.clamp_min(1e-12).rsqrt()
     reason = f"{describe_node(source, gm)} has nominal mean {_range(mean)}, variance {_range(var)}"
-    reason += "" if moments.structural else " (estimated: depends on weights or a probe)"
+    if note is not None:
+        reason += f" ({note})"
+    elif not moments.structural:
+        reason += " (estimated: depends on weights or a probe)"
     module = Standardize(mean.float(), scale.float(), reason=reason)
     target = _free_name(gm, f"{name}_input_correction")
     gm.add_submodule(target, module)
