@@ -19,6 +19,7 @@ from .layers import DEFAULT_EPS, GammaInit, resolve_gamma_init
 from .passes.input_shape import resolve_example_inputs
 from .passes.inventory import batchnorm_modules, batchnorms_outside_graph
 from .passes.match import match_patterns
+from .passes.opaque import replace_opaque_batchnorms
 from .passes.propagate import propagate_moments
 from .passes.rewrite import rewrite_patterns
 from .passes.trace import LeafSpec, frozen_training_flags, trace
@@ -105,6 +106,7 @@ def convert(
     hidden = batchnorms_outside_graph(model, gm, leaf_paths)
     matches, unmatched = match_patterns(gm)
     gm, rewrites = rewrite_patterns(gm, matches, gamma_init=gamma_init, eps=eps)
+    opaque_rewrites, hidden = replace_opaque_batchnorms(gm, hidden, gamma_init)
     inputs, shape_assumption = resolve_example_inputs(model, gm, example_inputs)
     try:
         gm, corrections, standalone, estimated, unknown = propagate_moments(gm, inputs)
@@ -119,7 +121,7 @@ def convert(
         model=type(model).__name__,
         gamma_init=str(gamma_init),
         batchnorms_found=len(found),
-        rewrites=rewrites,
+        rewrites=rewrites + opaque_rewrites,
         left=unmatched + hidden,
         leaf_modules=leaf_paths,
         assumptions=(INPUT_ASSUMPTION, *shape_assumption),

@@ -38,6 +38,7 @@ from normprop_fx.errors import UnsupportedActivationError
 from normprop_fx.layers import NormPropLayer
 from normprop_fx.moments import activation_constants, activation_moments, max_of_normals
 from normprop_fx.normalized_activation import NormalizedActivation
+from normprop_fx.opaque_affine import OpaqueNormPropAffine
 from normprop_fx.records import Correction, NormalizedStandalone
 from normprop_fx.standardize import Standardize
 
@@ -621,8 +622,15 @@ def propagate_moments(
     generator = torch.Generator().manual_seed(PROBE_SEED)
     sample = [torch.randn(x.shape, generator=generator, dtype=torch.float64).to(device, d) for x, d in zip(example_inputs, dtypes)]
     propagation = _Propagation(gm)
-    with _as_at_init(gm), torch.no_grad():
-        propagation.run(*sample)
+    opaque = {path: m for path, m in gm.named_modules() if isinstance(m, OpaqueNormPropAffine)}
+    for m in opaque.values():
+        m.measuring = True
+    try:
+        with _as_at_init(gm), torch.no_grad():
+            propagation.run(*sample)
+    finally:
+        for m in opaque.values():
+            m.measuring = False
 
     corrections: list[Correction] = []
     standalone: list[NormalizedStandalone] = []
@@ -632,6 +640,15 @@ def propagate_moments(
         source = node.args[0]
         note = propagation.calibrations.get(node)
         corrections.append(_insert_correction(gm, node, source, moments, str(node.target), note))
+    for path, m in opaque.items():
+        if m.measured:
+            corrections.append(Correction(
+                path=f"{path}.correction", consumer=f"{path}.affine", source=f"input of {path}",
+                reason=m.correction.reason, mean=_range(m.correction.mean), scale=_range(m.correction.scale),
+                estimated=True,
+            ))
+        else:
+            propagation.unknown.append(f"{path}: did not run on the Gaussian sample, so its input is not corrected")
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()

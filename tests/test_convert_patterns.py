@@ -197,7 +197,7 @@ def test_conv_with_two_users_keeps_the_conv_and_replaces_the_bn_alone():
     assert isinstance(gm.get_submodule("bn"), normprop_fx.NormPropAffine) and isinstance(gm.get_submodule("conv"), nn.Conv2d)
     # the plain conv's output is not standardized: a correction, estimated from its weights
     (correction,) = [c for c in report.corrections if c.consumer == "bn"]
-    assert correction.estimated and "(estimated" in correction.reason
+    assert correction.estimated and "(calibrated on the Gaussian sample: x" in correction.reason
     assert "left: 0" in normprop_fx.summary(gm)
 
 
@@ -307,14 +307,47 @@ def test_untraceable_module_error_names_it_and_the_fix():
 
 
 @pytest.mark.parametrize("leaf", ["body.1", _Untraceable])
-def test_leaf_modules_make_it_traceable_and_report_hidden_batchnorms(leaf):
-    gm = normprop_fx.convert(_Net(), leaf_modules=[leaf])
+def test_leaf_modules_make_it_traceable_and_replace_hidden_batchnorms(leaf):
+    gm = normprop_fx.convert(_Net(), leaf_modules=[leaf], example_inputs=torch.empty(2, 3, 8, 8))
     report = normprop_fx.conversion_report(gm)
-    assert report.converted == 1 and report.batchnorms_found == 2
-    (left,) = report.left
-    assert left.path == "body.1.bn" and "inside leaf module 'body.1'" in left.reason
+    assert report.converted == 2 and report.batchnorms_found == 2 and not report.left
+    opaque = next(r for r in report.rewrites if r.path == "body.1.bn")
+    assert opaque.replacement == "OpaqueNormPropAffine" and "inside leaf module 'body.1'" in opaque.notes[0]
     assert report.leaf_modules == ("body.1",)
     assert gm(torch.randn(1, 3, 8, 8)).shape == (1, 4, 8, 8)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in gm.modules())
+
+
+class _ConvBnReLU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)))
+
+
+def test_batchnorm_inside_a_leaf_gets_a_correction_measured_on_the_sample():
+    """Nothing structural is known inside an opaque module: the replaced BN's input correction is
+    measured on the Gaussian sample, reported as estimated, and standardizes fresh N(0, I) input."""
+    torch.manual_seed(0)
+    model = nn.Sequential(ConvNormAct(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()), _ConvBnReLU())
+    with torch.no_grad():
+        model[1].conv.bias.fill_(3.0)  # a large offset only a measured correction removes
+    gm = normprop_fx.convert(model, leaf_modules=[_ConvBnReLU], gamma_init=1.0, example_inputs=torch.empty(4, 3, 16, 16))
+    report = normprop_fx.conversion_report(gm)
+    (correction,) = [c for c in report.corrections if c.path == "1.bn.correction"]
+    assert correction.estimated and "measured on the Gaussian sample" in correction.reason
+    seen = {}
+    gm.get_submodule("1.bn.affine").register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0]))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        gm(torch.randn(8, 3, 16, 16))
+    x = seen["x"]
+    assert abs(x.mean().item()) < 0.1 and 0.85 < x.std().item() < 1.15
+    single = gm(torch.randn(1, 3, 16, 16))  # batch size 1 works: no batch statistics anywhere
+    assert torch.isfinite(single).all()
 
 
 def test_untraceable_top_level_forward():

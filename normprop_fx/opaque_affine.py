@@ -1,0 +1,50 @@
+"""The NormProp replacement of a BatchNorm inside a module that torch.fx keeps opaque.
+
+timm's not-traceable attention blocks (MobileViT, ConvAttention, BilinearAttnTransform, ...) and
+the user's ``leaf_modules`` are single nodes of the traced graph, so no moment rule sees their
+inside. A BatchNorm in there is replaced in place by this module: a
+:class:`~normprop_fx.standardize.Standardize` whose per-channel mean and scale are *measured* on
+the Gaussian sample that moment propagation runs the model on (they stay constants afterwards,
+like every other correction), then a :class:`~normprop_fx.affine.NormPropAffine`, then, for a
+norm-activation unit such as timm's ``BatchNormAct2d``, its own drop and activation modules.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .affine import NormPropAffine
+from .standardize import Standardize
+
+
+class OpaqueNormPropAffine(nn.Module):
+    """``after(affine(correction(x)))``; ``correction`` is measured on the first call made while
+    :attr:`measuring` is True (moment propagation sets it for its sample run)."""
+
+    def __init__(self, affine: NormPropAffine, after: nn.Module | None = None) -> None:
+        super().__init__()
+        channels = affine.num_features
+        self.correction = Standardize(torch.zeros(channels), torch.ones(channels), reason="not measured yet")
+        self.affine = affine
+        self.after = after if after is not None else nn.Identity()
+        self.measuring = False
+        self.measured = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.measuring and not self.measured:
+            self._measure(x)
+        return self.after(self.affine(self.correction(x)))
+
+    @torch.no_grad()
+    def _measure(self, x: torch.Tensor) -> None:
+        values = x.detach().double().transpose(0, 1).reshape(x.shape[1], -1)
+        mean = values.mean(1)
+        var = values.var(1, unbiased=False)
+        shape = (-1,) + (1,) * (x.dim() - 2)
+        self.correction = Standardize(
+            mean.float().reshape(shape).to(x.device),
+            (var + 1e-5).rsqrt().float().reshape(shape).to(x.device),
+            reason="measured on the Gaussian sample (inside a module torch.fx does not trace)",
+        )
+        self.measured = True
