@@ -19,6 +19,7 @@ from .layers import DEFAULT_EPS, GammaInit, resolve_gamma_init
 from .passes.input_shape import resolve_example_inputs
 from .passes.inventory import batchnorm_modules, batchnorms_outside_graph
 from .passes.match import match_patterns
+from .passes.dropout_modes import restore_dropout_modes
 from .passes.opaque import replace_opaque_batchnorms
 from .passes.propagate import propagate_moments
 from .passes.rewrite import rewrite_patterns
@@ -99,6 +100,7 @@ def convert(
             ) from err
 
     gm, leaf_paths = trace(model, leaf_modules, concrete_args)
+    restore_dropout_modes(gm)
     frozen = frozen_training_flags(gm)
     for message in frozen:
         warnings.warn(message, NormPropWarning, stacklevel=2)

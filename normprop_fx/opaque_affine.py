@@ -20,27 +20,35 @@ from .standardize import Standardize
 
 class OpaqueNormPropAffine(nn.Module):
     """``after(affine(correction(x)))``; ``correction`` is measured on the first call made while
-    :attr:`measuring` is True (moment propagation sets it for its sample run)."""
+    :attr:`measuring` is True (moment propagation sets it for its sample run): per-channel mean
+    and variance of its input, the variance floored at a tenth of the mean over channels. A
+    sample with non-finite values leaves it unmeasured (an identity)."""
 
     def __init__(self, affine: NormPropAffine, after: nn.Module | None = None) -> None:
         super().__init__()
-        channels = affine.num_features
-        self.correction = Standardize(torch.zeros(channels), torch.ones(channels), reason="not measured yet")
+        self.correction = Standardize(torch.zeros(()), torch.ones(()), reason="not measured: an identity")
         self.affine = affine
         self.after = after if after is not None else nn.Identity()
         self.measuring = False
-        self.measured = False
+        self.attempted = False  #: the sample reached this module (its first call while measuring)
+        self.measured = False  #: ... and gave finite values, now in ``correction``
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.measuring and not self.measured:
+        if self.measuring and not self.attempted:
+            self.attempted = True
             self._measure(x)
         return self.after(self.affine(self.correction(x)))
 
     @torch.no_grad()
     def _measure(self, x: torch.Tensor) -> None:
         values = x.detach().double().transpose(0, 1).reshape(x.shape[1], -1)
+        if not bool(torch.isfinite(values).all()):
+            return  # stays unmeasured (an identity), and propagation reports it
         mean = values.mean(1)
+        # A channel that is nearly constant on the sample would get a huge constant scale that
+        # other inputs do not warrant: its variance is floored at a tenth of the channels' mean.
         var = values.var(1, unbiased=False)
+        var = var.clamp_min(0.1 * float(var.mean()))
         shape = (-1,) + (1,) * (x.dim() - 2)
         self.correction = Standardize(
             mean.float().reshape(shape).to(x.device),

@@ -42,7 +42,7 @@ from normprop_fx.opaque_affine import OpaqueNormPropAffine
 from normprop_fx.records import Correction, NormalizedStandalone
 from normprop_fx.standardize import Standardize
 
-from .describe import describe_node, owner_module_path
+from .describe import describe_node, free_module_name, owner_module_path
 from .match import activation_spec
 from .moment_rules import (
     ADD,
@@ -648,7 +648,8 @@ def propagate_moments(
                 estimated=True,
             ))
         else:
-            propagation.unknown.append(f"{path}: did not run on the Gaussian sample, so its input is not corrected")
+            why = "its input on the Gaussian sample was not finite" if m.attempted else "it did not run on the Gaussian sample"
+            propagation.unknown.append(f"{path}: {why}, so its input is not corrected")
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
@@ -680,17 +681,6 @@ def _as_at_init(gm: fx.GraphModule) -> Iterator[None]:
             m.training = flag
 
 
-def _free_name(gm: fx.GraphModule, path: str) -> str:
-    candidate, k = path, 1
-    while True:
-        try:
-            gm.get_submodule(candidate)
-        except AttributeError:
-            return candidate
-        k += 1
-        candidate = f"{path}_{k}"
-
-
 def _insert_correction(
     gm: fx.GraphModule, consumer: fx.Node, source: fx.Node, moments: Moments, name: str, note: str | None = None
 ) -> Correction:
@@ -708,7 +698,7 @@ def _insert_correction(
     elif not moments.structural:
         reason += " (estimated: depends on weights or a probe)"
     module = Standardize(mean.float(), scale.float(), reason=reason)
-    target = _free_name(gm, f"{name}_input_correction")
+    target = free_module_name(gm, f"{name}_input_correction")
     gm.add_submodule(target, module)
     with gm.graph.inserting_before(consumer):
         corrected = gm.graph.call_module(target, (source,))
@@ -730,7 +720,7 @@ def _normalize_standalone(
     original = describe_node(node, gm)
     base = str(node.target) if node.op == "call_module" else ".".join(p for p in (owner_module_path(node), node.name) if p)
     uses = sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == node.target)
-    target = base if node.op == "call_module" and uses == 1 else _free_name(gm, f"{base}_normalized")
+    target = base if node.op == "call_module" and uses == 1 else free_module_name(gm, f"{base}_normalized")
     module = NormalizedActivation(spec)
     if target == base:
         parent, _, attr = target.rpartition(".")
@@ -751,4 +741,3 @@ def _range(t: torch.Tensor) -> str:
     t = t.detach().double().flatten()
     lo, hi = t.min().item(), t.max().item()
     return f"{lo:.4g}" if math.isclose(lo, hi, rel_tol=1e-6, abs_tol=1e-9) else f"{lo:.4g}..{hi:.4g}"
-

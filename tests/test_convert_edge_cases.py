@@ -4,6 +4,7 @@ Linear->BatchNorm1d on 3-D input, submodule modes, typed errors, deepcopy."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -174,3 +175,29 @@ def test_deepcopy_keeps_the_report():
     twin = copy.deepcopy(gm)
     assert normprop_fx.summary(twin) == normprop_fx.summary(gm)
     assert twin.get_submodule("producer").weight is not gm.get_submodule("producer").weight
+
+
+class _FunctionalDropoutHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = ConvNormAct(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = self.body(x).mean((2, 3))
+        return self.fc(F.dropout(x, p=0.5, training=self.training))  # traced as training=True
+
+
+def test_functional_dropout_follows_train_and_eval_after_conversion():
+    """The trace freezes F.dropout's training flag; convert turns it back into a dropout module,
+    so eval() is deterministic and there is no frozen-flag warning."""
+    model = _FunctionalDropoutHead().train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", normprop_fx.NormPropWarning)
+        gm = normprop_fx.convert(model, example_inputs=torch.empty(2, 3, 8, 8))
+    dropouts = [m for m in gm.modules() if isinstance(m, nn.Dropout)]
+    assert len(dropouts) == 1 and dropouts[0].p == 0.5 and dropouts[0].training
+    x = torch.randn(4, 3, 8, 8)
+    gm.eval()
+    torch.testing.assert_close(gm(x), gm(x))
+    assert not normprop_fx.conversion_report(gm).warnings

@@ -428,9 +428,12 @@ def test_stochastic_depth_keeps_its_train_eval_switch():
 
 
 def test_frozen_training_flag_is_warned_and_reported():
+    """F.dropout gets its mode switch back as a module (test_convert_edge_cases); any other call
+    whose training flag the trace froze, here F.rrelu, is a warning."""
+
     class CustomDrop(nn.Module):
         def forward(self, x):
-            return F.dropout(x, 0.5, training=self.training)
+            return F.rrelu(x, training=self.training)
 
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), CustomDrop())
     with pytest.warns(NormPropWarning, match="training=True"):

@@ -1,0 +1,55 @@
+"""Pass 1b: functional dropout whose ``training=`` flag the trace froze becomes a module again.
+
+``F.dropout(x, p, training=self.training)`` in a traced forward records ``training`` as the
+constant it had at trace time, so the converted model would keep dropping out in ``eval()``
+(and a model traced in eval mode would never drop out in ``train()``). Each such call becomes the
+matching ``nn.Dropout*`` module, in the trace-time mode, registered under the module that made the
+call, so ``train()`` and ``eval()`` switch it like any other dropout. Any other frozen flag stays
+and is a warning in the report (``trace.frozen_training_flags``).
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .describe import free_module_name, owner_module_path
+
+#: functional dropout -> (module class, positional index of ``p``, positional index of ``training``)
+_DROPOUTS: dict[object, tuple[type[nn.Module], int, int]] = {
+    F.dropout: (nn.Dropout, 1, 2),
+    F.dropout1d: (nn.Dropout1d, 1, 2),
+    F.dropout2d: (nn.Dropout2d, 1, 2),
+    F.dropout3d: (nn.Dropout3d, 1, 2),
+    F.alpha_dropout: (nn.AlphaDropout, 1, 2),
+    F.feature_alpha_dropout: (nn.FeatureAlphaDropout, 1, 2),
+}
+
+
+def restore_dropout_modes(gm: fx.GraphModule) -> list[str]:
+    """Replace every functional dropout with a constant ``training`` flag in ``gm`` (modified)
+    by a dropout module; return the qualified names of the modules added."""
+    added: list[str] = []
+    for node in list(gm.graph.nodes):
+        row = _DROPOUTS.get(node.target) if node.op == "call_function" else None
+        if row is None:
+            continue
+        cls, p_index, training_index = row
+        p = node.kwargs.get("p", node.args[p_index] if len(node.args) > p_index else 0.5)
+        training = node.kwargs.get("training", node.args[training_index] if len(node.args) > training_index else True)
+        if not isinstance(training, bool) or not isinstance(p, (int, float)):
+            continue  # a traced flag (a Proxy) already follows the mode
+        owner = owner_module_path(node)
+        target = free_module_name(gm, ".".join(part for part in (owner, f"{node.name}_module") if part))
+        module = cls(float(p))
+        module.train(training)
+        gm.add_submodule(target, module)
+        with gm.graph.inserting_before(node):
+            replacement = gm.graph.call_module(target, (node.args[0],))
+        node.replace_all_uses_with(replacement)
+        gm.graph.erase_node(node)
+        added.append(target)
+    if added:
+        gm.graph.lint()
+        gm.recompile()
+    return added
