@@ -32,8 +32,6 @@ MODELS = [
     ("timm", "cspresnet50", 256),
 ]
 
-#: Measured misses (run this file to reproduce); see the issue 3 closing note.
-
 
 def _build(source: str, name: str) -> torch.nn.Module:
     torch.manual_seed(0)
