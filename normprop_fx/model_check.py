@@ -274,6 +274,8 @@ def _check_statistics(converted: nn.Module, shape: tuple[int, ...], batch: int, 
 
 
 def _check_batch_independence(converted: nn.Module, x: torch.Tensor, check: ModelCheck) -> None:
+    for p in converted.parameters():
+        p.grad = None  # the backward check's gradients would be converted to float64 too: 2x the weights
     model = dropout_off(converted.train()).double()
     x = x.double()
     with torch.no_grad():
