@@ -7,6 +7,7 @@ from torch import nn
 
 from .activation_functions import ActivationSpec, activation
 from .moments import activation_constants
+from .piecewise_linear import PIECEWISE_LINEAR, normalized_piecewise_linear
 
 
 class NormalizedActivation(nn.Module):
@@ -14,7 +15,9 @@ class NormalizedActivation(nn.Module):
 
     The constants are plain Python floats fixed at construction (not buffers): they are
     data-independent, keep the state_dict free of non-learned entries, and let torch.compile
-    fuse ``f(u) * (1/c_std) - c_mean/c_std`` into one pointwise kernel.
+    fuse ``f(u) * (1/c_std) - c_mean/c_std`` into one pointwise kernel. Piecewise-linear
+    activations (ReLU and kin) take their gradient from the output (``piecewise_linear.py``), so
+    a compiled training step saves no mask for the backward.
     """
 
     def __init__(self, spec: ActivationSpec | str = "relu") -> None:
@@ -29,6 +32,8 @@ class NormalizedActivation(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.is_identity:
             return x
+        if self.spec.name in PIECEWISE_LINEAR:
+            return normalized_piecewise_linear(x, self.spec, self._scale, self._shift)
         return self.spec(x) * self._scale + self._shift
 
     def extra_repr(self) -> str:
