@@ -262,8 +262,14 @@ class _NormPropConvNd(NormPropLayer):
             padding: Any = 0
         else:
             padding = self.padding
-        y = type(self)._conv(x, weight, self.beta, self.stride, padding, self.dilation, self.groups)
-        return self.activation(y)
+        if not torch.compiler.is_compiling():
+            y = type(self)._conv(x, weight, self.beta, self.stride, padding, self.dilation, self.groups)
+            return self.activation(y)
+        # Compiled: beta joins the pointwise kernel after the conv, and its gradient the
+        # backward pointwise kernel, which reads the output gradient anyway; as the conv's bias,
+        # the convolution backward would reduce that gradient in a pass of its own.
+        y = type(self)._conv(x, weight, None, self.stride, padding, self.dilation, self.groups)
+        return self.activation(y + self.beta.reshape(-1, *([1] * self._dims)))
 
     def extra_repr(self) -> str:
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"

@@ -57,10 +57,12 @@ class _NormalizedPiecewiseLinear(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
         (y,) = ctx.saved_tensors
         lo, hi, inside, outside = _pieces(ctx.spec)
-        on_piece = y > (lo * ctx.scale + ctx.shift)
+        # on_piece is 1 where lo < u < hi, else 0, computed in float arithmetic: a comparison
+        # would give torch.compile's partitioner a bool to save instead of y (see above).
+        on_piece = torch.sign(y - (lo * ctx.scale + ctx.shift)).clamp(min=0)
         if hi is not None:
-            on_piece = on_piece & (y < hi * ctx.scale + ctx.shift)
-        slope = torch.where(on_piece, inside * ctx.scale, outside * ctx.scale)
+            on_piece = on_piece * torch.sign((hi * ctx.scale + ctx.shift) - y).clamp(min=0)
+        slope = on_piece * ((inside - outside) * ctx.scale) + outside * ctx.scale
         return grad * slope, None, None, None
 
 
