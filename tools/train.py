@@ -6,8 +6,8 @@
 
 For every batch size (128, 8, 1 by default) and every learning rate of one grid, trains the BN
 original ("bn"), its NormProp conversion ("np"), and both again with the library's stabilizers
-("+stab": normprop_fx.training.param_groups without weight decay on gamma/beta, and
-adaptive_clip_grad_), from the same initial weights, data order, optimizer (SGD with momentum)
+("+stab": normprop_fx.training.param_groups with weight decay on gamma/beta too, and
+adaptive_clip_grad_; --no-stab-decay-gamma leaves gamma/beta undecayed), from the same initial weights, data order, optimizer (SGD with momentum)
 and cosine schedule. Batch size 1 runs a fixed number of steps per epoch instead of full
 epochs (--bs1-steps). Prints per epoch the train loss, test accuracy and seconds; writes
 results.json and PNG plots under --out, and the report (--doc) with the tables and targets.
@@ -227,7 +227,7 @@ class TrainSettings:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     clip_factor: float = 0.01
-    decay_scale_params: bool = False  # +stab: weight decay on gamma/beta too (an ablation)
+    decay_scale_params: bool = True  # +stab: weight decay on gamma/beta too (measured: keeps layer std in range)
     gamma_init: str | float = "paper"
     steps_per_epoch: int | None = None  # None: full epochs over the training data
     eval_batch: int = 500
@@ -381,8 +381,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--clip-factor", type=float, default=0.01, help="adaptive gradient clipping factor (+stab)")
     p.add_argument("--gamma-init", type=_gamma_init, default="paper", help="NormProp gamma init: paper or a number")
-    p.add_argument("--stab-decay-gamma", action="store_true",
-                   help="ablation: the +stab variants put weight decay on gamma/beta/biases too")
+    p.add_argument("--stab-decay-gamma", action=argparse.BooleanOptionalAction, default=True,
+                   help="the +stab variants put weight decay on gamma/beta/biases too (default; "
+                        "--no-stab-decay-gamma: none on them, the ablation)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--stats-batch", type=int, default=256, help="test images in the fixed layer-statistics batch")

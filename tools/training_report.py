@@ -304,6 +304,12 @@ def write_doc(payload: dict[str, Any], doc: Path, plots: list[Path]) -> None:
     propagation = ("present" if corrections.get("Standardize", 0) else "absent (the moment-propagation pass had not "
                    "landed: the residual adds get no scale correction and the ReLU after each add stays a plain ReLU)")
     exponent = {"sqrt": "1/2", "linear": "1", "none": "0"}[s["lr_scaling"]]
+    if s.get("stab_decay_gamma", False):
+        stab_groups = (f"`normprop_fx.param_groups(model, {s['weight_decay']}, decay_scale_params=True)` (weight "
+                       "decay on every parameter, gamma/beta/biases included)")
+    else:
+        stab_groups = (f"`normprop_fx.param_groups(model, {s['weight_decay']})` (weight decay on conv/linear "
+                       "weights only, none on gamma/beta/biases)")
     images = "\n".join(f"![{p.stem}]({os.path.relpath(p, doc.parent)})" for p in plots)
     text = f"""# Training parity on Fashion-MNIST: BatchNorm vs NormProp
 
@@ -330,8 +336,7 @@ per-epoch records are in `{os.path.relpath(Path(s['out']) / 'results.json', doc.
   epochs. A last batch shorter than the batch size is dropped.
 - Learning-rate grid (the same for every variant of a batch size; the batch-128 grid scaled by
   (batch/128)^{exponent}): {grids}.
-- Stabilizers (`+ stabilizers`): `normprop_fx.param_groups(model, {s['weight_decay']})` (weight decay
-  on conv/linear weights only, none on gamma/beta/biases) and
+- Stabilizers (`+ stabilizers`): {stab_groups} and
   `normprop_fx.adaptive_clip_grad_(model, {s['clip_factor']})` after every backward (unit-wise AGC:
   weight rows, joint (gamma_i, beta_i) pairs, the classifier excluded). Without them: plain
   `SGD(model.parameters(), weight_decay={s['weight_decay']})`.

@@ -32,9 +32,19 @@ from normprop_fx.datasets import DatasetNotFoundError  # noqa: E402
 CONFIGS = {"default": False, "decay gamma/beta": True}  # name -> TrainSettings.decay_scale_params
 
 
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not seeds or any(s < 0 for s in seeds):
+        raise argparse.ArgumentTypeError(f"expected seeds >= 0, got {text!r}")
+    return seeds
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = train._ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=train._numbers(int), default=[0, 1, 2, 3, 4])
+    p.add_argument("--seeds", type=_seeds, default=[0, 1, 2, 3, 4], help="comma-separated seeds (default 0,1,2,3,4)")
     p.add_argument("--batch-sizes", type=train._numbers(int), default=[128, 8, 1])
     p.add_argument("--lr", type=float, default=1.0,
                    help="learning rate at batch 128, scaled by (batch/128)^1/2 as in train.py (default 1)")
