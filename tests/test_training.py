@@ -256,3 +256,27 @@ def test_stable_range_and_best_run():
     assert report.best_run(runs)["lr"] == 0.3
     assert report.best_run([runs[2]]) is None
     assert report.best_run([runs[4]])["lr"] == 1.0
+
+
+def test_seed_spread_tool_on_fake_idx_files(tmp_path):
+    _fake_fashion_mnist(tmp_path)
+    doc, raw = tmp_path / "seeds.md", tmp_path / "seeds.json"
+    tool = str(ROOT / "tools" / "training_seeds.py")
+    result = subprocess.run(
+        [sys.executable, tool, "--data-dir", str(tmp_path), "--seeds", "0,1", "--batch-sizes", "16,1",
+         "--epochs", "1", "--bs1-steps", "4", "--train-size", "64", "--test-size", "32", "--stats-batch", "16",
+         "--json", str(raw), "--doc", str(doc)],
+        check=False, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(raw.read_text())["rows"]
+    # 2 batch sizes x 2 stabilizer settings x 2 seeds, each with its measured layer std range
+    assert len(rows) == 8 and {r["seed"] for r in rows} == {0, 1}
+    assert all(r["status"] == "trained" and 0 < r["std_min"] <= r["std_max"] for r in rows)
+    text = doc.read_text()
+    assert "## Spread over seeds" in text and "| 16 | decay on gamma/beta (default) | 2 |" in text
+    rerendered = subprocess.run([sys.executable, tool, "--report-only", "--json", str(raw), "--doc", str(doc)],
+                                check=False, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert rerendered.returncode == 0 and doc.read_text() == text
+    bad = subprocess.run([sys.executable, tool, "--seeds", "a"], check=False, capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert bad.returncode == 2 and "integers" in bad.stderr

@@ -3,7 +3,7 @@
 
 tools/train.py runs one seed over a learning-rate grid; this runs one learning rate per batch size
 (by default the best ones of docs/training.md) over several seeds, with the default stabilizers
-and with weight decay on gamma/beta too, and writes a markdown page with the final test accuracy
+with and without weight decay on gamma/beta, and writes a markdown page with the final test accuracy
 and the range of every NormProp layer's output std at the end, per seed, plus the spread.
 It answers whether a difference between two configurations is larger than seed noise.
 
@@ -29,7 +29,8 @@ import train  # noqa: E402  (tools/train.py)
 
 from normprop_fx.datasets import DatasetNotFoundError  # noqa: E402
 
-CONFIGS = {"default": False, "decay gamma/beta": True}  # name -> TrainSettings.decay_scale_params
+#: name -> TrainSettings.decay_scale_params ("default": what tools/train.py's stabilizers use)
+CONFIGS = {"no decay on gamma/beta": False, "decay on gamma/beta (default)": True}
 
 
 def _seeds(text: str) -> list[int]:
@@ -57,6 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--std-range", type=train._numbers(float), default=[0.5, 2.0], help="the target's std range")
     p.add_argument("--json", type=Path, default=None, help="also write the raw results there")
     p.add_argument("--doc", type=Path, default=None, help="write the markdown page there")
+    p.add_argument("--report-only", action="store_true", help="do not train: render --json into --doc")
     args = p.parse_args(argv)
     if len(args.std_range) != 2:
         p.error("--std-range takes two numbers")
@@ -95,9 +97,9 @@ def render(rows: list[dict[str, Any]], args: argparse.Namespace, command: str, s
         "",
         f"Produced by `{command}` ({seconds / 60:.1f} min, torch threads 1). Model small_resnet, the setup of",
         "[training.md](../training.md) (same data subset, epochs, schedule, stabilizers) at one learning rate",
-        "per batch size; the seed sets the initial weights and the data order. *default*: "
-        "`param_groups(model, 5e-4)` + `adaptive_clip_grad_(model, 0.01)`; *decay gamma/beta*: the same with "
-        "`decay_scale_params=True`. Std: every NormProp layer's output on the fixed batch of test images, "
+        "per batch size; the seed sets the initial weights and the data order. Stabilizers: "
+        "`param_groups(model, 5e-4, decay_scale_params=...)` + `adaptive_clip_grad_(model, 0.01)`; *decay on "
+        "gamma/beta* is `decay_scale_params=True`, what tools/train.py uses by default. Std: every NormProp layer's output on the fixed batch of test images, "
         "at the end of training.",
         "",
         "| batch | lr | stabilizers | seed | status | test acc % | layer std min-max | worst layer | max gamma |",
@@ -111,8 +113,8 @@ def render(rows: list[dict[str, Any]], args: argparse.Namespace, command: str, s
             f"| batch | stabilizers | seeds | test acc % mean (min-max) | max layer std median (min-max) | "
             f"seeds with every std in [{lo:g}, {hi:g}] |",
             "|---|---|---|---|---|---|"]
-    for batch_size in args.batch_sizes:
-        for config in CONFIGS:
+    for batch_size in dict.fromkeys(r["batch_size"] for r in rows):
+        for config in dict.fromkeys(r["config"] for r in rows):
             group = [r for r in rows if r["batch_size"] == batch_size and r["config"] == config]
             acc = [100 * r["accuracy"] for r in group]
             top = [r["std_max"] for r in group]
@@ -126,6 +128,14 @@ def render(rows: list[dict[str, Any]], args: argparse.Namespace, command: str, s
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)
+    if args.report_only:
+        if args.json is None or args.doc is None:
+            print("training_seeds.py: error: --report-only needs --json and --doc", file=sys.stderr)
+            return 2
+        saved = json.loads(args.json.read_text())
+        args.doc.write_text(render(saved["rows"], args, saved["command"], saved["seconds"]))
+        print(f"wrote {args.doc}")
+        return 0
     train_args = train.parse_args(["--train-size", str(args.train_size), "--test-size", str(args.test_size),
                                    "--stats-batch", str(args.stats_batch)]
                                   + (["--data-dir", args.data_dir] if args.data_dir else []))
@@ -141,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     page = render(rows, args, command.strip(), seconds)
     print(page)
     if args.json is not None:
-        args.json.write_text(json.dumps(rows, indent=1))
+        args.json.write_text(json.dumps({"command": command.strip(), "seconds": seconds, "rows": rows}, indent=1))
     if args.doc is not None:
         args.doc.parent.mkdir(parents=True, exist_ok=True)
         args.doc.write_text(page)
