@@ -2,11 +2,13 @@
 
 The NormProp modules are written for inductor already (see ``layers.py``): the per-channel
 ``gamma / ||W||`` multiplies the weight, so it is one small reduction over each filter that
-inductor fuses into a kernel over the weights, O(#weights); ``beta`` is the conv/linear bias; and
-``f(u) * (1/c_std) - c_mean/c_std`` has Python-float constants, so the activation and the
-post-activation normalization become one pointwise kernel over the activations. Nothing in a
-NormProp forward reduces over the activations, where a training-mode BatchNorm needs a
-statistics pass in the forward and two reductions in the backward.
+inductor fuses into a kernel over the weights, O(#weights); ``beta`` is added after the conv
+(under torch.compile; the conv bias in eager mode); and ``f(u) * (1/c_std) - c_mean/c_std`` has
+Python-float constants, so beta, the activation and the post-activation normalization become one
+pointwise kernel over the activations. The ReLU family differentiates through its output
+(``piecewise_linear.py``), so the training graph saves no bool mask. Nothing in a NormProp forward
+reduces over the activations, where a training-mode BatchNorm needs a statistics pass in the
+forward and two reductions in the backward.
 
 ``compile`` checks its argument, says (through ``logging``) what it found, and calls
 ``torch.compile``; every keyword goes to ``torch.compile`` unchanged.
