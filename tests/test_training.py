@@ -265,13 +265,14 @@ def test_seed_spread_tool_on_fake_idx_files(tmp_path):
     result = subprocess.run(
         [sys.executable, tool, "--data-dir", str(tmp_path), "--seeds", "0,1", "--batch-sizes", "16,1",
          "--epochs", "1", "--bs1-steps", "4", "--train-size", "64", "--test-size", "32", "--stats-batch", "16",
-         "--json", str(raw), "--doc", str(doc)],
+         "--bn-lrs", "0.01,0.001", "--json", str(raw), "--doc", str(doc)],
         check=False, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr
     rows = json.loads(raw.read_text())["rows"]
-    # 2 batch sizes x 2 stabilizer settings x 2 seeds, each with its measured layer std range
-    assert len(rows) == 8 and {r["seed"] for r in rows} == {0, 1}
-    assert all(r["status"] == "trained" and 0 < r["std_min"] <= r["std_max"] for r in rows)
+    # 2 batch sizes x (NormProp with 2 stabilizer settings + BN) x 2 seeds, each with its layer std range
+    assert len(rows) == 12 and {r["seed"] for r in rows} == {0, 1}
+    assert all(r["status"] in ("trained", "collapsed") and 0 < r["std_min"] <= r["std_max"] for r in rows)
+    assert {r["config"] for r in rows if r["lr"] in (0.01, 0.001)} == {"BN, no stabilizers"}
     text = doc.read_text()
     assert "## Spread over seeds" in text and "| 16 | decay on gamma/beta (default) | 2 |" in text
     rerendered = subprocess.run([sys.executable, tool, "--report-only", "--json", str(raw), "--doc", str(doc)],
