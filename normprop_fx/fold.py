@@ -65,12 +65,22 @@ class ConstantAffine(nn.Module):
         self.register_buffer("scale", torch.as_tensor(scale).detach().clone())
         self.register_buffer("shift", torch.as_tensor(shift).detach().clone())
         self.channel_dim = channel_dim
+        self._cache_scalars()
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._cache_scalars())
+
+    def _cache_scalars(self) -> None:
+        """Scalar constants as Python floats too: inductor then writes them into the kernel as
+        literals, where tensor scalars are loaded and converted on every iteration (10% of a
+        compiled SiLU kernel on CPU)."""
+        self._scalars = (float(self.scale), float(self.shift)) if self.is_scalar else None
 
     @property
     def is_scalar(self) -> bool:
         return self.scale.numel() == 1 and self.shift.numel() == 1 and self.scale.dim() == 0 and self.shift.dim() == 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._scalars is not None:
+            return x * self._scalars[0] + self._scalars[1]
         scale, shift = self.scale.to(x.dtype), self.shift.to(x.dtype)
         if self.channel_dim is not None:
             shape = (-1,) + (1,) * (x.dim() - 2)

@@ -210,3 +210,15 @@ def test_fold_output_keeps_working_after_deepcopy_and_in_float32():
     x = torch.randn(2, 3, 4, 4)
     with torch.no_grad():
         torch.testing.assert_close(folded(x), converted.eval()(x), rtol=1e-5, atol=1e-6)
+
+
+def test_scalar_constant_affine_follows_a_loaded_state_dict():
+    from normprop_fx.fold import ConstantAffine
+
+    affine = ConstantAffine(torch.tensor(2.0), torch.tensor(-1.0))
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(affine(x), x * 2 - 1)
+    affine.load_state_dict({"scale": torch.tensor(0.5), "shift": torch.tensor(3.0)})
+    torch.testing.assert_close(affine(x), x * 0.5 + 3)
+    per_channel = ConstantAffine(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 1.0]), channel_dim=1)
+    torch.testing.assert_close(per_channel(torch.ones(2, 2, 3)), torch.tensor([1.0, 3.0]).reshape(1, 2, 1).expand(2, 2, 3))
