@@ -17,7 +17,7 @@ CPU (default when no GPU): fp32, --threads 1 (the machine is shared), small inpu
 GPU: pass --device cuda; the defaults then are the issue's targets: batch 128, 224x224,
 bf16 autocast, channels_last. For example, on a CUDA machine:
 
-    python tools/bench.py --device cuda --json docs/bench_gpu.json docs/bench_results.json docs/bench_profile.json --write docs/bench.md
+    python tools/bench.py --device cuda --json docs/bench_gpu.json docs/bench_results.json docs/bench_targets.json --write docs/bench.md
 
 (the run appends to the first --json file; --write renders all of them, so the CPU runs stay).
 
@@ -337,7 +337,7 @@ def render(runs: list[dict[str, Any]], requested: list[str]) -> str:
         if not device_runs:
             out.append("Not measured: no such device was available for the runs behind this file. "
                        "Rerun on a GPU machine with `python tools/bench.py --device cuda --json docs/bench_gpu.json "
-                       "docs/bench_results.json docs/bench_profile.json --write docs/bench.md` (batch 128, 224x224, "
+                       "docs/bench_results.json docs/bench_targets.json --write docs/bench.md` (batch 128, 224x224, "
                        "bf16 autocast, channels_last; the GPU targets are for resnet50).")
             out.append("")
             continue
