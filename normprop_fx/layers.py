@@ -25,6 +25,9 @@ from .normalized_activation import NormalizedActivation
 
 GammaInit = str | float
 
+#: True while torch.compile traces (torch.compiler.is_compiling from torch 2.3 on).
+_is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
+
 #: Added to the squared filter norm: a zero filter gives a zero output and finite gradients
 #: (the weight gradient of a zero row is scaled by 1/sqrt(eps) = 1e4, still finite in fp16),
 #: while a filter of norm 1e-3 is normalized to within 0.5%.
@@ -262,7 +265,7 @@ class _NormPropConvNd(NormPropLayer):
             padding: Any = 0
         else:
             padding = self.padding
-        if not torch.compiler.is_compiling():
+        if not _is_compiling():
             y = type(self)._conv(x, weight, self.beta, self.stride, padding, self.dilation, self.groups)
             return self.activation(y)
         # Compiled: beta joins the pointwise kernel after the conv, and its gradient the

@@ -7,10 +7,11 @@
 For every batch size (128, 8, 1 by default) and every learning rate of one grid, trains the BN
 original ("bn"), its NormProp conversion ("np"), and both again with the library's stabilizers
 ("+stab": normprop_fx.training.param_groups with weight decay on gamma/beta too, and
-adaptive_clip_grad_; --no-stab-decay-gamma leaves gamma/beta undecayed), from the same initial weights, data order, optimizer (SGD with momentum)
-and cosine schedule. Batch size 1 runs a fixed number of steps per epoch instead of full
-epochs (--bs1-steps). Prints per epoch the train loss, test accuracy and seconds; writes
-results.json and PNG plots under --out, and the report (--doc) with the tables and targets.
+adaptive_clip_grad_; --no-stab-decay-gamma leaves gamma/beta undecayed), from the same initial
+weights, data order, optimizer (SGD with momentum) and cosine schedule. Batch size 1 runs a
+fixed number of steps per epoch instead of full epochs (--bs1-steps). Prints per epoch the train
+loss, test accuracy and seconds; writes results.json and PNG plots under --out, and the report
+(--doc) with the tables and targets.
 
 The learning-rate grid is given for batch 128 and scaled by sqrt(batch / 128) for the smaller
 batches (--lr-scaling), the same grid for every variant of a batch size.
