@@ -43,6 +43,8 @@ def _pieces(spec: ActivationSpec) -> tuple[float | None, float | None, float, fl
 
 
 class _NormalizedPiecewiseLinear(torch.autograd.Function):
+    generate_vmap_rule = True  # torch.func.vmap (per-sample gradients) works through it
+
     @staticmethod
     def forward(u: torch.Tensor, spec: ActivationSpec, scale: float, shift: float) -> torch.Tensor:
         return spec(u) * scale + shift

@@ -51,3 +51,15 @@ def test_normalized_activation_uses_it_and_keeps_its_gradient():
 def test_a_nonpositive_scale_is_refused():
     with pytest.raises(ValueError, match="positive"):
         normalized_piecewise_linear(torch.zeros(3), activation("relu"), -1.0, 0.0)
+
+
+def test_per_sample_gradients_with_torch_func():
+    spec = activation("relu")
+    u = torch.randn(5, 7, dtype=torch.float64)
+
+    def loss(row: torch.Tensor) -> torch.Tensor:
+        return (normalized_piecewise_linear(row, spec, 1.5, -0.5) ** 2).sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss))(u)
+    expected = 2 * (torch.relu(u) * 1.5 - 0.5) * 1.5 * (u > 0)
+    torch.testing.assert_close(per_sample, expected)
