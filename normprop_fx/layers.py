@@ -265,14 +265,15 @@ class _NormPropConvNd(NormPropLayer):
             padding: Any = 0
         else:
             padding = self.padding
-        if not _is_compiling():
-            y = type(self)._conv(x, weight, self.beta, self.stride, padding, self.dilation, self.groups)
-            return self.activation(y)
-        # Compiled: beta joins the pointwise kernel after the conv, and its gradient the
-        # backward pointwise kernel, which reads the output gradient anyway; as the conv's bias,
-        # the convolution backward would reduce that gradient in a pass of its own.
-        y = type(self)._conv(x, weight, None, self.stride, padding, self.dilation, self.groups)
-        return self.activation(y + self.beta.reshape(-1, *([1] * self._dims)))
+        # Compiled, beta is added after the conv, so it joins the pointwise kernel there (and its
+        # gradient is reduced by inductor): as the conv's bias, mkldnn's convolution backward
+        # reduced that gradient in a pass of its own. Eager, the conv bias is the cheaper form.
+        compiling = _is_compiling()
+        bias = None if compiling else self.beta
+        y = type(self)._conv(x, weight, bias, self.stride, padding, self.dilation, self.groups)
+        if compiling:
+            y = y + self.beta.reshape(-1, *([1] * self._dims))
+        return self.activation(y)
 
     def extra_repr(self) -> str:
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
