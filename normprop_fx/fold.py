@@ -66,7 +66,7 @@ class ConstantAffine(nn.Module):
         self.register_buffer("shift", torch.as_tensor(shift).detach().clone())
         self.channel_dim = channel_dim
         self._cache_scalars()
-        self.register_load_state_dict_post_hook(lambda module, _keys: module._cache_scalars())
+        self.register_load_state_dict_post_hook(_cache_scalars_after_load)  # (a lambda would not pickle)
 
     def _cache_scalars(self) -> None:
         """Scalar constants as Python floats too: inductor then writes them into the kernel as
@@ -93,6 +93,10 @@ class ConstantAffine(nn.Module):
 
         where = "" if self.channel_dim is None else f", channel_dim={self.channel_dim}"
         return f"scale={fmt(self.scale)}, shift={fmt(self.shift)}{where}"
+
+
+def _cache_scalars_after_load(module: ConstantAffine, _incompatible_keys: object) -> None:
+    module._cache_scalars()
 
 
 def fold(converted: nn.Module) -> fx.GraphModule:

@@ -4,6 +4,7 @@ constant affines into the following layer only where exact, and never touches it
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -210,6 +211,22 @@ def test_fold_output_keeps_working_after_deepcopy_and_in_float32():
     x = torch.randn(2, 3, 4, 4)
     with torch.no_grad():
         torch.testing.assert_close(folded(x), converted.eval()(x), rtol=1e-5, atol=1e-6)
+
+
+def test_folded_model_survives_torch_save_and_load():
+    from normprop_fx.fold import ConstantAffine
+
+    # ConstantAffine's load hook is a module-level function: a lambda made torch.save fail
+    converted = normprop_fx.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1)))
+    folded = normprop_fx.fold(converted)
+    assert any(isinstance(m, ConstantAffine) for m in folded.modules())  # zero padding keeps it
+    buffer = io.BytesIO()
+    torch.save(folded, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), folded(x))
 
 
 def test_scalar_constant_affine_follows_a_loaded_state_dict():
