@@ -16,6 +16,7 @@ from torch.nn.parameter import is_lazy
 from .activation_functions import activation
 from .errors import InvalidOptionError, NormPropError
 from .layers import DEFAULT_EPS, GammaInit, resolve_gamma_init
+from .passes.absorb_corrections import absorb_corrections
 from .passes.input_shape import resolve_example_inputs
 from .passes.inventory import batchnorm_modules, batchnorms_outside_graph
 from .passes.match import match_patterns
@@ -118,6 +119,7 @@ def convert(
             f"{[tuple(x.shape) for x in inputs]}: {type(err).__name__}: {err}. "
             "Pass example_inputs= with a shape the model accepts."
         ) from err
+    gm, corrections = absorb_corrections(gm, corrections)
 
     report = ConversionReport(
         model=type(model).__name__,

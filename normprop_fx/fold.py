@@ -40,6 +40,7 @@ from .affine import NormPropAffine
 from .errors import NormPropError
 from .layers import NormPropLayer, NormPropLinear, _NormPropConvNd
 from .normalized_activation import NormalizedActivation
+from .passes.module_uses import module_uses
 from .standardize import Standardize
 
 logger = logging.getLogger(__name__)
@@ -308,14 +309,7 @@ def _merge_consecutive_affines(gm: fx.GraphModule) -> int:
 
 
 def _fold_affines_into_following_layers(gm: fx.GraphModule) -> int:
-    # how often each module is used: called, or read through get_attr of it or of its tensors
-    calls: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.op in ("call_module", "get_attr"):
-            parts = node.target.split(".")
-            for i in range(1, len(parts) + 1):
-                prefix = ".".join(parts[:i])
-                calls[prefix] = calls.get(prefix, 0) + 1
+    calls = module_uses(gm)
     folded = 0
     for node in list(gm.graph.nodes):
         affine = _affine_of(gm, node)

@@ -18,6 +18,10 @@ class NormalizedActivation(nn.Module):
     fuse ``f(u) * (1/c_std) - c_mean/c_std`` into one pointwise kernel. Piecewise-linear
     activations (ReLU and kin) take their gradient from the output (``piecewise_linear.py``), so
     a compiled training step saves no mask for the backward.
+
+    A scalar moment-propagation correction that reads only this activation's output can be
+    merged into it (:meth:`absorb_correction`): the output is then
+    ``((f(u) - c_mean) / c_std - correction_mean) * correction_scale``, still one affine.
     """
 
     def __init__(self, spec: ActivationSpec | str = "relu") -> None:
@@ -26,8 +30,43 @@ class NormalizedActivation(nn.Module):
         constants = activation_constants(self.spec)
         self.mean = constants.mean
         self.std = constants.std
-        self._scale = 1.0 / constants.std
-        self._shift = -constants.mean / constants.std
+        self.correction_reason = ""
+        self._set_affine()
+        self.register_load_state_dict_post_hook(_set_affine_after_load)  # (a lambda would not pickle)
+
+    @property
+    def has_correction(self) -> bool:
+        return hasattr(self, "correction_mean")
+
+    def absorb_correction(self, mean: torch.Tensor, scale: torch.Tensor, reason: str = "") -> None:
+        """Apply the constant ``(o - mean) * scale`` (scalars, ``scale > 0``) to the output too.
+
+        The correction is kept as the buffers ``correction_mean`` and ``correction_scale`` (a
+        saved state_dict restores them, as it does a Standardize's) and folded into the Python
+        float constants of the forward. Refused for the identity (it has no affine to merge
+        into) and for an activation that already has a correction.
+        """
+        mean, scale = torch.as_tensor(mean), torch.as_tensor(scale)
+        if self.spec.is_identity:
+            raise ValueError("the identity activation has no affine to absorb a correction into")
+        if self.has_correction:
+            raise ValueError("this activation already absorbed a correction")
+        if mean.numel() != 1 or scale.numel() != 1:
+            raise ValueError(f"only a scalar correction can be absorbed, got mean {tuple(mean.shape)}, scale {tuple(scale.shape)}")
+        if not (torch.isfinite(mean).all() and torch.isfinite(scale).all() and (scale > 0).all()):
+            raise ValueError("a correction needs a finite mean and a finite positive scale")
+        self.register_buffer("correction_mean", mean.detach().reshape(()).float().clone())
+        self.register_buffer("correction_scale", scale.detach().reshape(()).float().clone())
+        self.correction_reason = reason
+        self._set_affine()
+
+    def _set_affine(self) -> None:
+        """``_scale``, ``_shift``: the output affine of ``f(u)``, correction included."""
+        scale, shift = 1.0 / self.std, -self.mean / self.std
+        if self.has_correction:
+            mean, factor = float(self.correction_mean), float(self.correction_scale)
+            scale, shift = scale * factor, (shift - mean) * factor
+        self._scale, self._shift = scale, shift
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.is_identity:
@@ -37,4 +76,11 @@ class NormalizedActivation(nn.Module):
         return self.spec(x) * self._scale + self._shift
 
     def extra_repr(self) -> str:
-        return f"{self.spec}, mean={self.mean:.6g}, std={self.std:.6g}"
+        s = f"{self.spec}, mean={self.mean:.6g}, std={self.std:.6g}"
+        if self.has_correction:
+            s += f", then (o - {float(self.correction_mean):.4g}) * {float(self.correction_scale):.4g}"
+        return s
+
+
+def _set_affine_after_load(module: NormalizedActivation, _incompatible_keys: object) -> None:
+    module._set_affine()

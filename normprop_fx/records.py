@@ -34,7 +34,7 @@ class LeftBatchNorm:
 class Correction:
     """A constant (x - mean) * scale inserted by moment propagation in front of a consumer."""
 
-    path: str  #: qualified name of the Standardize module
+    path: str  #: qualified name of the Standardize module, or of the NormalizedActivation that absorbed it
     consumer: str  #: the NormProp layer / affine / normalized activation it feeds
     source: str  #: the value it corrects
     reason: str

@@ -1,0 +1,170 @@
+"""Pass 5 (passes/absorb_corrections.py): a scalar correction that reads only a normalized
+activation's output is merged into that activation's affine; everything else stays a Standardize."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import fx, nn
+
+import normprop_fx
+from normprop_fx import NormalizedActivation, Standardize
+from normprop_fx.passes.absorb_corrections import absorb_corrections
+from normprop_fx.records import Correction
+
+
+def two_layers(act: type[nn.Module] = nn.ReLU) -> fx.GraphModule:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), act(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), act(),
+    )
+    return normprop_fx.convert(model)
+
+
+def with_correction(gm: fx.GraphModule, mean: torch.Tensor, scale: torch.Tensor, extra_reader: bool = False) -> tuple[fx.GraphModule, Correction]:
+    """``gm`` with a Standardize between its two NormProp layers, as moment propagation inserts
+    one; ``extra_reader`` makes the graph also return the uncorrected first-layer output."""
+    gm = copy.deepcopy(gm)
+    first = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "0")
+    second = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "3")
+    gm.add_submodule("correction", Standardize(mean, scale, reason="test"))
+    with gm.graph.inserting_before(second):
+        corrected = gm.graph.call_module("correction", (first,))
+    second.replace_input_with(first, corrected)
+    if extra_reader:
+        output = next(n for n in gm.graph.nodes if n.op == "output")
+        output.args = ((output.args[0], first),)
+    gm.recompile()
+    record = Correction(path="correction", consumer="3", source="0", reason="test", mean=str(float(mean.mean())),
+                        scale=str(float(scale.mean())), estimated=False)
+    return gm, record
+
+
+def standardizes(gm: fx.GraphModule) -> list[str]:
+    return [n.target for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), Standardize)]
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.SiLU], ids=["relu", "silu"])
+def test_scalar_correction_after_a_layer_is_merged_into_its_activation(act):
+    gm, record = with_correction(two_layers(act), torch.tensor(0.3), torch.tensor(0.8))
+    x = torch.randn(2, 3, 8, 8)
+    expected = gm(x)
+    merged, (new_record,) = absorb_corrections(gm, [record])
+    assert standardizes(merged) == []
+    activation = merged.get_submodule("0.activation")
+    assert activation.has_correction and "then (o - 0.3) * 0.8" in repr(activation)
+    assert new_record.path == "0.activation" and "applied by 0.activation's output affine" in new_record.reason
+    torch.testing.assert_close(merged(x), expected, rtol=1e-6, atol=1e-6)
+    # the gradient is unchanged too (the ReLU's is taken from the corrected output)
+    gm.zero_grad()
+    merged.zero_grad()
+    gm(x).square().sum().backward()
+    merged(x).square().sum().backward()
+    torch.testing.assert_close(merged.get_submodule("0").weight.grad, gm.get_submodule("0").weight.grad, rtol=1e-5, atol=1e-6)
+    # and the inference form folds the merged affine like any other
+    torch.testing.assert_close(normprop_fx.fold(merged)(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_merged_correction_is_saved_and_restored_with_the_state_dict():
+    gm, record = with_correction(two_layers(), torch.tensor(0.3), torch.tensor(0.8))
+    merged, _ = absorb_corrections(gm, [record])
+    state = merged.state_dict()
+    assert float(state["0.activation.correction_mean"]) == pytest.approx(0.3)
+    state["0.activation.correction_mean"] = torch.tensor(-0.2)
+    state["0.activation.correction_scale"] = torch.tensor(1.5)
+    merged.load_state_dict(state)
+    # the forward's float constants follow the loaded buffers
+    activation = merged.get_submodule("0.activation")
+    u = torch.randn(100)
+    own = (torch.relu(u) - activation.mean) / activation.std
+    torch.testing.assert_close(activation(u), (own + 0.2) * 1.5, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("mean", "scale", "extra_reader", "why"),
+    [
+        (torch.full((8, 1, 1), 0.1), torch.full((8, 1, 1), 0.9), False, "per-channel"),
+        (torch.tensor(0.1), torch.tensor(0.9), True, "the uncorrected value has another reader"),
+    ],
+    ids=["per-channel", "two-readers"],
+)
+def test_what_cannot_be_merged_stays_a_standardize(mean, scale, extra_reader, why):
+    gm, record = with_correction(two_layers(), mean, scale, extra_reader)
+    x = torch.randn(2, 3, 8, 8)
+    expected = gm(x)
+    kept, records = absorb_corrections(gm, [record])
+    assert standardizes(kept) == ["correction"], why
+    assert records == [record] and not kept.get_submodule("0.activation").has_correction
+    torch.testing.assert_close(kept(x), expected)
+
+
+def test_identity_activation_keeps_its_correction():
+    act = NormalizedActivation("identity")
+    with pytest.raises(ValueError, match="identity"):
+        act.absorb_correction(torch.tensor(0.0), torch.tensor(2.0))
+
+
+def test_absorb_correction_refuses_bad_constants_and_a_second_correction():
+    act = NormalizedActivation("relu")
+    with pytest.raises(ValueError, match="scalar"):
+        act.absorb_correction(torch.zeros(3), torch.ones(3))
+    with pytest.raises(ValueError, match="positive"):
+        act.absorb_correction(torch.tensor(0.0), torch.tensor(-1.0))
+    act.absorb_correction(torch.tensor(0.0), torch.tensor(2.0))
+    with pytest.raises(ValueError, match="already"):
+        act.absorb_correction(torch.tensor(0.0), torch.tensor(2.0))
+
+
+def test_mobilenet_v3_large_merges_every_scalar_correction_after_a_layer():
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v3_large()
+    converted = normprop_fx.convert(model, example_inputs=torch.empty(2, 3, 64, 64))
+    report = normprop_fx.conversion_report(converted)
+    merged = [c for c in report.corrections if c.path.endswith(".activation")]
+    assert len(merged) >= 5
+    for c in merged:
+        assert converted.get_submodule(c.path).has_correction
+    # no scalar Standardize is left right after a NormProp layer that only it reads
+    for node in converted.graph.nodes:
+        if node.op == "call_module" and isinstance(converted.get_submodule(node.target), Standardize):
+            source = node.args[0]
+            module = converted.get_submodule(source.target) if source.op == "call_module" else None
+            scalar = converted.get_submodule(node.target).mean.numel() == 1
+            assert not (scalar and isinstance(module, normprop_fx.NormPropLayer) and len(source.users) == 1), node.target
+    # every record points at a module of the converted model
+    paths = dict(converted.named_modules())
+    assert all(c.path in paths or c.path.endswith(".correction") for c in report.corrections)
+
+
+def saved_activations(model: nn.Module, x: torch.Tensor) -> list[tuple[int, ...]]:
+    """Shapes of the batch-sized 4-D tensors a compiled training step saves for its backward."""
+    torch._dynamo.reset()
+    compiled = normprop_fx.compile(model)
+    shapes: list[tuple[int, ...]] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = compiled(x)
+    y.sum().backward()
+    return [s for s in shapes if len(s) == 4 and s[0] == x.shape[0]]
+
+
+def test_compiled_training_step_saves_one_tensor_per_layer_once_merged():
+    # Why the pass exists: with the Standardize kept, the backward needs the activation's own
+    # output (its gradient) and the corrected value (the next conv's), two tensors where a
+    # network without normalization saves one. Merged, the corrected output serves both.
+    gm, record = with_correction(two_layers(), torch.tensor(0.3), torch.tensor(0.8))
+    x = torch.randn(4, 3, 16, 16)
+    kept = saved_activations(copy.deepcopy(gm), x)
+    merged = saved_activations(absorb_corrections(copy.deepcopy(gm), [record])[0], x)
+    floor = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+    )
+    assert len(merged) == len(saved_activations(floor, x)) == len(kept) - 1, (kept, merged)
