@@ -11,8 +11,9 @@ import torchvision
 from torch import fx, nn
 
 import normprop_fx
-from normprop_fx import NormalizedActivation, Standardize
+from normprop_fx import NormalizedActivation, NormPropConv2d, Standardize
 from normprop_fx.passes.absorb_corrections import absorb_corrections
+from normprop_fx.passes.trace import NormPropTracer
 from normprop_fx.records import Correction
 
 
@@ -168,3 +169,68 @@ def test_compiled_training_step_saves_one_tensor_per_layer_once_merged():
         nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
     )
     assert len(merged) == len(saved_activations(floor, x)) == len(kept) - 1, (kept, merged)
+
+
+class ResidualBlock(nn.Module):
+    """``y = a(x)``, then ``b(correction(y)) + y`` (a ResNet's identity block), or with
+    ``second`` set, ``b(correction(y)) + c(second(y))`` (a downsampling block: the same value
+    corrected for two convs)."""
+
+    def __init__(self, second: tuple[float, float] | None = None) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = NormPropConv2d(3, 8, 3, padding=1, activation="relu")
+        self.correction = Standardize(torch.tensor(0.3), torch.tensor(0.8))
+        self.b = NormPropConv2d(8, 8, 3, padding=1, activation="relu")
+        self.second = None if second is None else Standardize(torch.tensor(second[0]), torch.tensor(second[1]))
+        self.c = NormPropConv2d(8, 8, 1, activation="identity")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        out = self.b(self.correction(y))
+        return out + (y if self.second is None else self.c(self.second(y)))
+
+
+def traced_with_records(model: nn.Module) -> tuple[fx.GraphModule, list[Correction]]:
+    gm = fx.GraphModule(model, NormPropTracer().trace(model))
+    records = [
+        Correction(path=n.target, consumer=str(next(iter(n.users))), source="a", reason="test", mean="", scale="", estimated=False)
+        for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), Standardize)
+    ]
+    return gm, records
+
+
+def check_same_function(before: fx.GraphModule, after: fx.GraphModule) -> None:
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(after(x), before(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(normprop_fx.fold(after)(x), before(x), rtol=1e-5, atol=1e-5)
+
+
+def test_residual_add_takes_the_uncorrected_value_back():
+    gm, records = traced_with_records(ResidualBlock())
+    merged, new_records = absorb_corrections(copy.deepcopy(gm), records)
+    check_same_function(gm, merged)
+    assert merged.get_submodule("a.activation").has_correction
+    # the add reads z / 0.8 + 0.3: Standardize(mean=-0.3 * 0.8, scale=1 / 0.8)
+    (restore,) = standardizes(merged)
+    module = merged.get_submodule(restore)
+    assert float(module.mean) == pytest.approx(-0.24) and float(module.scale) == pytest.approx(1.25)
+    assert [r.path for r in new_records] == ["a.activation", restore]
+    assert "restores the uncorrected output of a" in new_records[1].reason
+    # compiled, the step saves one tensor less: z serves a's backward and b's
+    x = torch.randn(4, 3, 16, 16)
+    assert len(saved_activations(merged, x)) == len(saved_activations(gm, x)) - 1
+
+
+@pytest.mark.parametrize(("second", "left"), [((0.3, 0.8), 0), ((0.1, 0.5), 1)], ids=["same", "different"])
+def test_a_second_correction_of_the_same_value_is_composed_or_dropped(second, left):
+    gm, records = traced_with_records(ResidualBlock(second))
+    merged, new_records = absorb_corrections(copy.deepcopy(gm), records)
+    check_same_function(gm, merged)
+    assert len(standardizes(merged)) == left and len(new_records) == 2
+    if left:
+        composed = merged.get_submodule("second")
+        # ((z / 0.8 + 0.3) - 0.1) * 0.5 = (z + 0.16) * 0.625
+        assert float(composed.mean) == pytest.approx(-0.16) and float(composed.scale) == pytest.approx(0.625)
+    else:
+        assert {r.path for r in new_records} == {"a.activation"}
