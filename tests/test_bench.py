@@ -22,13 +22,13 @@ def test_tiny_run_records_times_page_faults_and_the_allocator(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     (run,) = json.loads(results.read_text())
     (res,) = run["results"]
-    keys = {f"train/{v}/eager" for v in ("bn", "normprop", "floor")}
+    keys = {f"train/{v}/eager" for v in ("bn", "normprop", "floor", "floor_bias")}
     assert set(res["median_ms"]) == keys and set(res["page_faults_per_step"]) == keys
     assert all(len(v) == 2 and min(v) > 0 for v in res["all_ms"].values())
     assert run["machine"]["malloc"].startswith(("glibc mallopt", "default"))
     text = page.read_text()
     assert "minor page faults/step" in text and f"- allocator: {run['machine']['malloc']}" in text
-    assert "| train normprop / bn (eager)" in text
+    assert "| train normprop / bn (eager)" in text and "| train normprop / floor_bias (eager)" in text
 
 
 def test_report_only_renders_results_recorded_before_page_faults_were(tmp_path):

@@ -3,7 +3,9 @@
 For each model it times (a) a training step (forward, backward, SGD step) and (b) inference,
 eager and torch.compile'd, for
 
-    train:  bn (the original), normprop (convert), floor (every BatchNorm -> nn.Identity)
+    train:  bn (the original), normprop (convert), floor (every BatchNorm -> nn.Identity),
+            floor_bias (every BatchNorm -> a learned per-channel bias: the floor plus what
+            NormProp's beta costs on its own, to split NormProp's cost over the floor)
     infer:  bn, normprop, floor (eval mode, unfolded),
             bn_folded (torch.fx.experimental.optimization.fuse: conv-BN folded into the conv),
             normprop_folded (normprop_fx.fold)
@@ -60,7 +62,7 @@ from torch.fx.experimental.optimization import fuse
 import normprop_fx
 
 MODELS = ("resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0")
-TRAIN_VARIANTS = ("bn", "normprop", "floor")
+TRAIN_VARIANTS = ("bn", "normprop", "floor", "floor_bias")
 INFER_VARIANTS = ("bn", "normprop", "floor", "bn_folded", "normprop_folded")
 MODES = ("eager", "compiled")
 #: Text from this line on in an existing --write file is kept when the file is re-rendered
@@ -154,12 +156,33 @@ def without_batchnorm(model: nn.Module) -> nn.Module:
     return floor
 
 
+class ChannelBias(nn.Module):
+    """``x + bias`` on dim 1, the bias learned: what a BatchNorm becomes in the floor_bias variant."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.bias.reshape(-1, *([1] * (x.dim() - 2)))
+
+
+def with_bias_for_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every BatchNorm replaced by a learned per-channel bias."""
+    copied = copy.deepcopy(model)
+    for name, module in list(copied.named_modules()):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            copied.set_submodule(name, ChannelBias(module.num_features))
+    return copied
+
+
 def build_models(name: str, workloads: list[str]) -> dict[str, dict[str, nn.Module]]:
     original = getattr(torchvision.models, name)()
     converted = normprop_fx.convert(original)
     built: dict[str, dict[str, nn.Module]] = {"reference": {"original": original, "converted": converted}}
     if "train" in workloads:
-        built["train"] = {"bn": copy.deepcopy(original), "normprop": copy.deepcopy(converted), "floor": without_batchnorm(original)}
+        built["train"] = {"bn": copy.deepcopy(original), "normprop": copy.deepcopy(converted), "floor": without_batchnorm(original),
+                          "floor_bias": with_bias_for_batchnorm(original)}
     if "infer" in workloads:
         built["infer"] = {
             "bn": copy.deepcopy(original).eval(),
@@ -323,6 +346,8 @@ def machine(args: argparse.Namespace) -> dict[str, Any]:
 RATIOS = (
     ("train normprop / bn", "train/normprop", "train/bn", "train normprop/bn (CPU)"),
     ("train normprop / floor", "train/normprop", "train/floor", "train normprop/floor"),
+    ("train floor_bias / floor (a learned bias alone)", "train/floor_bias", "train/floor", None),
+    ("train normprop / floor_bias", "train/normprop", "train/floor_bias", None),
     ("infer normprop_folded / bn_folded", "infer/normprop_folded", "infer/bn_folded", "infer normprop_folded/bn_folded"),
     ("infer normprop / bn, unfolded", "infer/normprop", "infer/bn", None),
 )
