@@ -383,6 +383,8 @@ def render(runs: list[dict[str, Any]], requested: list[str]) -> str:
                "Times are medians over interleaved rounds of the time per step, in ms. Ratios come from the same "
                "run, two ways: the ratio of the two medians, and the median over rounds of the ratio measured within "
                "one round (robust to load that changes between rounds); the verdict uses the latter. `floor` = the same network with every BatchNorm replaced by `nn.Identity`; "
+               "`floor_bias` (training) = every BatchNorm replaced by a learned per-channel bias, what NormProp's beta "
+               "costs by itself; minor page faults per step show what the allocator cost each variant; "
                "`bn_folded` = `torch.fx.experimental.optimization.fuse` (conv-BN folding) of the eval model; "
                "`normprop_folded` = `normprop_fx.fold` of the conversion. Compiled = `torch.compile` (inductor, "
                "default mode) via `normprop_fx.compile`.")
