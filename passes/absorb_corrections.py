@@ -60,7 +60,7 @@ def absorb_corrections(gm: fx.GraphModule, corrections: list[Correction]) -> tup
     removed: set[fx.Node] = set()
     changed = False
     for node in list(gm.graph.nodes):
-        correction = _scalar_standardize(gm, node, uses)
+        correction = _scalar_correction(gm, node, uses, records)
         if node in removed or correction is None:
             continue
         source = node.args[0]
@@ -74,7 +74,7 @@ def absorb_corrections(gm: fx.GraphModule, corrections: list[Correction]) -> tup
             or act.has_correction
             or uses[source.target] != 1
             or owners[id(act)] != 1
-            or not all(_takes_uncorrected(gm, u, uses) for u in others)
+            or not all(_takes_uncorrected(gm, u, uses, records) for u in others)
         ):
             continue
         mean, scale = float(correction.mean), float(correction.scale)
@@ -88,7 +88,7 @@ def absorb_corrections(gm: fx.GraphModule, corrections: list[Correction]) -> tup
             records[node.target], path=path, reason=f"{records[node.target].reason}; applied by {path}'s output affine"
         )
         for reader in others:
-            if _scalar_standardize(gm, reader, uses) is not None:  # a second correction
+            if _scalar_correction(gm, reader, uses, records) is not None:  # a second correction
                 second = gm.get_submodule(reader.target)
                 m2, s2 = float(second.mean), float(second.scale)
                 composed_mean, composed_scale = (m2 - mean) * scale, s2 / scale
@@ -121,9 +121,11 @@ def absorb_corrections(gm: fx.GraphModule, corrections: list[Correction]) -> tup
     return gm, [records[p] for p in order]
 
 
-def _scalar_standardize(gm: fx.GraphModule, node: fx.Node, uses: Counter[str]) -> Standardize | None:
-    """The Standardize ``node`` calls, when it is scalar and called only there."""
-    if node.op != "call_module" or uses[node.target] != 1:
+def _scalar_correction(gm: fx.GraphModule, node: fx.Node, uses: Counter[str], records: dict[str, Correction]) -> Standardize | None:
+    """The Standardize ``node`` calls, when it is a correction of this conversion (it has a
+    record: a Standardize the user's model brought along is not touched), is scalar, and is
+    called only there."""
+    if node.op != "call_module" or uses[node.target] != 1 or node.target not in records:
         return None
     module = gm.get_submodule(node.target)
     if not isinstance(module, Standardize) or module.mean.numel() != 1 or module.scale.numel() != 1:
@@ -131,10 +133,10 @@ def _scalar_standardize(gm: fx.GraphModule, node: fx.Node, uses: Counter[str]) -
     return module
 
 
-def _takes_uncorrected(gm: fx.GraphModule, reader: fx.Node, uses: Counter[str]) -> bool:
+def _takes_uncorrected(gm: fx.GraphModule, reader: fx.Node, uses: Counter[str], records: dict[str, Correction]) -> bool:
     if reader.op == "call_function" and reader.target in _POINTWISE_READERS:
         return True
-    return _scalar_standardize(gm, reader, uses) is not None
+    return _scalar_correction(gm, reader, uses, records) is not None
 
 
 def _activation_path(gm: fx.GraphModule, source: object) -> str | None:

@@ -103,6 +103,13 @@ def test_what_cannot_be_merged_stays_a_standardize(mean, scale, extra_reader, wh
     torch.testing.assert_close(kept(x), expected)
 
 
+def test_a_standardize_that_is_not_a_correction_of_this_conversion_is_left_alone():
+    # no record: the Standardize came with the user's model, not from moment propagation
+    gm, _ = with_correction(two_layers(), torch.tensor(0.3), torch.tensor(0.8))
+    kept, records = absorb_corrections(gm, [])
+    assert standardizes(kept) == ["correction"] and records == []
+
+
 def test_identity_activation_keeps_its_correction():
     act = NormalizedActivation("identity")
     with pytest.raises(ValueError, match="identity"):
