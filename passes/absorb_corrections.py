@@ -58,7 +58,6 @@ def absorb_corrections(gm: fx.GraphModule, corrections: list[Correction]) -> tup
     records = {c.path: c for c in corrections}
     order = [c.path for c in corrections]
     removed: set[fx.Node] = set()
-    changed = False
     for node in list(gm.graph.nodes):
         correction = _scalar_correction(gm, node, uses, records)
         if node in removed or correction is None:
@@ -82,7 +81,6 @@ def absorb_corrections(gm: fx.GraphModule, corrections: list[Correction]) -> tup
         node.replace_all_uses_with(source)
         gm.graph.erase_node(node)
         removed.add(node)
-        changed = True
         moved = f"{source.target}'s correction for {records[node.target].consumer} moved into {path}"
         records[node.target] = dataclasses.replace(
             records[node.target], path=path, reason=f"{records[node.target].reason}; applied by {path}'s output affine"
@@ -114,7 +112,7 @@ def absorb_corrections(gm: fx.GraphModule, corrections: list[Correction]) -> tup
                     mean=f"{-mean * scale:.4g}", scale=f"{1.0 / scale:.4g}", estimated=False,
                 )
                 order.append(target)
-    if changed:
+    if removed:
         gm.graph.lint()
         gm.delete_all_unused_submodules()
         gm.recompile()

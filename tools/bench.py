@@ -62,8 +62,6 @@ from torch.fx.experimental.optimization import fuse
 import normprop_fx
 
 MODELS = ("resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0")
-TRAIN_VARIANTS = ("bn", "normprop", "floor", "floor_bias")
-INFER_VARIANTS = ("bn", "normprop", "floor", "bn_folded", "normprop_folded")
 MODES = ("eager", "compiled")
 #: Text from this line on in an existing --write file is kept when the file is re-rendered
 #: (the hand-written analysis of the numbers above it).
@@ -147,13 +145,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # --- the variants ------------------------------------------------------------------------------
 
 
-def without_batchnorm(model: nn.Module) -> nn.Module:
-    """The no-norm floor: a copy of ``model`` with every BatchNorm replaced by nn.Identity."""
-    floor = copy.deepcopy(model)
-    for name, module in list(floor.named_modules()):
+def replace_batchnorms(model: nn.Module, replacement: Callable[[nn.modules.batchnorm._BatchNorm], nn.Module]) -> nn.Module:
+    """A copy of ``model`` with every BatchNorm replaced by ``replacement(that BatchNorm)``."""
+    copied = copy.deepcopy(model)
+    for name, module in list(copied.named_modules()):
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            floor.set_submodule(name, nn.Identity())
-    return floor
+            copied.set_submodule(name, replacement(module))
+    return copied
+
+
+def without_batchnorm(model: nn.Module) -> nn.Module:
+    """The no-norm floor: every BatchNorm replaced by nn.Identity."""
+    return replace_batchnorms(model, lambda _bn: nn.Identity())
 
 
 class ChannelBias(nn.Module):
@@ -168,12 +171,8 @@ class ChannelBias(nn.Module):
 
 
 def with_bias_for_batchnorm(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every BatchNorm replaced by a learned per-channel bias."""
-    copied = copy.deepcopy(model)
-    for name, module in list(copied.named_modules()):
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            copied.set_submodule(name, ChannelBias(module.num_features))
-    return copied
+    """floor_bias: every BatchNorm replaced by a learned per-channel bias."""
+    return replace_batchnorms(model, lambda bn: ChannelBias(bn.num_features))
 
 
 def build_models(name: str, workloads: list[str]) -> dict[str, dict[str, nn.Module]]:
