@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import torch._inductor.config as inductor_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "tools" / "bench.py"
@@ -31,6 +34,35 @@ def test_tiny_run_records_times_page_faults_and_the_allocator(tmp_path):
     assert "| train normprop / bn (eager)" in text and "| train normprop / floor_bias (eager)" in text
 
 
+def test_compiled_run_applies_and_records_inductor_config_and_profiles_the_variants_asked_for(tmp_path):
+    results, page = tmp_path / "r.json", tmp_path / "bench.md"
+    done = run_bench("--models", "resnet18", "--batch-size", "2", "--image-size", "32", "--rounds", "1", "--iters", "1",
+                     "--warmup", "1", "--modes", "compiled", "--workloads", "train", "--profile", "--profile-variants",
+                     "floor_bias", "--inductor-config", "reorder_for_peak_memory=False", "--json", str(results),
+                     "--write", str(page))
+    assert done.returncode == 0, done.stderr[-2000:]
+    (run,) = json.loads(results.read_text())
+    (res,) = run["results"]
+    assert run["machine"]["inductor_config"] == {"reorder_for_peak_memory": False}
+    assert set(res["profile"]) == {"floor_bias"} and "convolution" in res["profile"]["floor_bias"]
+    text = page.read_text()
+    assert "- inductor config (all variants): `reorder_for_peak_memory=False`" in text
+    assert "Top ops of one compiled train step, floor_bias" in text
+
+
+def test_inductor_settings_are_parsed_and_set():
+    spec = importlib.util.spec_from_file_location("bench_tool", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    settings = dict(map(bench.inductor_setting, ["reorder_for_peak_memory=False", "cpp.max_horizontal_fusion_size=3"]))
+    assert settings == {"reorder_for_peak_memory": False, "cpp.max_horizontal_fusion_size": 3}
+    with inductor_config.patch(settings):  # restores both afterwards
+        inductor_config.reorder_for_peak_memory, inductor_config.cpp.max_horizontal_fusion_size = True, 16
+        bench.apply_inductor_config(settings)
+        assert inductor_config.reorder_for_peak_memory is False
+        assert inductor_config.cpp.max_horizontal_fusion_size == 3
+
+
 def test_report_only_renders_results_recorded_before_page_faults_were(tmp_path):
     old = json.loads((ROOT / "docs" / "bench_results.json").read_text())
     for run in old:
@@ -47,3 +79,8 @@ def test_report_only_renders_results_recorded_before_page_faults_were(tmp_path):
 def test_bad_arguments_exit_2():
     assert run_bench("--models", "resnet_nonexistent", "--report-only").returncode == 2
     assert run_bench("--rounds", "0", "--report-only").returncode == 2
+    assert run_bench("--profile-variants", "bn,batchnorm", "--report-only").returncode == 2
+    for setting in ("no_such_setting=1", "cpp.no_such_setting=1", "reorder_for_peak_memory=1",
+                    "reorder_for_peak_memory=maybe", "reorder_for_peak_memory"):
+        done = run_bench("--inductor-config", setting, "--report-only")
+        assert done.returncode == 2 and "--inductor-config" in done.stderr, setting

@@ -37,6 +37,7 @@ Exit status: 0 on success, 2 for a bad argument.
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import copy
 import ctypes
@@ -89,6 +90,38 @@ def tune_malloc() -> str:
     return "glibc mallopt: mmap threshold 32 MiB, trim threshold 2 GiB" if done else "default (mallopt refused)"
 
 
+def inductor_setting(item: str) -> tuple[str, Any]:
+    """``"KEY=VALUE"`` -> (KEY, the literal VALUE), for a KEY that torch._inductor.config has, with
+    a VALUE of the type the setting has now (ValueError otherwise)."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ValueError(f"{item!r} is not KEY=VALUE")
+    try:
+        value = ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+        raise ValueError(f"{item!r}: VALUE must be a Python literal (True, 4, 'x', ...)") from None
+    config: Any = torch._inductor.config
+    *parents, leaf = key.split(".")
+    for part in parents:
+        config = getattr(config, part, None)
+    if config is None or not hasattr(config, leaf):
+        raise ValueError(f"torch._inductor.config has no setting {key!r}")
+    current = getattr(config, leaf)
+    if current is not None and value is not None and not isinstance(value, type(current)):
+        raise ValueError(f"{key} is a {type(current).__name__}, got {value!r}")
+    return key, value
+
+
+def apply_inductor_config(settings: dict[str, Any]) -> None:
+    for key, value in settings.items():
+        config: Any = torch._inductor.config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            config = getattr(config, part)
+        setattr(config, leaf, value)
+
+
 def minor_page_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
@@ -115,11 +148,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--write", type=Path, help="render this markdown file from --json (e.g. docs/bench.md)")
     p.add_argument("--report-only", action="store_true", help="do not measure; only render --json into --write")
     p.add_argument("--profile", action="store_true",
-                   help="also record the top ops of one compiled train step of bn and normprop (torch.profiler)")
+                   help="also record the top ops of one compiled train step of each --profile-variants (torch.profiler)")
+    p.add_argument("--profile-variants", default="bn,normprop",
+                   help=f"train variants --profile records, comma-separated, of {','.join(TRAIN_VARIANTS)}; default: bn,normprop")
     p.add_argument("--kernel-profile", action="store_true",
                    help="with --profile: one profiler row per inductor-generated CPU kernel "
                         "(torch._inductor.config.cpp.enable_kernel_profile; adds a little overhead to every kernel)")
+    p.add_argument("--inductor-config", action="append", default=[], metavar="KEY=VALUE",
+                   help="set torch._inductor.config.KEY (dotted for sub-configs, e.g. cpp.simdlen) to the Python "
+                        "literal VALUE for every variant alike; repeatable; recorded with the run")
     args = p.parse_args(argv)
+    args.profile_variants = [v for v in args.profile_variants.split(",") if v]
+    if not set(args.profile_variants) <= set(TRAIN_VARIANTS):
+        p.error(f"--profile-variants takes {','.join(TRAIN_VARIANTS)}, got {','.join(args.profile_variants)}")
+    try:
+        args.inductor_config = dict(inductor_setting(item) for item in args.inductor_config)
+    except ValueError as err:
+        p.error(f"--inductor-config: {err}")
     args.models = [m for m in args.models.split(",") if m]
     args.modes = [m for m in args.modes.split(",") if m]
     args.workloads = [w for w in args.workloads.split(",") if w]
@@ -175,13 +220,21 @@ def with_bias_for_batchnorm(model: nn.Module) -> nn.Module:
     return replace_batchnorms(model, lambda bn: ChannelBias(bn.num_features))
 
 
+#: The training variants: name -> the model, from (the BN original, its conversion).
+TRAIN_VARIANTS: dict[str, Callable[[nn.Module, nn.Module], nn.Module]] = {
+    "bn": lambda original, converted: copy.deepcopy(original),
+    "normprop": lambda original, converted: copy.deepcopy(converted),
+    "floor": lambda original, converted: without_batchnorm(original),
+    "floor_bias": lambda original, converted: with_bias_for_batchnorm(original),
+}
+
+
 def build_models(name: str, workloads: list[str]) -> dict[str, dict[str, nn.Module]]:
     original = getattr(torchvision.models, name)()
     converted = normprop_fx.convert(original)
     built: dict[str, dict[str, nn.Module]] = {"reference": {"original": original, "converted": converted}}
     if "train" in workloads:
-        built["train"] = {"bn": copy.deepcopy(original), "normprop": copy.deepcopy(converted), "floor": without_batchnorm(original),
-                          "floor_bias": with_bias_for_batchnorm(original)}
+        built["train"] = {variant: make(original, converted) for variant, make in TRAIN_VARIANTS.items()}
     if "infer" in workloads:
         built["infer"] = {
             "bn": copy.deepcopy(original).eval(),
@@ -295,7 +348,7 @@ def measure_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "loadavg_end": os.getloadavg(),
     }
     if args.profile and "train" in built and "compiled" in args.modes:
-        result["profile"] = {v: profile_top_ops(steps[f"train/{v}/compiled"]) for v in ("bn", "normprop")}
+        result["profile"] = {v: profile_top_ops(steps[f"train/{v}/compiled"]) for v in args.profile_variants}
     return result
 
 
@@ -334,6 +387,7 @@ def machine(args: argparse.Namespace) -> dict[str, Any]:
         "warmup": args.warmup,
         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "malloc": args.malloc,
+        "inductor_config": args.inductor_config,
     }
     return info
 
@@ -415,6 +469,9 @@ def render(runs: list[dict[str, Any]], requested: list[str]) -> str:
                        f"{m['warmup']} warm-up steps")
             if "malloc" in m:
                 out.append(f"- allocator: {m['malloc']}")
+            if m.get("inductor_config"):
+                out.append("- inductor config (all variants): "
+                           + ", ".join(f"`{k}={v!r}`" for k, v in m["inductor_config"].items()))
             out.append("")
             for res in run["results"]:
                 out += render_model(res)
@@ -471,6 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         args.malloc = tune_malloc() if args.malloc_tuning else "default (--no-malloc-tuning)"
         if args.kernel_profile:
             torch._inductor.config.cpp.enable_kernel_profile = True
+        apply_inductor_config(args.inductor_config)
         for limit in ("cache_size_limit", "recompile_limit"):  # 8 models of one class get compiled
             if hasattr(torch._dynamo.config, limit):
                 setattr(torch._dynamo.config, limit, 64)
