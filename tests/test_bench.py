@@ -37,16 +37,21 @@ def test_tiny_run_records_times_page_faults_and_the_allocator(tmp_path):
 def test_compiled_run_applies_and_records_inductor_config_and_profiles_the_variants_asked_for(tmp_path):
     results, page = tmp_path / "r.json", tmp_path / "bench.md"
     done = run_bench("--models", "resnet18", "--batch-size", "2", "--image-size", "32", "--rounds", "1", "--iters", "1",
-                     "--warmup", "1", "--modes", "compiled", "--workloads", "train", "--profile", "--profile-variants",
-                     "floor_bias", "--inductor-config", "reorder_for_peak_memory=False", "--json", str(results),
+                     "--warmup", "1", "--modes", "compiled", "--workloads", "train",
+                     "--train-variants", "floor_bias,normprop,normprop_inductor_defaults", "--profile", "--profile-variants",
+                     "floor_bias", "--inductor-config", "cpp.max_horizontal_fusion_size=8", "--json", str(results),
                      "--write", str(page))
     assert done.returncode == 0, done.stderr[-2000:]
     (run,) = json.loads(results.read_text())
     (res,) = run["results"]
-    assert run["machine"]["inductor_config"] == {"reorder_for_peak_memory": False}
+    assert run["machine"]["inductor_config"] == {"cpp.max_horizontal_fusion_size": 8}
+    assert set(res["median_ms"]) == {f"train/{v}/compiled" for v in ("floor_bias", "normprop", "normprop_inductor_defaults")}
     assert set(res["profile"]) == {"floor_bias"} and "convolution" in res["profile"]["floor_bias"]
     text = page.read_text()
-    assert "- inductor config (all variants): `reorder_for_peak_memory=False`" in text
+    assert "- inductor config (all variants): `cpp.max_horizontal_fusion_size=8`" in text
+    assert "| train normprop / normprop_inductor_defaults (compiled)" in text
+    assert "| train normprop / bn (compiled)" in text and "not measured" in text  # a target row stays, unmeasured
+    assert "| train floor_bias / floor" not in text  # a diagnostic row of variants not run is left out
     assert "Top ops of one compiled train step, floor_bias" in text
 
 
@@ -80,6 +85,8 @@ def test_bad_arguments_exit_2():
     assert run_bench("--models", "resnet_nonexistent", "--report-only").returncode == 2
     assert run_bench("--rounds", "0", "--report-only").returncode == 2
     assert run_bench("--profile-variants", "bn,batchnorm", "--report-only").returncode == 2
+    assert run_bench("--train-variants", "bn,nothing", "--report-only").returncode == 2
+    assert run_bench("--train-variants", ",", "--report-only").returncode == 2
     for setting in ("no_such_setting=1", "cpp.no_such_setting=1", "reorder_for_peak_memory=1",
                     "reorder_for_peak_memory=maybe", "reorder_for_peak_memory"):
         done = run_bench("--inductor-config", setting, "--report-only")

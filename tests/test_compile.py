@@ -116,3 +116,51 @@ def test_training_step_saves_no_more_masks_than_the_unnormalized_network(models)
 def test_compile_refuses_what_is_not_a_module():
     with pytest.raises(NormPropError, match="nn.Module"):
         normprop_fx.compile(lambda x: x)
+
+
+class _RecordCompile:
+    """Stands in for torch.compile: records the keywords normprop_fx.compile passes."""
+
+    def __init__(self):
+        self.kwargs = None
+
+    def __call__(self, model, **kwargs):
+        self.kwargs = kwargs
+        return model
+
+
+@pytest.fixture
+def recorded_compile(monkeypatch):
+    record = _RecordCompile()
+    monkeypatch.setattr(torch, "compile", record)
+    return record
+
+
+def _small_converted():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+    return normprop_fx.convert(net, example_inputs=torch.randn(2, 3, 8, 8))
+
+
+def test_compile_adds_the_cpu_options_for_normprop_layers_and_the_caller_wins(recorded_compile):
+    from normprop_fx.compile import CPU_TRAINING_OPTIONS
+
+    converted = _small_converted()
+    normprop_fx.compile(converted, dynamic=False)
+    assert recorded_compile.kwargs == {"dynamic": False, "options": CPU_TRAINING_OPTIONS}
+    normprop_fx.compile(converted, options={"max_autotune": False})
+    assert recorded_compile.kwargs == {"options": {"max_autotune": False, **CPU_TRAINING_OPTIONS}}
+    chosen = {key: not value for key, value in CPU_TRAINING_OPTIONS.items()}
+    normprop_fx.compile(converted, options=dict(chosen))
+    assert recorded_compile.kwargs == {"options": chosen}
+    normprop_fx.compile(converted, mode="max-autotune-no-cudagraphs")  # torch.compile takes mode or options
+    assert recorded_compile.kwargs == {"mode": "max-autotune-no-cudagraphs"}
+
+
+def test_compile_leaves_inductor_defaults_without_normprop_layers_or_off_cpu(recorded_compile):
+    converted = _small_converted()
+    normprop_fx.compile(normprop_fx.fold(converted))  # inference form: plain convs, no backward
+    assert recorded_compile.kwargs == {}
+    normprop_fx.compile(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    assert recorded_compile.kwargs == {}
+    normprop_fx.compile(converted.to("meta"))  # not measured off the CPU: inductor's defaults
+    assert recorded_compile.kwargs == {}

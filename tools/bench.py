@@ -5,7 +5,9 @@ eager and torch.compile'd, for
 
     train:  bn (the original), normprop (convert), floor (every BatchNorm -> nn.Identity),
             floor_bias (every BatchNorm -> a learned per-channel bias: the floor plus what
-            NormProp's beta costs on its own, to split NormProp's cost over the floor)
+            NormProp's beta costs on its own, to split NormProp's cost over the floor);
+            on request (--train-variants): normprop_inductor_defaults, the conversion compiled
+            without the inductor options normprop_fx.compile adds on CPU (normprop_fx/compile.py)
     infer:  bn, normprop, floor (eval mode, unfolded),
             bn_folded (torch.fx.experimental.optimization.fuse: conv-BN folded into the conv),
             normprop_folded (normprop_fx.fold)
@@ -49,7 +51,7 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +63,7 @@ from torch import nn
 from torch.fx.experimental.optimization import fuse
 
 import normprop_fx
+from normprop_fx.compile import CPU_TRAINING_OPTIONS
 
 MODELS = ("resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0")
 MODES = ("eager", "compiled")
@@ -149,8 +152,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--report-only", action="store_true", help="do not measure; only render --json into --write")
     p.add_argument("--profile", action="store_true",
                    help="also record the top ops of one compiled train step of each --profile-variants (torch.profiler)")
+    p.add_argument("--train-variants", default=",".join(DEFAULT_TRAIN_VARIANTS),
+                   help=f"train variants, comma-separated, of {','.join(TRAIN_VARIANTS)}; default: {','.join(DEFAULT_TRAIN_VARIANTS)}")
     p.add_argument("--profile-variants", default="bn,normprop",
-                   help=f"train variants --profile records, comma-separated, of {','.join(TRAIN_VARIANTS)}; default: bn,normprop")
+                   help="train variants --profile records, comma-separated; default: bn,normprop")
     p.add_argument("--kernel-profile", action="store_true",
                    help="with --profile: one profiler row per inductor-generated CPU kernel "
                         "(torch._inductor.config.cpp.enable_kernel_profile; adds a little overhead to every kernel)")
@@ -158,7 +163,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="set torch._inductor.config.KEY (dotted for sub-configs, e.g. cpp.simdlen) to the Python "
                         "literal VALUE for every variant alike; repeatable; recorded with the run")
     args = p.parse_args(argv)
+    args.train_variants = [v for v in args.train_variants.split(",") if v]
     args.profile_variants = [v for v in args.profile_variants.split(",") if v]
+    if not args.train_variants or not set(args.train_variants) <= set(TRAIN_VARIANTS):
+        p.error(f"--train-variants takes {','.join(TRAIN_VARIANTS)}, got {','.join(args.train_variants) or 'none'}")
     if not set(args.profile_variants) <= set(TRAIN_VARIANTS):
         p.error(f"--profile-variants takes {','.join(TRAIN_VARIANTS)}, got {','.join(args.profile_variants)}")
     try:
@@ -226,15 +234,26 @@ TRAIN_VARIANTS: dict[str, Callable[[nn.Module, nn.Module], nn.Module]] = {
     "normprop": lambda original, converted: copy.deepcopy(converted),
     "floor": lambda original, converted: without_batchnorm(original),
     "floor_bias": lambda original, converted: with_bias_for_batchnorm(original),
+    # The conversion compiled with inductor's own settings for what normprop_fx.compile changes
+    # on CPU (normprop_fx/compile.py): the same-run A/B of that choice. Only on request.
+    "normprop_inductor_defaults": lambda original, converted: copy.deepcopy(converted),
 }
+DEFAULT_TRAIN_VARIANTS = ("bn", "normprop", "floor", "floor_bias")
 
 
-def build_models(name: str, workloads: list[str]) -> dict[str, dict[str, nn.Module]]:
+def compile_kwargs(variant: str) -> dict[str, Any]:
+    """What ``normprop_fx.compile`` gets besides the model, per variant."""
+    if variant == "normprop_inductor_defaults":
+        return {"options": {key: getattr(torch._inductor.config, key) for key in CPU_TRAINING_OPTIONS}}
+    return {}
+
+
+def build_models(name: str, workloads: list[str], train_variants: Sequence[str] = DEFAULT_TRAIN_VARIANTS) -> dict[str, dict[str, nn.Module]]:
     original = getattr(torchvision.models, name)()
     converted = normprop_fx.convert(original)
     built: dict[str, dict[str, nn.Module]] = {"reference": {"original": original, "converted": converted}}
     if "train" in workloads:
-        built["train"] = {variant: make(original, converted) for variant, make in TRAIN_VARIANTS.items()}
+        built["train"] = {variant: TRAIN_VARIANTS[variant](original, converted) for variant in train_variants}
     if "infer" in workloads:
         built["infer"] = {
             "bn": copy.deepcopy(original).eval(),
@@ -263,12 +282,13 @@ def normalization_sizes(original: nn.Module, converted: nn.Module, x: torch.Tens
             "parameters": sum(p.numel() for p in original.parameters())}
 
 
-def make_step(workload: str, model: nn.Module, mode: str, args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+def make_step(workload: str, model: nn.Module, mode: str, args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor,
+              compile_options: dict[str, Any] | None = None) -> Callable[[], None]:
     device = torch.device(args.device)
     model = model.to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    run = normprop_fx.compile(model) if mode == "compiled" else model
+    run = normprop_fx.compile(model, **(compile_options or {})) if mode == "compiled" else model
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16) if args.amp == "bf16" else contextlib.nullcontext()
     )
@@ -304,7 +324,7 @@ def sync(device: str) -> None:
 
 def measure_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
-    built = build_models(name, args.workloads)
+    built = build_models(name, args.workloads, args.train_variants)
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=args.device)
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -317,7 +337,8 @@ def measure_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         for variant, model in variants.items():
             for mode in args.modes:
                 key = f"{workload}/{variant}/{mode}"
-                step = make_step(workload, model if mode == "eager" else copy.deepcopy(model), mode, args, x, y)
+                step = make_step(workload, model if mode == "eager" else copy.deepcopy(model), mode, args, x, y,
+                                 compile_kwargs(variant))
                 t0 = time.perf_counter()
                 for _ in range(args.warmup):
                     step()
@@ -348,7 +369,8 @@ def measure_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "loadavg_end": os.getloadavg(),
     }
     if args.profile and "train" in built and "compiled" in args.modes:
-        result["profile"] = {v: profile_top_ops(steps[f"train/{v}/compiled"]) for v in args.profile_variants}
+        result["profile"] = {v: profile_top_ops(steps[f"train/{v}/compiled"]) for v in args.profile_variants
+                             if f"train/{v}/compiled" in steps}
     return result
 
 
@@ -401,6 +423,7 @@ RATIOS = (
     ("train normprop / floor", "train/normprop", "train/floor", "train normprop/floor"),
     ("train floor_bias / floor (a learned bias alone)", "train/floor_bias", "train/floor", None),
     ("train normprop / floor_bias", "train/normprop", "train/floor_bias", None),
+    ("train normprop / normprop_inductor_defaults", "train/normprop", "train/normprop_inductor_defaults", None),
     ("infer normprop_folded / bn_folded", "infer/normprop_folded", "infer/bn_folded", "infer normprop_folded/bn_folded"),
     ("infer normprop / bn, unfolded", "infer/normprop", "infer/bn", None),
 )
@@ -508,6 +531,8 @@ def render_model(res: dict[str, Any]) -> list[str]:
             a, b = f"{num}/{mode}", f"{den}/{mode}"
             target = TARGETS[target_key] if target_key and mode == "compiled" else None
             paired = median_of_paired_ratios(res, a, b)
+            if paired is None and target is None:
+                continue  # a diagnostic ratio of variants this run did not measure
             ratio_rows.append([f"{label} ({mode})", fmt_ratio(ratio_of_medians(res, a, b)), fmt_ratio(paired),
                                "" if target is None else f"<= {target:.2f}", verdict(paired, target)])
     out.append(tabulate(ratio_rows, headers=["ratio", "of medians", "median of per-round ratios", "target", "verdict (per-round)"],
