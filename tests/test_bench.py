@@ -39,7 +39,7 @@ def test_compiled_run_applies_and_records_inductor_config_and_profiles_the_varia
     done = run_bench("--models", "resnet18", "--batch-size", "2", "--image-size", "32", "--rounds", "1", "--iters", "1",
                      "--warmup", "1", "--modes", "compiled", "--workloads", "train",
                      "--train-variants", "floor_bias,normprop,normprop_inductor_defaults", "--profile", "--profile-variants",
-                     "floor_bias", "--inductor-config", "cpp.max_horizontal_fusion_size=8", "--json", str(results),
+                     "floor_bias", "--inductor-config", "cpp.max_horizontal_fusion_size=8", "--peak-memory", "--json", str(results),
                      "--write", str(page))
     assert done.returncode == 0, done.stderr[-2000:]
     (run,) = json.loads(results.read_text())
@@ -47,7 +47,10 @@ def test_compiled_run_applies_and_records_inductor_config_and_profiles_the_varia
     assert run["machine"]["inductor_config"] == {"cpp.max_horizontal_fusion_size": 8}
     assert set(res["median_ms"]) == {f"train/{v}/compiled" for v in ("floor_bias", "normprop", "normprop_inductor_defaults")}
     assert set(res["profile"]) == {"floor_bias"} and "convolution" in res["profile"]["floor_bias"]
+    # a training step holds at least its input batch's activations: 2 x 64 x 16 x 16 floats after the stem
+    assert set(res["peak_memory_mib"]) == set(res["median_ms"]) and min(res["peak_memory_mib"].values()) > 2 * 64 * 16 * 16 * 4 / 2**20
     text = page.read_text()
+    assert "peak tensor MiB (one step)" in text
     assert "- inductor config (all variants): `cpp.max_horizontal_fusion_size=8`" in text
     assert "| train normprop / normprop_inductor_defaults (compiled)" in text
     assert "| train normprop / bn (compiled)" in text and "not measured" in text  # a target row stays, unmeasured

@@ -159,6 +159,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kernel-profile", action="store_true",
                    help="with --profile: one profiler row per inductor-generated CPU kernel "
                         "(torch._inductor.config.cpp.enable_kernel_profile; adds a little overhead to every kernel)")
+    p.add_argument("--peak-memory", action="store_true",
+                   help="also record the peak tensor memory of one step of every variant, above what was allocated "
+                        "before it (torch.profiler memory events; CPU and CUDA allocators)")
     p.add_argument("--inductor-config", action="append", default=[], metavar="KEY=VALUE",
                    help="set torch._inductor.config.KEY (dotted for sub-configs, e.g. cpp.simdlen) to the Python "
                         "literal VALUE for every variant alike; repeatable; recorded with the run")
@@ -368,10 +371,28 @@ def measure_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "sizes": sizes,
         "loadavg_end": os.getloadavg(),
     }
+    if args.peak_memory:
+        result["peak_memory_mib"] = {key: peak_step_memory(step) for key, step in steps.items()}
     if args.profile and "train" in built and "compiled" in args.modes:
         result["profile"] = {v: profile_top_ops(steps[f"train/{v}/compiled"]) for v in args.profile_variants
                              if f"train/{v}/compiled" in steps}
     return result
+
+
+def peak_step_memory(step: Callable[[], None]) -> float:
+    """Peak of the tensor memory one ``step()`` allocates over what was allocated before it, in MiB,
+    from torch.profiler's memory events (every device's allocations summed in time order)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities, profile_memory=True) as prof:
+        step()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    current = peak = 0
+    for _, nbytes in events:
+        current += nbytes
+        peak = max(peak, current)
+    return peak / 2**20
 
 
 def profile_top_ops(step: Callable[[], None], rows: int = 16) -> str:
@@ -518,11 +539,13 @@ def render_model(res: dict[str, Any]) -> list[str]:
         out.append("")
     rows = []
     faults = res.get("page_faults_per_step", {})
+    peaks = res.get("peak_memory_mib", {})
     for key in med:
         workload, variant, mode = key.split("/")
         rows.append([workload, variant, mode, f"{med[key]:.1f}", f"{res['warmup_s'][key]:.1f}",
-                     f"{faults[key]:.0f}" if key in faults else "not recorded"])
-    out.append(tabulate(rows, headers=["workload", "variant", "mode", "median ms/step", "warm-up s", "minor page faults/step (median)"],
+                     f"{faults[key]:.0f}" if key in faults else "not recorded"] + ([f"{peaks[key]:.0f}"] if peaks else []))
+    headers = ["workload", "variant", "mode", "median ms/step", "warm-up s", "minor page faults/step (median)"]
+    out.append(tabulate(rows, headers=headers + (["peak tensor MiB (one step)"] if peaks else []),
                         tablefmt="github", disable_numparse=True))
     out.append("")
     ratio_rows = []
