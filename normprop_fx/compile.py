@@ -15,11 +15,13 @@ Inductor option: on CPU, a network with NormProp layers is compiled with
 or that option. Each learned ``beta`` has a gradient that is a sum over the activations. Inductor
 computes it right after the kernel that produces that gradient, while the gradient is still in
 cache. Its peak-memory reordering pass then moves every such sum to the end of the backward, into
-one kernel that reads all of those gradients again from memory and keeps them alive until then.
-Measured (interleaved, one process, batch 16, 128x128, 1 thread; exploratory runs recorded in
-docs/bench.md): efficientnet_b0 train step 1-3% faster, resnet18/50 0.5-1%, mobilenet_v3_large
-unchanged, with peak memory unchanged on efficientnet_b0 and resnet50 and +6% on
-mobilenet_v3_large. On CUDA inductor's default is kept (not measured there).
+one kernel that reads all of those gradients again, from memory rather than cache.
+Measured in docs/bench.md (batch 16, 128x128, 1 thread), as the ratio to the same conversion
+compiled with inductor's defaults in the same run: efficientnet_b0 train step 0.970, resnet18 1.010,
+resnet50 1.005, mobilenet_v3_large 0.998 (the targets run); peak tensor memory of a step unchanged
+on resnet50, +3% on efficientnet_b0, +11% on mobilenet_v3_large (the --peak-memory run). The
+option is the caller's to override (``options={"reorder_for_peak_memory": True}``).
+On CUDA inductor's default is kept (not measured there).
 
 ``compile`` checks its argument, says (through ``logging``) what it found, and calls
 ``torch.compile`` with the caller's keywords (plus that option where it applies).
