@@ -104,10 +104,7 @@ def inductor_setting(item: str) -> tuple[str, Any]:
         value = ast.literal_eval(text.strip())
     except (ValueError, SyntaxError):
         raise ValueError(f"{item!r}: VALUE must be a Python literal (True, 4, 'x', ...)") from None
-    config: Any = torch._inductor.config
-    *parents, leaf = key.split(".")
-    for part in parents:
-        config = getattr(config, part, None)
+    config, leaf = inductor_config_holder(key)
     if config is None or not hasattr(config, leaf):
         raise ValueError(f"torch._inductor.config has no setting {key!r}")
     current = getattr(config, leaf)
@@ -116,12 +113,18 @@ def inductor_setting(item: str) -> tuple[str, Any]:
     return key, value
 
 
+def inductor_config_holder(key: str) -> tuple[Any, str]:
+    """For ``"a.b.c"``: (torch._inductor.config.a.b, "c"); the holder is None if a part is missing."""
+    config: Any = torch._inductor.config
+    *parents, leaf = key.split(".")
+    for part in parents:
+        config = getattr(config, part, None)
+    return config, leaf
+
+
 def apply_inductor_config(settings: dict[str, Any]) -> None:
     for key, value in settings.items():
-        config: Any = torch._inductor.config
-        *parents, leaf = key.split(".")
-        for part in parents:
-            config = getattr(config, part)
+        config, leaf = inductor_config_holder(key)
         setattr(config, leaf, value)
 
 
