@@ -289,12 +289,12 @@ def normalization_sizes(original: nn.Module, converted: nn.Module, x: torch.Tens
 
 
 def make_step(workload: str, model: nn.Module, mode: str, args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor,
-              compile_options: dict[str, Any] | None = None) -> Callable[[], None]:
+              compile_keywords: dict[str, Any] | None = None) -> Callable[[], None]:
     device = torch.device(args.device)
     model = model.to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    run = normprop_fx.compile(model, **(compile_options or {})) if mode == "compiled" else model
+    run = normprop_fx.compile(model, **(compile_keywords or {})) if mode == "compiled" else model
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16) if args.amp == "bf16" else contextlib.nullcontext()
     )
