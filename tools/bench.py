@@ -382,13 +382,18 @@ def measure_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def profiler_activities() -> list[Any]:
+    from torch.profiler import ProfilerActivity
+
+    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+
+
 def peak_step_memory(step: Callable[[], None]) -> float:
     """Peak of the tensor memory one ``step()`` allocates over what was allocated before it, in MiB,
     from torch.profiler's memory events (every device's allocations summed in time order)."""
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=activities, profile_memory=True) as prof:
+    with profile(activities=profiler_activities(), profile_memory=True) as prof:
         step()
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
     current = peak = 0
@@ -399,10 +404,9 @@ def peak_step_memory(step: Callable[[], None]) -> float:
 
 
 def profile_top_ops(step: Callable[[], None], rows: int = 16) -> str:
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=profiler_activities()) as prof:
         step()
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=110)
 
