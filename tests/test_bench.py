@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 import torch._inductor.config as inductor_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,3 +95,31 @@ def test_bad_arguments_exit_2():
                     "reorder_for_peak_memory=maybe", "reorder_for_peak_memory"):
         done = run_bench("--inductor-config", setting, "--report-only")
         assert done.returncode == 2 and "--inductor-config" in done.stderr, setting
+
+
+def test_gpu_recipe_steps_run_in_bf16_and_channels_last_on_cpu():
+    """The GPU defaults (bf16 autocast, channels_last) through the same make_step, on the CPU:
+    the one part of the GPU run that can be checked without a GPU."""
+    spec = importlib.util.spec_from_file_location("bench_tool", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = bench.parse_args(["--models", "resnet18", "--device", "cpu", "--amp", "bf16", "--channels-last",
+                             "--batch-size", "2", "--image-size", "32", "--modes", "eager"])
+    built = bench.build_models("resnet18", ["train", "infer"], ["bn", "normprop"])
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (2,))
+    seen: list[torch.Tensor] = []
+    for workload, variants in (("train", built["train"]), ("infer", built["infer"])):
+        for variant, model in variants.items():
+            hook = model.register_forward_hook(lambda m, i, o: seen.append(o))
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            bench.make_step(workload, model, "eager", args, x, y)()
+            hook.remove()
+            assert seen.pop().dtype == torch.bfloat16, (workload, variant)  # the logits: autocast took the Linear
+            first_filters = next(p for p in model.parameters() if p.dim() == 4)
+            assert first_filters.is_contiguous(memory_format=torch.channels_last), (workload, variant)
+            assert not first_filters.is_contiguous(), (workload, variant)
+            after = dict(model.named_parameters())
+            assert all(torch.isfinite(p).all() for p in after.values()), (workload, variant)
+            changed = any(not torch.equal(before[n], p) for n, p in after.items())
+            assert changed == (workload == "train"), (workload, variant)
