@@ -63,7 +63,9 @@ def affines(gm: nn.Module) -> int:
     return sum(isinstance(m, ConstantAffine) for m in gm.modules())
 
 
-@pytest.mark.parametrize("name", ["resnet18", "vgg11_bn"])
+# the core tests' models, and the other three that tools/bench.py times folded (SE gates,
+# hardswish, SiLU, depthwise convs)
+@pytest.mark.parametrize("name", ["resnet18", "vgg11_bn", "resnet50", "mobilenet_v3_large", "efficientnet_b0"])
 def test_zoo_model_fold_equals_eval_outputs(name):
     torch.manual_seed(0)
     converted = normprop_fx.convert(getattr(torchvision.models, name)())
