@@ -123,3 +123,31 @@ def test_gpu_recipe_steps_run_in_bf16_and_channels_last_on_cpu():
             assert all(torch.isfinite(p).all() for p in after.values()), (workload, variant)
             changed = any(not torch.equal(before[n], p) for n, p in after.items())
             assert changed == (workload == "train"), (workload, variant)
+
+
+def test_gpu_targets_are_judged_on_cuda_runs_and_listed_unmeasured_without_one(tmp_path):
+    targets_run = json.loads((ROOT / "docs" / "bench_targets.json").read_text())[0]
+    results, page = tmp_path / "r.json", tmp_path / "bench.md"
+    results.write_text(json.dumps([targets_run]))
+    assert run_bench("--report-only", "--json", str(results), "--write", str(page)).returncode == 0
+    cuda_section = page.read_text().split("## CUDA")[1]
+    assert "| train normprop / bn (compiled, resnet50, batch 128, bf16) | not measured" in " ".join(cuda_section.split())
+    assert "<= 0.85" in cuda_section and "<= 1.05" in cuda_section and "<= 1.01" in cuda_section
+    assert f"--json {tmp_path / 'bench_gpu.json'} {results} --write {page}" in cuda_section
+
+    # the same times, recorded as a CUDA run at the GPU target's setting and at another batch size
+    for batch, gpu_target in ((128, True), (64, False)):
+        run = json.loads(json.dumps(targets_run))
+        run["machine"].update(device="NVIDIA H100 80GB HBM3", batch_size=batch, amp="bf16")
+        results.write_text(json.dumps([run]))
+        assert run_bench("--report-only", "--json", str(results), "--write", str(page)).returncode == 0
+        cpu_section, cuda_section = page.read_text().split("## CUDA")
+        assert "Not measured: no such device" in cpu_section
+        by_model = dict(part.split("\n", 1) for part in cuda_section.split("### ")[1:])
+        rows = {name: next(line for line in text.splitlines() if line.startswith("| train normprop / bn (compiled)"))
+                for name, text in by_model.items()}
+        assert ("<= 0.85" in rows["resnet50"]) == gpu_target, rows["resnet50"]
+        assert "<= 1.00" not in rows["resnet50"] and "<= 0.85" not in rows["resnet18"]  # 0.85 is resnet50's only
+        assert ("missed" in rows["resnet50"]) == gpu_target  # the CPU times, 0.926 by the per-round ratio
+        assert "<= 1.05" in next(line for line in by_model["resnet18"].splitlines()
+                                 if line.startswith("| train normprop / floor (compiled)"))
