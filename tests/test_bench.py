@@ -15,6 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "tools" / "bench.py"
 
 
+def load_bench():
+    """tools/bench.py as a module, for its functions."""
+    spec = importlib.util.spec_from_file_location("bench_tool", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
 def run_bench(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=300, cwd=ROOT)
 
@@ -60,9 +68,7 @@ def test_compiled_run_applies_and_records_inductor_config_and_profiles_the_varia
 
 
 def test_inductor_settings_are_parsed_and_set():
-    spec = importlib.util.spec_from_file_location("bench_tool", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench()
     settings = dict(map(bench.inductor_setting, ["reorder_for_peak_memory=False", "cpp.max_horizontal_fusion_size=3"]))
     assert settings == {"reorder_for_peak_memory": False, "cpp.max_horizontal_fusion_size": 3}
     with inductor_config.patch(settings):  # restores both afterwards
@@ -100,9 +106,7 @@ def test_bad_arguments_exit_2():
 def test_gpu_recipe_steps_run_in_bf16_and_channels_last_on_cpu():
     """The GPU defaults (bf16 autocast, channels_last) through the same make_step, on the CPU:
     the one part of the GPU run that can be checked without a GPU."""
-    spec = importlib.util.spec_from_file_location("bench_tool", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench()
     args = bench.parse_args(["--models", "resnet18", "--device", "cpu", "--amp", "bf16", "--channels-last",
                              "--batch-size", "2", "--image-size", "32", "--modes", "eager"])
     built = bench.build_models("resnet18", ["train", "infer"], ["bn", "normprop"])

@@ -28,15 +28,17 @@ def _input_size(name: str) -> int:
 def test_torchvision_model(name):
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None)
+    size = _input_size(name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", normprop_fx.NormPropWarning)
-        converted = normprop_fx.convert(model)
+        # the input shape the model is run with below (inception_v3's aux head needs 299, not the
+        # default 224 that convert() assumes without example_inputs)
+        converted = normprop_fx.convert(model, example_inputs=torch.randn(1, 3, size, size))
     report = normprop_fx.conversion_report(converted)
     remaining = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in converted.modules())
     assert report.converted + len(report.left) == report.batchnorms_found
     assert remaining == len(report.left), "every BatchNorm still in the model must be reported"
 
-    size = _input_size(name)
     x = torch.randn(2, 3, size, size)
     dropout_off(converted.train())
     logits = _logits(converted(x))
