@@ -127,6 +127,9 @@ def test_gpu_recipe_steps_run_in_bf16_and_channels_last_on_cpu():
             assert all(torch.isfinite(p).all() for p in after.values()), (workload, variant)
             changed = any(not torch.equal(before[n], p) for n, p in after.items())
             assert changed == (workload == "train"), (workload, variant)
+    # a CUDA run's profile is sorted by device time: a key the profiler takes (zero time on CPU)
+    table = bench.profile_top_ops(bench.make_step("train", built["train"]["normprop"], "eager", args, x, y), "cuda")
+    assert "Name" in table and "aten::" in table
 
 
 def test_gpu_targets_are_judged_on_cuda_runs_and_listed_unmeasured_without_one(tmp_path):
