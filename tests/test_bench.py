@@ -97,6 +97,9 @@ def test_bad_arguments_exit_2():
     assert run_bench("--profile-variants", "bn,batchnorm", "--report-only").returncode == 2
     assert run_bench("--train-variants", "bn,nothing", "--report-only").returncode == 2
     assert run_bench("--train-variants", ",", "--report-only").returncode == 2
+    for refinement in ("--profile-shapes", "--kernel-profile"):  # each refines --profile, and does nothing alone
+        done = run_bench(refinement, "--report-only")
+        assert done.returncode == 2 and "pass --profile too" in done.stderr, refinement
     for setting in ("no_such_setting=1", "cpp.no_such_setting=1", "reorder_for_peak_memory=1",
                     "reorder_for_peak_memory=maybe", "reorder_for_peak_memory"):
         done = run_bench("--inductor-config", setting, "--report-only")
@@ -158,3 +161,14 @@ def test_gpu_targets_are_judged_on_cuda_runs_and_listed_unmeasured_without_one(t
         assert ("missed" in rows["resnet50"]) == gpu_target  # the CPU times, 0.926 by the per-round ratio
         assert "<= 1.05" in next(line for line in by_model["resnet18"].splitlines()
                                  if line.startswith("| train normprop / floor (compiled)"))
+
+
+def test_profile_by_input_shapes_splits_an_op_by_the_shapes_it_ran_on():
+    """--profile-shapes: one row per op and input shapes, so two convs of one step are told apart."""
+    bench = load_bench()
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 5, 1))
+    x = torch.randn(2, 3, 9, 9)
+    table = bench.profile_top_ops(lambda: model(x), "cpu", by_shapes=True)
+    assert "Input Shapes" in table
+    assert "[[2, 3, 9, 9], [4, 3, 3, 3]" in table and "[[2, 4, 7, 7], [5, 4, 1, 1]" in table
+    assert "Input Shapes" not in bench.profile_top_ops(lambda: model(x), "cpu")

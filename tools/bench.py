@@ -29,9 +29,10 @@ gives each variant's minor page faults per step, so what is left of the effect i
 GPU: pass --device cuda; the defaults then are the issue's targets: batch 128, 224x224,
 bf16 autocast, channels_last. For example, on a CUDA machine:
 
-    python tools/bench.py --device cuda --json docs/bench_gpu.json docs/bench_results.json docs/bench_targets.json \
-        docs/bench_kernels.json docs/bench_kernels_no_peak_memory_reorder.json docs/bench_peak_memory.json \
-        --write docs/bench.md
+    python tools/bench.py --device cuda --json docs/bench_gpu.json docs/bench_targets_torch2.14.json \
+        docs/bench_infer_torch2.14.json docs/bench_profile_shapes_torch2.14.json docs/bench_results.json \
+        docs/bench_targets.json docs/bench_kernels.json docs/bench_kernels_no_peak_memory_reorder.json \
+        docs/bench_peak_memory.json --write docs/bench.md
 
 (the run appends to the first --json file; --write renders all of them, so the CPU runs stay;
 docs/bench.md, while it has no CUDA run, gives this command in its CUDA section). The GPU
@@ -178,6 +179,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"train variants, comma-separated, of {','.join(TRAIN_VARIANTS)}; default: {','.join(DEFAULT_TRAIN_VARIANTS)}")
     p.add_argument("--profile-variants", default="bn,normprop",
                    help="train variants --profile records, comma-separated; default: bn,normprop")
+    p.add_argument("--profile-shapes", action="store_true",
+                   help="with --profile: one row per op and input shapes (record_shapes), to tell which "
+                        "convolution_backward calls differ between variants")
     p.add_argument("--kernel-profile", action="store_true",
                    help="with --profile: one profiler row per inductor-generated CPU kernel "
                         "(torch._inductor.config.cpp.enable_kernel_profile; adds a little overhead to every kernel)")
@@ -211,6 +215,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
     gpu = args.device == "cuda"
+    if (args.profile_shapes or args.kernel_profile) and not args.profile:
+        p.error("--profile-shapes and --kernel-profile refine --profile: pass --profile too")
     if args.kernel_profile and gpu:
         p.error("--kernel-profile is for inductor's CPU kernels; on CUDA --profile lists every kernel already")
     args.batch_size = args.batch_size or (128 if gpu else 16)
@@ -398,7 +404,7 @@ def measure_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     if args.peak_memory:
         result["peak_memory_mib"] = {key: peak_step_memory(step) for key, step in steps.items()}
     if args.profile and "train" in built and "compiled" in args.modes:
-        result["profile"] = {v: profile_top_ops(steps[f"train/{v}/compiled"], args.device) for v in args.profile_variants
+        result["profile"] = {v: profile_top_ops(steps[f"train/{v}/compiled"], args.device, args.profile_shapes) for v in args.profile_variants
                              if f"train/{v}/compiled" in steps}
     return result
 
@@ -428,12 +434,15 @@ def peak_step_memory(step: Callable[[], None]) -> float:
 PROFILE_SORT = {"cpu": ("self_cpu_time_total", "self CPU time"), "cuda": ("self_device_time_total", "self CUDA time")}
 
 
-def profile_top_ops(step: Callable[[], None], device: str, rows: int = 16) -> str:
+def profile_top_ops(step: Callable[[], None], device: str, by_shapes: bool = False, rows: int = 16) -> str:
+    """The top ops of one ``step()``, by self time on ``device``; with ``by_shapes`` one row per op
+    and input shapes (then the table lists more rows, since each op splits into several)."""
     from torch.profiler import profile
 
-    with profile(activities=profiler_activities()) as prof:
+    with profile(activities=profiler_activities(), record_shapes=by_shapes) as prof:
         step()
-    return prof.key_averages().table(sort_by=PROFILE_SORT[device][0], row_limit=rows, max_name_column_width=110)
+    return prof.key_averages(group_by_input_shape=by_shapes).table(
+        sort_by=PROFILE_SORT[device][0], row_limit=2 * rows if by_shapes else rows, max_name_column_width=110)
 
 
 def machine(args: argparse.Namespace) -> dict[str, Any]:
