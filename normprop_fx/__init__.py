@@ -27,7 +27,7 @@ from .layers import (
 from .model_check import ModelCheck, check_model
 from .moments import ActivationConstants, activation_constants, gaussian_moments
 from .normalized_activation import NormalizedActivation
-from .records import ConversionReport, LeftBatchNorm, Rewrite
+from .records import ConversionReport, LayerInit, LeftBatchNorm, Rewrite
 from .standardize import Standardize
 from .statistics import LayerStatistics, measure_layer_statistics
 from .summary import summary
@@ -42,6 +42,7 @@ __all__ = [
     "ConstantAffine",
     "ConversionReport",
     "InvalidOptionError",
+    "LayerInit",
     "LayerStatistics",
     "LeftBatchNorm",
     "ModelCheck",

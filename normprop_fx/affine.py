@@ -6,6 +6,13 @@ statistics: its input is standardized by the constant correction that moment pro
 puts in front of it (:class:`~normprop_fx.standardize.Standardize`), so
 
     o = (f(gamma * x + beta) - c_mean) / c_std      on channel dim 1, as BatchNorm.
+
+A trained BatchNorm keeps its function instead (spec section 8,
+:meth:`NormPropAffine.keep_batchnorm_function`): its input is standardized by its running
+statistics, constants kept as the buffers ``input_mean`` and ``input_scale``, then its own
+affine (g, t) becomes gamma and beta, and the activation's output is not standardized:
+
+    o = f(gamma * (x - input_mean) * input_scale + beta)
 """
 
 from __future__ import annotations
@@ -16,7 +23,10 @@ import torch
 from torch import nn
 
 from .activation_functions import ActivationSpec, activation
+from .batchnorm_state import BatchNormState, batchnorm_state
 from .layers import GammaInit, init_gamma_beta_activation
+from .normalized_activation import NormalizedActivation
+from .records import TRAINED_INIT
 
 
 class NormPropAffine(nn.Module):
@@ -24,6 +34,8 @@ class NormPropAffine(nn.Module):
 
     gamma: torch.Tensor
     beta: torch.Tensor
+    input_mean: torch.Tensor | None
+    input_scale: torch.Tensor | None
 
     def __init__(
         self,
@@ -39,22 +51,56 @@ class NormPropAffine(nn.Module):
         spec = _activation(activation)
         self.num_features = num_features
         init_gamma_beta_activation(self, num_features, spec, gamma_init, affine, {"device": device, "dtype": dtype})
+        self.register_buffer("input_mean", None)
+        self.register_buffer("input_scale", None)
 
     @classmethod
-    def from_batchnorm(cls, bn: nn.modules.batchnorm._BatchNorm, **options: Any) -> NormPropAffine:
-        """A NormPropAffine with ``bn``'s width, device, dtype and affine flag (gamma/beta start
-        at their NormProp initial values, like every NormProp layer)."""
-        ref = bn.weight if bn.weight is not None else bn.running_mean
+    def from_batchnorm(cls, bn: nn.Module, **options: Any) -> NormPropAffine:
+        """A NormPropAffine with the width, device, dtype and affine flag of ``bn`` (a BatchNorm
+        or a frozen one); gamma/beta start at their NormProp initial values, like every NormProp
+        layer."""
+        state = batchnorm_state(bn)
+        ref = state.weight if state.weight is not None else state.running_mean
+        if ref is None:
+            ref = next(iter(bn.buffers()), None)
         factory = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
-        return cls(bn.num_features, affine=bn.affine, **factory, **options)
+        return cls(state.num_features, affine=state.affine, **factory, **options)
+
+    def keep_batchnorm_function(self, state: BatchNormState) -> None:
+        """Compute exactly the BatchNorm ``state``'s eval-mode function (spec section 8): its
+        running statistics standardize the input (constant buffers), its affine becomes gamma and
+        beta, and the activation's output is not standardized."""
+        factory = {"device": self.gamma.device, "dtype": self.gamma.dtype}
+        mean = state.running_mean.detach().double()
+        self.input_mean = mean.to(**factory)
+        self.input_scale = (state.running_var.detach().double() + state.eps).rsqrt().to(**factory)
+        with torch.no_grad():
+            if state.weight is not None:
+                self.gamma.copy_(state.weight.detach())
+                self.beta.copy_(state.bias.detach())
+            else:
+                self.gamma.fill_(1.0)
+                self.beta.zero_()
+        self.activation = NormalizedActivation(self.activation.spec, standardize=False)
+        self.init = TRAINED_INIT
+
+    def channel_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scale, shift)`` per channel: the module computes ``f(x * scale + shift)`` then its
+        activation's standardization. With an input standardization,
+        ``gamma * (x - m) * s + beta = x * (gamma * s) + (beta - m * gamma * s)``: O(C) work."""
+        if self.input_scale is None:
+            return self.gamma, self.beta
+        scale = self.gamma * self.input_scale
+        return scale, self.beta - self.input_mean * scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = (-1,) + (1,) * (x.dim() - 2)
-        return self.activation(torch.addcmul(self.beta.reshape(shape), x, self.gamma.reshape(shape)))
+        scale, shift = self.channel_affine()
+        return self.activation(torch.addcmul(shift.reshape(shape), x, scale.reshape(shape)))
 
     def extra_repr(self) -> str:
-        return (f"{self.num_features}, activation={self.activation.spec}, gamma_init={self.gamma_init:.6g}, "
-                f"affine={self.affine}")
+        init = f"gamma_init={self.gamma_init:.6g}" if self.input_scale is None else "init=trained (running statistics kept)"
+        return f"{self.num_features}, activation={self.activation.spec}, {init}, affine={self.affine}"
 
 
 def _activation(act: ActivationSpec | str) -> ActivationSpec:

@@ -17,6 +17,7 @@ from .activation_functions import activation
 from .errors import InvalidOptionError, NormPropError
 from .layers import DEFAULT_EPS, GammaInit, resolve_gamma_init
 from .passes.absorb_corrections import absorb_corrections
+from .passes.initialization import check_init_option, choose_initializations, discarded
 from .passes.input_shape import resolve_example_inputs
 from .passes.inventory import batchnorm_modules, batchnorms_outside_graph
 from .passes.match import match_patterns
@@ -25,7 +26,7 @@ from .passes.opaque import replace_opaque_batchnorms
 from .passes.propagate import propagate_moments
 from .passes.rewrite import rewrite_patterns
 from .passes.trace import LeafSpec, frozen_training_flags, trace
-from .records import ConversionReport
+from .records import TRAINED_INIT, ConversionReport, LayerInit
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,10 @@ INPUT_ASSUMPTION = (
     "the model input is standardized per channel (zero mean, unit variance), as torchvision "
     "and timm transforms produce"
 )
+TRAINED_ASSUMPTION = (
+    "nothing about the input: every layer keeps its trained BatchNorm's eval-mode function exactly, so no "
+    "moment propagation and no correction was needed"
+)
 
 
 class NormPropWarning(UserWarning):
@@ -45,6 +50,7 @@ class NormPropWarning(UserWarning):
 def convert(
     model: nn.Module,
     *,
+    init: str = "auto",
     gamma_init: GammaInit = "paper",
     leaf_modules: Sequence[LeafSpec] = (),
     inplace: bool = False,
@@ -56,8 +62,16 @@ def convert(
 
     Args:
         model: any traceable ``nn.Module``.
-        gamma_init: ``"paper"`` (1 / the activation's Jacobian gain: 1/1.21 for ReLU) or a
-            positive number (``1.0`` gives a forward-standardized network).
+        init: how each BatchNorm's replacement is initialized (spec section 8). ``"auto"``
+            (default): a trained BatchNorm (batches tracked or running statistics moved from
+            their initial values, or a frozen BatchNorm) keeps its eval-mode function
+            exactly, an untrained one gets the paper's initialization; decided per BatchNorm and
+            listed in the report. ``"trained"`` keeps every BatchNorm's function, ``"normprop"``
+            gives every one the paper's initialization (a warning says when that discards trained
+            BatchNorms). A BatchNorm with ``track_running_stats=False`` always gets the paper's.
+        gamma_init: for the layers with the paper's initialization: ``"paper"`` (1 / the
+            activation's Jacobian gain: 1/1.21 for ReLU) or a positive number (``1.0`` gives a
+            forward-standardized network).
         leaf_modules: module classes or qualified names that torch.fx must not trace into
             (their BatchNorms are left and reported).
         inplace: when False (the default) ``model`` is deep-copied first and never changed.
@@ -82,6 +96,7 @@ def convert(
     """
     if not isinstance(model, nn.Module):
         raise InvalidOptionError(f"convert() takes an nn.Module, got {type(model).__name__}")
+    check_init_option(init)
     resolve_gamma_init(gamma_init, activation("relu"))  # validate before any work
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 < eps < math.inf):
         raise InvalidOptionError(f"eps must be a finite positive number, got {eps!r}")
@@ -106,30 +121,41 @@ def convert(
     for message in frozen:
         warnings.warn(message, NormPropWarning, stacklevel=2)
     found = batchnorm_modules(model)
+    inits = choose_initializations(batchnorm_modules(model, remove_duplicate=False), init)
+    init_warnings = _initialization_warnings(init, [inits[path] for path in found])
     hidden = batchnorms_outside_graph(model, gm, leaf_paths)
     matches, unmatched = match_patterns(gm)
-    gm, rewrites = rewrite_patterns(gm, matches, gamma_init=gamma_init, eps=eps)
-    opaque_rewrites, hidden = replace_opaque_batchnorms(gm, hidden, gamma_init)
-    inputs, shape_assumption = resolve_example_inputs(model, gm, example_inputs)
-    try:
-        gm, corrections, standalone, estimated, unknown = propagate_moments(gm, inputs)
-    except Exception as err:
-        raise NormPropError(
-            f"moment propagation failed on {type(model).__name__} for input shapes "
-            f"{[tuple(x.shape) for x in inputs]}: {type(err).__name__}: {err}. "
-            "Pass example_inputs= with a shape the model accepts."
-        ) from err
-    gm, corrections = absorb_corrections(gm, corrections)
+    gm, rewrites = rewrite_patterns(gm, matches, inits, gamma_init=gamma_init, eps=eps)
+    opaque_rewrites, hidden = replace_opaque_batchnorms(gm, hidden, inits, gamma_init)
+    corrections, standalone, estimated, unknown = [], [], [], []
+    if rewrites + opaque_rewrites and all(r.init == TRAINED_INIT for r in rewrites + opaque_rewrites):
+        inputs, assumptions = _example_inputs_if_known(model, gm, example_inputs), (TRAINED_ASSUMPTION,)
+    else:
+        inputs, shape_assumption = resolve_example_inputs(model, gm, example_inputs)
+        assumptions = (INPUT_ASSUMPTION, *shape_assumption)
+        try:
+            gm, corrections, standalone, estimated, unknown = propagate_moments(gm, inputs)
+        except Exception as err:
+            raise NormPropError(
+                f"moment propagation failed on {type(model).__name__} for input shapes "
+                f"{[tuple(x.shape) for x in inputs]}: {type(err).__name__}: {err}. "
+                "Pass example_inputs= with a shape the model accepts."
+            ) from err
+        gm, corrections = absorb_corrections(gm, corrections)
+    for message in init_warnings:
+        warnings.warn(message, NormPropWarning, stacklevel=2)
 
     report = ConversionReport(
         model=type(model).__name__,
         gamma_init=str(gamma_init),
         batchnorms_found=len(found),
+        init=init,
+        initializations=[inits[path] for path in found],
         rewrites=rewrites + opaque_rewrites,
         left=unmatched + hidden,
         leaf_modules=leaf_paths,
-        assumptions=(INPUT_ASSUMPTION, *shape_assumption),
-        warnings=tuple(frozen),
+        assumptions=assumptions,
+        warnings=(*frozen, *init_warnings),
         corrections=corrections,
         normalized_activations=standalone,
         estimated_ops=tuple(estimated),
@@ -150,6 +176,52 @@ def convert(
         report.model, report.batchnorms_found, report.converted, len(report.left),
     )
     return gm
+
+
+def _example_inputs_if_known(
+    model: nn.Module, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor] | torch.Tensor | None
+) -> tuple[torch.Tensor, ...]:
+    """The example inputs for the report when no propagation needs them: given (and checked),
+    or inferred where the model tells, else none."""
+    try:
+        return resolve_example_inputs(model, gm, example_inputs)[0]
+    except NormPropError:
+        if example_inputs is not None:
+            raise
+        return ()
+
+
+def _initialization_warnings(init: str, inits: list[LayerInit]) -> list[str]:
+    """What the user should know about the initialization choices: a trained function discarded,
+    a model that mixes trained and untrained BatchNorms, statistics that may come from shape checks."""
+    lines = []
+    lost = discarded({i.path: i for i in inits})
+    if lost:
+        lines.append(
+            f"init='normprop' discards the trained function of {len(lost)} of {len(inits)} BatchNorms (e.g. "
+            f"{lost[0].path}: {lost[0].evidence}): the converted model computes something else; use init='auto' "
+            "to keep it"
+        )
+    trained = [i for i in inits if i.trained]
+    fresh = [i for i in inits if not i.trained]
+    if init == "auto" and trained and fresh:
+        lines.append(
+            f"the model mixes trained and untrained BatchNorms: {len(trained)} keep their trained function "
+            f"(e.g. {trained[0].path}), {len(fresh)} get the paper's initialization (e.g. {fresh[0].path}: "
+            f"{fresh[0].reason}); pass init='trained' or init='normprop' to treat them all alike"
+        )
+    if init == "auto" and trained and all(i.statistics_only for i in trained):
+        lines.append(
+            f"the {len(trained)} BatchNorms counted as trained have moved running statistics but affines at their "
+            "initial values: if those statistics come from a few train-mode forward passes (a shape check), not "
+            "from training, pass init='normprop' for the paper's initialization"
+        )
+    if init == "trained" and fresh:
+        lines.append(
+            f"init='trained' cannot apply to {len(fresh)} BatchNorms with track_running_stats=False "
+            f"(e.g. {fresh[0].path}): they get the paper's initialization"
+        )
+    return lines
 
 
 def conversion_report(converted: nn.Module) -> ConversionReport:

@@ -4,9 +4,11 @@ Every NormProp module becomes the plain operations it computes, with all constan
 
 - ``NormPropConv{1,2,3}d`` / ``NormPropLinear`` -> ``nn.Conv{1,2,3}d`` / ``nn.Linear`` with weight
   ``gamma * W / ||W||`` and bias ``beta``, then the activation ``f``, then the constant affine
-  ``(f(u) - c_mean) / c_std``;
+  ``(f(u) - c_mean) / c_std`` (none for a layer that keeps a trained BatchNorm's function: a
+  trained network folds to plain conv + activation, as its BN-folded original);
 - ``NormalizedActivation`` -> ``f`` and its constant affine;
-- ``NormPropAffine`` -> its per-channel affine (on dim 1), ``f``, the constant affine;
+- ``NormPropAffine`` -> its per-channel affine (on dim 1, with its input standardization by
+  running statistics when it keeps a trained BatchNorm's function), ``f``, the constant affine;
 - ``Standardize`` -> the constant affine ``x * scale - mean * scale``.
 
 Then a constant affine is merged into a constant affine that directly follows it, and folded
@@ -153,7 +155,7 @@ def _expand_normprop_modules(gm: fx.GraphModule) -> int:
         elif isinstance(module, NormalizedActivation):
             _replace_node(gm, node, _normalized_activation_ops(gm, node.target, module))
         elif isinstance(module, NormPropAffine):
-            affine = replacement(module, partial(ConstantAffine, module.gamma, module.beta, channel_dim=1))
+            affine = replacement(module, partial(ConstantAffine, *module.channel_affine(), channel_dim=1))
             ops = [_module_op(gm, f"{node.target}_affine", affine)]
             ops += _normalized_activation_ops(gm, node.target, module.activation)
             _replace_node(gm, node, ops)
@@ -203,9 +205,12 @@ _Op = Callable[[fx.Node], fx.Node]
 
 
 def _normalized_activation_ops(gm: fx.GraphModule, base: str, act: NormalizedActivation) -> list[_Op]:
-    """``f`` then ``* (1/c_std) + (-c_mean/c_std)``; nothing for the identity."""
+    """``f`` then ``* (1/c_std) + (-c_mean/c_std)``; nothing for the identity, and ``f`` alone when
+    the output is not standardized (a layer that keeps a trained BatchNorm's function)."""
     if act.spec.is_identity:
         return []
+    if (act._scale, act._shift) == (1.0, 0.0):
+        return [_activation_op(act.spec)]
     affine = ConstantAffine(torch.tensor(act._scale, dtype=torch.float64), torch.tensor(act._shift, dtype=torch.float64))
     return [_activation_op(act.spec), _module_op(gm, f"{base}_normalize", affine)]
 

@@ -19,9 +19,11 @@ from torch import nn
 from torch.nn.modules.utils import _ntuple, _reverse_repeat_tuple
 
 from .activation_functions import ActivationSpec, activation
+from .batchnorm_state import BatchNormState, check_finite_in, normprop_gamma_beta
 from .errors import InvalidOptionError, NormPropError
 from .moments import activation_constants
 from .normalized_activation import NormalizedActivation
+from .records import NORMPROP_INIT, TRAINED_INIT
 
 GammaInit = str | float
 
@@ -52,8 +54,10 @@ def init_gamma_beta_activation(
     factory: dict[str, Any],
 ) -> None:
     """Give ``module`` its per-channel gamma (at gamma_init) and beta (0), as parameters when
-    ``affine`` else fixed buffers, and its normalized activation: shared by every NormProp module."""
+    ``affine`` else fixed buffers, and its normalized activation: shared by every NormProp module.
+    ``module.init`` says how gamma and beta were initialized (the paper's way here)."""
     module.affine = affine
+    module.init = NORMPROP_INIT
     module.gamma_init = resolve_gamma_init(gamma_init, spec)
     gamma = torch.full((channels,), module.gamma_init, **factory)
     beta = torch.zeros(channels, **factory)
@@ -119,6 +123,26 @@ class NormPropLayer(nn.Module):
     def normalized_weight(self) -> torch.Tensor:
         return normalized_weight(self.weight, self.gamma, self.eps)
 
+    def keep_batchnorm_function(
+        self, state: BatchNormState, conv_bias: torch.Tensor | None, *, where: str = ""
+    ) -> None:
+        """Make this layer compute exactly what its conv (with bias ``conv_bias``, dropped from
+        the layer) followed by the BatchNorm ``state`` computed in eval mode (spec section 8):
+        gamma and beta from the BatchNorm's statistics and affine, the weight kept as it is, and
+        the activation's output no longer standardized, since the trained layers after it expect
+        the raw values. Raises NormPropError when the exact gamma/beta do not fit the layer's
+        dtype (fp16)."""
+        gamma, beta = normprop_gamma_beta(state, self.weight, conv_bias, self.eps)
+        try:
+            check_finite_in({"gamma": gamma, "beta": beta}, self.gamma.dtype, where or type(self).__name__)
+        except ValueError as err:
+            raise NormPropError(str(err)) from None
+        with torch.no_grad():
+            self.gamma.copy_(gamma.to(self.gamma.device))
+            self.beta.copy_(beta.to(self.beta.device))
+        self.activation = NormalizedActivation(self.activation.spec, standardize=False)
+        self.init = TRAINED_INIT
+
     def reset_parameters(self) -> None:
         """Kaiming-uniform weight (the direction is all that matters), gamma_init, beta 0."""
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
@@ -148,7 +172,8 @@ class NormPropLayer(nn.Module):
         return layer
 
     def _normprop_repr(self) -> str:
-        return f"activation={self.activation.spec}, gamma_init={self.gamma_init:.6g}, affine={self.affine}, eps={self.eps:g}"
+        init = f"gamma_init={self.gamma_init:.6g}" if self.init == NORMPROP_INIT else "init=trained"
+        return f"activation={self.activation.spec}, {init}, affine={self.affine}, eps={self.eps:g}"
 
 
 class NormPropLinear(NormPropLayer):

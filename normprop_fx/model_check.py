@@ -296,3 +296,175 @@ def _check_batch_independence(converted: nn.Module, x: torch.Tensor, check: Mode
     if not check.batch_independent:
         check.failures.append(f"batch dependence: a sample alone differs from itself in a batch of "
                               f"{x.shape[0]} by {worst:.2e} of the output scale (train mode, float64)")
+
+
+# --- trained networks (spec section 8) -----------------------------------------------------------
+
+#: Issue target for the exact conversion of a trained network: relative L2 distance of the eval
+#: outputs, converted vs original, in float32 and in float64.
+TRAINED_RTOL_FLOAT32 = 1e-5
+TRAINED_RTOL_FLOAT64 = 1e-10
+#: A float32 conversion also counts as exact when its distance to the original's float64 outputs is
+#: within this factor of the original's own float32 distance to them: some deep networks amplify
+#: float32 rounding past 1e-5 by themselves (a 1e-7 perturbation of every parameter moves their
+#: outputs by 1e-5), and a converted model, which rounds in other places, cannot do better than
+#: the original does.
+ROUNDING_FLOOR_FACTOR = 2.0
+#: Samples the randomized running statistics are measured on: a trained BatchNorm's come from a
+#: whole dataset; from a handful of values (a late 2x2 feature map, a pooled SE input) some
+#: channel's variance would come out near zero, a scale no trained network has.
+CALIBRATION_BATCH = 16
+
+
+@torch.no_grad()
+def randomize_batchnorms(model: nn.Module, example_input: torch.Tensor, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm of ``model`` (frozen ones too) the statistics and affine of a trained
+    checkpoint, as a stand-in for pretrained weights (which cannot be downloaded here). Seeded.
+
+    Each affine gets weight ~ U(0.5, 1.5) and bias ~ N(0, 0.2^2). The running statistics are what
+    training leaves there: those of the BatchNorm's own input, measured on one eval-mode pass over
+    ``example_input`` (each BatchNorm's, as its input arrives: a forward pre-hook writes them before
+    the BatchNorm runs, so every later layer sees normalized values, as in a trained network), then
+    perturbed (variance x log-uniform [0.7, 1.4], mean + N(0, 0.1^2) of a standard deviation) so
+    they are not the batch's. Statistics drawn without regard to the activations would scale each
+    layer's output at random, a random walk over depth that leaves deep networks numerically
+    ill-conditioned (an fp32 forward 1e-2 away from fp64), which no trained network is.
+    BatchNorms without running statistics get the affine only; every one counts 1000 batches
+    tracked. Changes ``model`` in place (and leaves it in eval mode) and returns it.
+    """
+    from .batchnorm_state import is_batchnorm
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw(like: torch.Tensor, sample: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        return sample(torch.empty(like.numel(), dtype=torch.float64)).to(like.device, like.dtype).reshape(like.shape)
+
+    def measure(module: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0].detach().double()
+        dims = [d for d in range(x.dim()) if d != 1]
+        mean, var = x.mean(dims), x.var(dims, unbiased=False)
+        var = var * draw(var, lambda t: t.uniform_(math.log(0.7), math.log(1.4), generator=generator).exp())
+        mean = mean + var.sqrt() * draw(mean, lambda t: t.normal_(0.0, 0.1, generator=generator))
+        module.running_mean.copy_(mean)
+        module.running_var.copy_(var)
+
+    handles = []
+    for module in model.modules():
+        if not is_batchnorm(module):
+            continue
+        weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+        if weight is not None and bias is not None:
+            weight.copy_(draw(weight, lambda t: t.uniform_(0.5, 1.5, generator=generator)))
+            bias.copy_(draw(bias, lambda t: t.normal_(0.0, 0.2, generator=generator)))
+        if getattr(module, "running_mean", None) is not None and getattr(module, "running_var", None) is not None:
+            handles.append(module.register_forward_pre_hook(measure))
+        tracked = getattr(module, "num_batches_tracked", None)
+        if isinstance(tracked, torch.Tensor):
+            tracked.fill_(1000)
+    try:
+        model.eval()(example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return model
+
+
+def relative_l2(actual: Any, expected: Any) -> float:
+    """||actual - expected|| / ||expected|| over every floating output tensor together."""
+    a, b = _floating_outputs(actual), _floating_outputs(expected)
+    if len(a) != len(b) or not b:
+        raise ValueError(f"{len(a)} floating outputs vs {len(b)}")
+    diff = sum(float((x.double() - y.double()).square().sum()) for x, y in zip(a, b, strict=True))
+    norm = sum(float(y.double().square().sum()) for y in b)
+    return math.sqrt(diff / norm) if norm > 0 else math.sqrt(diff)
+
+
+@dataclass
+class TrainedCheck:
+    """What :func:`check_trained_conversion` found for one model (relative L2 distances)."""
+
+    name: str
+    input_shape: tuple[int, ...]
+    batchnorms_found: int | None = None
+    kept_trained: int | None = None  #: BatchNorms whose replacement keeps their function
+    error_float32: float | None = None  #: eval outputs, converted vs original, in float32
+    error_float64: float | None = None  #: the same in float64
+    #: the original's own float32 eval outputs vs its float64 ones (the rounding floor)
+    original_rounding: float | None = None
+    #: the float32 conversion's outputs vs the float64 original's
+    converted_rounding: float | None = None
+    train_eval_difference: float | None = None  #: converted (float32), train mode (dropout off) vs eval
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def at_rounding_floor(self) -> bool:
+        """The float32 error exceeds the target, but the original rounds nearly as far by itself."""
+        return (self.converted_rounding is not None and self.original_rounding is not None
+                and self.converted_rounding <= ROUNDING_FLOOR_FACTOR * self.original_rounding)
+
+    @property
+    def passed(self) -> bool:
+        if self.failures or None in (self.error_float32, self.error_float64, self.train_eval_difference):
+            return False
+        float32_ok = self.error_float32 <= TRAINED_RTOL_FLOAT32 or self.at_rounding_floor
+        return float32_ok and self.error_float64 <= TRAINED_RTOL_FLOAT64 and self.train_eval_difference <= TRAINED_RTOL_FLOAT32
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["input_shape"] = list(self.input_shape)
+        data["passed"] = self.passed
+        data["at_rounding_floor"] = self.at_rounding_floor
+        return data
+
+
+def check_trained_conversion(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    name: str = "",
+    seed: int = 0,
+    batch_size: int = 2,
+    convert_options: dict[str, Any] | None = None,
+) -> TrainedCheck:
+    """Randomize a copy of ``model``'s BatchNorms (:func:`randomize_batchnorms`, on a batch of
+    N(0, I) input of ``input_shape``, no batch dim), convert it and a float64 copy with
+    the default ``init="auto"``, and compare eval outputs with the randomized original's on
+    another N(0, I) batch; also the float32 conversion in train mode (dropout off) against its
+    eval mode, and the original's own float32 rounding. Never raises for a failing model."""
+    shape = tuple(int(d) for d in input_shape)
+    check = TrainedCheck(name=name or type(model).__name__, input_shape=shape)
+    stage = "randomize"
+    try:
+        generator = torch.Generator().manual_seed(seed)
+        calibration = torch.randn(CALIBRATION_BATCH, *shape, generator=generator)
+        original32 = randomize_batchnorms(copy.deepcopy(model).float(), calibration, seed)
+        original64 = copy.deepcopy(original32).double()  # the same values, computed in float64
+        stage = "convert"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            options = convert_options or {}
+            converted64 = convert(original64, example_inputs=torch.empty(batch_size, *shape, dtype=torch.float64), **options)
+            converted32 = convert(original32, example_inputs=torch.empty(batch_size, *shape), **options)
+        report = conversion_report(converted32)
+        check.batchnorms_found = report.batchnorms_found
+        check.kept_trained = sum(i.trained for i in report.initializations)
+        if report.left:
+            check.failures.append(f"BN left: {len(report.left)} of {report.batchnorms_found}, e.g. {report.left[0].path}")
+        fresh = [i for i in report.initializations if not i.trained]
+        if fresh:
+            check.failures.append(f"not kept: {len(fresh)} BatchNorms got the paper's initialization, e.g. "
+                                  f"{fresh[0].path}: {fresh[0].reason}")
+        stage = "forward"
+        x64 = torch.randn(batch_size, *shape, generator=generator, dtype=torch.float64)
+        x32 = x64.float()
+        with torch.no_grad():
+            expected64, expected32 = original64(x64), original32(x32)
+            evaluated32 = converted32.eval()(x32)
+            check.error_float64 = relative_l2(converted64.eval()(x64), expected64)
+            check.error_float32 = relative_l2(evaluated32, expected32)
+            check.original_rounding = relative_l2(expected32, expected64)
+            check.converted_rounding = relative_l2(evaluated32, expected64)
+            check.train_eval_difference = relative_l2(dropout_off(converted32.train())(x32), evaluated32)
+    except Exception as err:  # noqa: BLE001 - a failing model is a row, never a crash
+        check.failures.append(_failure_line(stage, err))
+    return check

@@ -22,14 +22,18 @@ class NormalizedActivation(nn.Module):
     A scalar moment-propagation correction that reads only this activation's output can be
     merged into it (:meth:`absorb_correction`): the output is then
     ``((f(u) - c_mean) / c_std - correction_mean) * correction_scale``, still one affine.
+
+    ``standardize=False`` applies ``f`` alone (c_mean 0, c_std 1): the activation of a layer that
+    keeps a trained BatchNorm's function, whose readers expect the raw values (spec section 8).
     """
 
-    def __init__(self, spec: ActivationSpec | str = "relu") -> None:
+    def __init__(self, spec: ActivationSpec | str = "relu", *, standardize: bool = True) -> None:
         super().__init__()
         self.spec = activation(spec) if isinstance(spec, str) else spec
         constants = activation_constants(self.spec)
-        self.mean = constants.mean
-        self.std = constants.std
+        self.standardize = standardize
+        self.mean = constants.mean if standardize else 0.0
+        self.std = constants.std if standardize else 1.0
         self.correction_reason = ""
         self._set_affine()
         self.register_load_state_dict_post_hook(_set_affine_after_load)  # (a lambda would not pickle)
@@ -71,12 +75,14 @@ class NormalizedActivation(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.is_identity:
             return x
+        if self._scale == 1.0 and self._shift == 0.0:
+            return self.spec(x)  # not standardized: the plain activation (ReLU's backward reads its output too)
         if self.spec.name in PIECEWISE_LINEAR:
             return normalized_piecewise_linear(x, self.spec, self._scale, self._shift)
         return self.spec(x) * self._scale + self._shift
 
     def extra_repr(self) -> str:
-        s = f"{self.spec}, mean={self.mean:.6g}, std={self.std:.6g}"
+        s = f"{self.spec}, mean={self.mean:.6g}, std={self.std:.6g}" if self.standardize else f"{self.spec}, not standardized"
         if self.has_correction:
             s += f", then (o - {float(self.correction_mean):.4g}) * {float(self.correction_scale):.4g}"
         return s

@@ -7,6 +7,10 @@ inside. A BatchNorm in there is replaced in place by this module: a
 the Gaussian sample that moment propagation runs the model on (they stay constants afterwards,
 like every other correction), then a :class:`~normprop_fx.affine.NormPropAffine`, then, for a
 norm-activation unit such as timm's ``BatchNormAct2d``, its own drop and activation modules.
+
+The replacement of a trained BatchNorm measures nothing (``calibrate=False``): its affine keeps the
+BatchNorm's eval-mode function, running statistics included (spec section 8), and its
+correction stays the identity.
 """
 
 from __future__ import annotations
@@ -24,17 +28,19 @@ class OpaqueNormPropAffine(nn.Module):
     and variance of its input, the variance floored at a tenth of the mean over channels. A
     sample with non-finite values leaves it unmeasured (an identity)."""
 
-    def __init__(self, affine: NormPropAffine, after: nn.Module | None = None) -> None:
+    def __init__(self, affine: NormPropAffine, after: nn.Module | None = None, *, calibrate: bool = True) -> None:
         super().__init__()
-        self.correction = Standardize(torch.zeros(()), torch.ones(()), reason="not measured: an identity")
+        self.correction = (Standardize(torch.zeros(()), torch.ones(()), reason="not measured: an identity")
+                           if calibrate else nn.Identity())
         self.affine = affine
         self.after = after if after is not None else nn.Identity()
+        self.calibrate = calibrate  #: False: nothing to measure (a trained BatchNorm's function is kept)
         self.measuring = False
         self.attempted = False  #: the sample reached this module (its first call while measuring)
         self.measured = False  #: ... and gave finite values, now in ``correction``
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.measuring and not self.attempted:
+        if self.measuring and self.calibrate and not self.attempted:
             self.attempted = True
             self._measure(x)
         return self.after(self.affine(self.correction(x)))

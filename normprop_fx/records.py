@@ -19,6 +19,32 @@ class Rewrite:
     c_std: float
     jacobian_gain: float
     notes: tuple[str, ...] = ()
+    #: "normprop" (the paper's initialization) or "trained" (the BatchNorm's eval-mode function kept)
+    init: str = "normprop"
+
+
+#: The two ways a BatchNorm's replacement is initialized (spec section 8).
+NORMPROP_INIT = "normprop"
+TRAINED_INIT = "trained"
+
+
+@dataclass(frozen=True)
+class LayerInit:
+    """How one BatchNorm's replacement is initialized, and why: chosen once per BatchNorm
+    (``passes.initialization``); the passes read it and never re-derive it."""
+
+    path: str  #: qualified name of the BatchNorm
+    type: str
+    init: str  #: NORMPROP_INIT or TRAINED_INIT
+    reason: str
+    #: what shows the BatchNorm was trained (spec section 8), None when it is at its initial values
+    evidence: str | None = None
+    #: it counts as trained by its running statistics alone: its affine is at its initial values
+    statistics_only: bool = False
+
+    @property
+    def trained(self) -> bool:
+        return self.init == TRAINED_INIT
 
 
 @dataclass(frozen=True)
@@ -60,6 +86,9 @@ class ConversionReport:
     model: str  #: class name of the converted model
     gamma_init: str  #: the gamma_init option as given ("paper" or a number)
     batchnorms_found: int
+    init: str = "auto"  #: the init option as given
+    #: one record per BatchNorm found, in model order: how its replacement was initialized
+    initializations: list[LayerInit] = field(default_factory=list)
     rewrites: list[Rewrite] = field(default_factory=list)
     left: list[LeftBatchNorm] = field(default_factory=list)
     leaf_modules: tuple[str, ...] = ()

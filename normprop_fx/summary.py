@@ -7,12 +7,30 @@ from tabulate import tabulate
 from torch import nn
 
 from .convert import conversion_report
+from .records import NORMPROP_INIT, ConversionReport
 from .statistics import measure_layer_statistics
 
 
 def _number(x: float) -> str:
     text = f"{x:.4f}"
     return "0.0000" if text == "-0.0000" else text
+
+
+def _initialization_lines(report: ConversionReport, tablefmt: str) -> list[str]:
+    """How each BatchNorm's replacement was initialized, grouped by reason (spec section 8)."""
+    inits = report.initializations
+    if not inits:
+        return []
+    trained = sum(i.trained for i in inits)
+    lines = [f"Initialization: {trained} of {len(inits)} BatchNorms keep their trained function exactly, "
+             f"{len(inits) - trained} get the paper's initialization (gamma_init, beta 0, normalized activation)."]
+    groups: dict[tuple[str, str], list[str]] = {}
+    for i in inits:
+        groups.setdefault((i.init, i.reason), []).append(i.path)
+    rows = [[init, len(paths), ", ".join(paths[:3]) + (f" ... ({len(paths) - 3} more)" if len(paths) > 3 else ""), reason]
+            for (init, reason), paths in groups.items()]
+    lines.append(tabulate(rows, headers=["init", "BatchNorms", "which", "why"], tablefmt=tablefmt, disable_numparse=True))
+    return lines
 
 
 def summary(
@@ -47,16 +65,17 @@ def summary(
             " + ".join(r.original),
             r.replacement,
             r.activation,
-            _number(r.gamma_init),
+            _number(r.gamma_init) if r.init == NORMPROP_INIT else "trained",
             _number(r.c_mean),
             _number(r.c_std),
             _number(r.jacobian_gain),
-            *([("0 / 1"), measured.get(r.path, "-")] if measured else []),
+            *([("0 / 1") if r.init == NORMPROP_INIT else "- (trained)", measured.get(r.path, "-")] if measured else []),
             "; ".join(r.notes),
         ]
         for r in report.rewrites
     ]
-    parts = [f"NormProp conversion of {report.model} (gamma_init={report.gamma_init})", ""]
+    parts = [f"NormProp conversion of {report.model} (init={report.init}, gamma_init={report.gamma_init})",
+             *_initialization_lines(report, tablefmt), ""]
     if rewrite_rows:
         parts.append(
             tabulate(

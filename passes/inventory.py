@@ -7,12 +7,16 @@ from torch import fx, nn
 
 from normprop_fx.records import LeftBatchNorm
 
-from .patterns import BATCH_NORM_BASE
+from .patterns import BATCH_NORM_TYPES
 
 
-def batchnorm_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Every BatchNorm module of ``model`` by qualified name (each object once)."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, BATCH_NORM_BASE)}
+def batchnorm_modules(model: nn.Module, *, remove_duplicate: bool = True) -> dict[str, nn.Module]:
+    """Every BatchNorm module of ``model`` by qualified name (each object once, unless
+    ``remove_duplicate=False``: then under each of its names)."""
+    return {
+        name: m for name, m in model.named_modules(remove_duplicate=remove_duplicate)
+        if isinstance(m, BATCH_NORM_TYPES)
+    }
 
 
 def batchnorms_outside_graph(

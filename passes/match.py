@@ -20,13 +20,14 @@ from typing import Any
 from torch import fx, nn
 
 from normprop_fx.activation_functions import ActivationSpec, activation
+from normprop_fx.batchnorm_state import batchnorm_state
 from normprop_fx.errors import UnsupportedActivationError
 from normprop_fx.moments import activation_constants
 from normprop_fx.records import LeftBatchNorm
 
 from .describe import describe_node
 from .patterns import (
-    BATCH_NORM_BASE,
+    BATCH_NORM_TYPES,
     FUNCTION_ACTIVATION_FORMS,
     MODULE_ACTIVATION_FORMS,
     PLAIN_BATCH_NORMS,
@@ -74,7 +75,7 @@ def match_patterns(gm: fx.GraphModule) -> tuple[list[PatternMatch], list[LeftBat
     matches: list[PatternMatch] = []
     left: list[LeftBatchNorm] = []
     for node in gm.graph.nodes:
-        if node.op != "call_module" or not isinstance(modules[node.target], BATCH_NORM_BASE):
+        if node.op != "call_module" or not isinstance(modules[node.target], BATCH_NORM_TYPES):
             continue
         try:
             matches.append(_match_at(gm, modules, calls, node))
@@ -105,14 +106,11 @@ def _match_at(gm: fx.GraphModule, modules: dict[str, nn.Module], calls: Counter,
     else:
         act_node, spec, notes = _activation_after(gm, modules, norm_node)
         kept = ()
-    if not norm.affine:
+    if not batchnorm_state(norm).affine:
         notes = (*notes, f"{norm_node.target} had affine=False: gamma and beta are fixed buffers")
     producer_node, pattern, why_not = _producer_of(gm, modules, calls, norm_node, norm)
     if pattern is None:
         return PatternMatch(norm_node, act_node, spec, kept=kept, notes=(why_not, *notes))
-    producer = modules[producer_node.target]
-    if getattr(producer, "bias", None) is not None:
-        notes = (f"bias of {producer_node.target} dropped (beta takes its role)", *notes)
     return PatternMatch(norm_node, act_node, spec, producer_node, pattern, kept, notes)
 
 
@@ -132,9 +130,10 @@ def _producer_of(
         return None, None, f"no Conv/Linear in front (input: {describe_node(producer_node, gm)})"
     if not isinstance(norm, pattern.norms):
         return None, None, f"a {type(norm).__name__} does not normalize the outputs of a {type(producer).__name__} per feature"
-    if norm.num_features != pattern.out_features(producer):
+    features = batchnorm_state(norm).num_features
+    if features != pattern.out_features(producer):
         return None, None, (
-            f"num_features={norm.num_features} differs from the {pattern.out_features(producer)} "
+            f"num_features={features} differs from the {pattern.out_features(producer)} "
             f"outputs of {producer_node.target}"
         )
     if calls[producer_node.target] > 1:

@@ -4,7 +4,8 @@ A leaf module (timm's not-traceable registry, ``leaf_modules``) is one node of t
 pattern passes never see the BatchNorms inside it. Each one becomes an
 :class:`~normprop_fx.opaque_affine.OpaqueNormPropAffine` at its own qualified name: no batch
 statistics, a learned affine, and an input correction that moment propagation measures on its
-Gaussian sample (nothing structural is known inside the module). A BatchNorm subclass with a
+Gaussian sample (nothing structural is known inside the module); a trained BatchNorm's
+replacement keeps its eval-mode function instead and measures nothing (spec section 8). A BatchNorm subclass with a
 forward of its own stays, as everywhere else.
 """
 
@@ -13,10 +14,11 @@ from __future__ import annotations
 from torch import fx, nn
 
 from normprop_fx.affine import NormPropAffine
+from normprop_fx.batchnorm_state import batchnorm_state, follow_requires_grad
 from normprop_fx.layers import GammaInit
 from normprop_fx.moments import activation_constants
 from normprop_fx.opaque_affine import OpaqueNormPropAffine
-from normprop_fx.records import LeftBatchNorm, Rewrite
+from normprop_fx.records import LayerInit, LeftBatchNorm, Rewrite
 
 from .patterns import PLAIN_BATCH_NORMS, lookup_by_type, norm_act_units
 
@@ -25,7 +27,7 @@ _INSIDE = ("inside leaf module", "inside '")
 
 
 def replace_opaque_batchnorms(
-    gm: fx.GraphModule, hidden: list[LeftBatchNorm], gamma_init: GammaInit
+    gm: fx.GraphModule, hidden: list[LeftBatchNorm], inits: dict[str, LayerInit], gamma_init: GammaInit
 ) -> tuple[list[Rewrite], list[LeftBatchNorm]]:
     """Replace the BatchNorms of ``hidden`` that sit inside an opaque module of ``gm``; return
     their records and the BatchNorms still left."""
@@ -45,21 +47,29 @@ def replace_opaque_batchnorms(
         after = None
         if unit is not None:
             after = nn.Sequential(getattr(bn, unit.drop), getattr(bn, unit.act))
-        replacement = OpaqueNormPropAffine(NormPropAffine.from_batchnorm(bn, gamma_init=gamma_init), after)
+        choice = inits[record.path]
+        state = batchnorm_state(bn)
+        affine = NormPropAffine.from_batchnorm(bn, gamma_init=gamma_init)
+        if choice.trained:
+            affine.keep_batchnorm_function(state)
+        follow_requires_grad(affine, state, None)
+        replacement = OpaqueNormPropAffine(affine, after, calibrate=not choice.trained)
         parent, _, name = record.path.rpartition(".")
         setattr(gm.get_submodule(parent), name, replacement)
-        affine = replacement.affine
         constants = activation_constants(affine.activation.spec)
+        how = ("it keeps its trained function (running statistics and affine)" if choice.trained
+               else "its input correction is measured on the Gaussian sample")
         rewrites.append(Rewrite(
             path=record.path,
             original=(f"{record.path} ({record.type})",),
             replacement=type(replacement).__name__,
             activation=str(affine.activation.spec),
             gamma_init=affine.gamma_init,
-            c_mean=constants.mean,
-            c_std=constants.std,
+            c_mean=affine.activation.mean,
+            c_std=affine.activation.std,
             jacobian_gain=constants.jacobian_gain,
-            notes=(f"{record.reason}: replaced in place; its input correction is measured on the Gaussian "
-                   "sample" + ("; its drop and activation are kept as they are" if unit is not None else ""),),
+            notes=(f"{record.reason}: replaced in place; {how}"
+                   + ("; its drop and activation are kept as they are" if unit is not None else ""),),
+            init=choice.init,
         ))
     return rewrites, left

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normprop_fx.batchnorm_state import batchnorm_types, frozen_batchnorm_types, plain_frozen_batchnorm_types
 from normprop_fx.conv_same import NormPropConv2dSame
 from normprop_fx.layers import (
     NormPropConv1d,
@@ -46,29 +47,37 @@ def _out_features(m: nn.Module) -> int:
     return m.out_features  # type: ignore[return-value]
 
 
+#: The norms that normalize a 2-D conv's output per channel: BatchNorm2d and its subclasses
+#: (timm's BatchNormAct2d), SyncBatchNorm, and the frozen BatchNorms (all 2-D).
+_NORMS_2D: tuple[type[nn.Module], ...] = (nn.BatchNorm2d, nn.SyncBatchNorm, *frozen_batchnorm_types())
+
+
 def _timm_conv_same() -> tuple[ProducerPattern, ...]:
     try:
         from timm.layers import Conv2dSame
     except ImportError:
         return ()
-    return (ProducerPattern(Conv2dSame, (nn.BatchNorm2d, nn.SyncBatchNorm), NormPropConv2dSame, _out_channels),)
+    return (ProducerPattern(Conv2dSame, _NORMS_2D, NormPropConv2dSame, _out_channels),)
 
 
 PRODUCERS: tuple[ProducerPattern, ...] = (
     ProducerPattern(nn.Linear, (nn.BatchNorm1d, nn.SyncBatchNorm), NormPropLinear, _out_features, input_dim=2),
     ProducerPattern(nn.Conv1d, (nn.BatchNorm1d, nn.SyncBatchNorm), NormPropConv1d, _out_channels),
-    ProducerPattern(nn.Conv2d, (nn.BatchNorm2d, nn.SyncBatchNorm), NormPropConv2d, _out_channels),
+    ProducerPattern(nn.Conv2d, _NORMS_2D, NormPropConv2d, _out_channels),
     ProducerPattern(nn.Conv3d, (nn.BatchNorm3d, nn.SyncBatchNorm), NormPropConv3d, _out_channels),
     *_timm_conv_same(),
 )
 
-#: Every BatchNorm flavour counts as "found" (the report accounts for each one).
-BATCH_NORM_BASE: type[nn.Module] = nn.modules.batchnorm._BatchNorm
+#: Every BatchNorm flavour counts as "found" (the report accounts for each one): torch's
+#: ``_BatchNorm`` family and the frozen BatchNorms.
+BATCH_NORM_TYPES: tuple[type[nn.Module], ...] = batchnorm_types()
 
-#: The BatchNorm classes whose forward is plain batch normalization over dim 1: they can be
-#: replaced by a NormProp layer (after a Conv/Linear) or by NormPropAffine (anywhere else).
+#: The BatchNorm classes whose forward is plain batch normalization over dim 1 (torchvision's
+#: FrozenBatchNorm2d: its eval-mode function in every mode): they can be replaced by a NormProp
+#: layer (after a Conv/Linear) or by NormPropAffine (anywhere else).
 PLAIN_BATCH_NORMS: dict[type, type] = {
-    cls: cls for cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+    cls: cls for cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+                         *plain_frozen_batchnorm_types())
 }
 
 
@@ -89,7 +98,7 @@ def norm_act_units() -> dict[type, NormActUnit]:
         from timm.layers import norm_act
     except ImportError:
         return units
-    for name in ("BatchNormAct2d", "SyncBatchNormAct"):
+    for name in ("BatchNormAct2d", "SyncBatchNormAct", "FrozenBatchNormAct2d"):
         cls = getattr(norm_act, name, None)
         if cls is not None:
             units[cls] = NormActUnit(drop="drop", act="act")

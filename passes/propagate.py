@@ -18,6 +18,14 @@ average keeps more than 1/k of the variance, and their max is smaller than the m
 independent values). Pooling moments are the rule's, scaled by that measured correlation, and
 reported as estimated. Ops without a rule are estimated by running them on Gaussian probes with
 the predicted moments; such estimates are marked in the records too.
+
+Layers that keep a trained BatchNorm's function (``init == "trained"``, spec section 8) are left as
+they are: no correction in front of them, their gamma and beta keep their values on the sample,
+and their outputs' moments are measured on the sample (estimated, not structural). A standalone
+activation whose output reaches such a layer without passing through an untrained NormProp layer
+is not normalized: the trained layer expects the raw values. So in a model that mixes trained and
+untrained BatchNorms, corrections and normalized activations are added only where they feed the
+untrained ones; :func:`propagate_moments` is not needed at all for a model with none.
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ from normprop_fx.layers import NormPropLayer
 from normprop_fx.moments import activation_constants, activation_moments, max_of_normals
 from normprop_fx.normalized_activation import NormalizedActivation
 from normprop_fx.opaque_affine import OpaqueNormPropAffine
-from normprop_fx.records import Correction, NormalizedStandalone
+from normprop_fx.records import TRAINED_INIT, Correction, NormalizedStandalone
 from normprop_fx.standardize import Standardize
 
 from .describe import describe_node, free_module_name, owner_module_path
@@ -98,12 +106,45 @@ _STANDARDIZED_MODULES = (NormPropLayer, NormPropAffine, NormalizedActivation, St
 _CONSUMERS = (NormPropLayer, NormPropAffine)
 
 
+def is_trained(module: nn.Module) -> bool:
+    """A NormProp module that keeps a trained BatchNorm's function (spec section 8)."""
+    return getattr(module, "init", None) == TRAINED_INIT
+
+
+def _feeds_trained_layers(gm: fx.GraphModule, modules: dict[str, nn.Module]) -> set[fx.Node]:
+    """The nodes whose value a trained layer reads as it is: directly, or through any ops but an
+    untrained NormProp consumer (which gets a corrected input of its own). A call of a module that
+    holds trained replacements inside (an opaque module) counts as a trained layer."""
+    trained_inside = {
+        path.rpartition(".")[0] for path, m in modules.items() if isinstance(m, OpaqueNormPropAffine) and not m.calibrate
+    }
+
+    def is_trained_call(node: fx.Node) -> bool:
+        if node.op != "call_module":
+            return False
+        if is_trained(modules[node.target]):
+            return True
+        prefix = f"{node.target}."
+        return any(p == node.target or p.startswith(prefix) for p in trained_inside)
+
+    feeds: set[fx.Node] = set()
+    for node in reversed(list(gm.graph.nodes)):
+        for user in node.users:
+            module = modules.get(user.target) if user.op == "call_module" else None
+            untrained_consumer = isinstance(module, _CONSUMERS) and not is_trained(module)
+            if is_trained_call(user) or (user in feeds and not untrained_consumer):
+                feeds.add(node)
+                break
+    return feeds
+
+
 class _Propagation(fx.Interpreter):
     """Runs the graph on a Gaussian sample, as corrected, while computing every node's moments."""
 
     def __init__(self, gm: fx.GraphModule) -> None:
         super().__init__(gm)
         self.modules = dict(gm.named_modules())
+        self.feeds_trained = _feeds_trained_layers(gm, self.modules)
         self.moments: dict[fx.Node, Any] = {}
         self.corrections: dict[fx.Node, Moments] = {}  # consumer -> moments of its input
         self.standalone: dict[fx.Node, tuple[ActivationSpec, Moments]] = {}
@@ -130,7 +171,7 @@ class _Propagation(fx.Interpreter):
         moments = self.moments.get(source) if source is not None else None
         needs_correction = isinstance(moments, Moments) and not moments.constant and not moments.is_standard()
         if isinstance(module, _CONSUMERS):
-            if needs_correction:
+            if needs_correction and not is_trained(module):
                 moments = self._calibrated(n, source, moments)
                 self.corrections[n] = moments
                 args, kwargs = self.fetch_args_kwargs_from_env(n)
@@ -174,6 +215,8 @@ class _Propagation(fx.Interpreter):
         input's moments follow from the structure (else they are only estimates)."""
         if isinstance(module, _STANDARDIZED_MODULES) or not moments.structural or moments.constant:
             return None
+        if n in self.feeds_trained:
+            return None  # a trained layer reads this value as it is
         form = _activation_form(n, module)
         if form is None:
             return None
@@ -196,6 +239,8 @@ class _Propagation(fx.Interpreter):
         if not _has_float_tensor(value) or (isinstance(value, tuple) and type(value) is not tuple):
             return None
         module = self.modules.get(n.target) if n.op == "call_module" else None
+        if is_trained(module):
+            return _sample_moments(value)  # the trained function's output: only the sample tells
         if module is not None and isinstance(module, _STANDARDIZED_MODULES):
             spec = getattr(module, "spec", None) or getattr(getattr(module, "activation", None), "spec", None)
             # A NormPropAffine keeps its (standardized) input's distribution shape.
@@ -622,7 +667,7 @@ def propagate_moments(
     generator = torch.Generator().manual_seed(PROBE_SEED)
     sample = [torch.randn(x.shape, generator=generator, dtype=torch.float64).to(device, d) for x, d in zip(example_inputs, dtypes)]
     propagation = _Propagation(gm)
-    opaque = {path: m for path, m in gm.named_modules() if isinstance(m, OpaqueNormPropAffine)}
+    opaque = {path: m for path, m in gm.named_modules() if isinstance(m, OpaqueNormPropAffine) and m.calibrate}
     for m in opaque.values():
         m.measuring = True
     try:
@@ -659,9 +704,10 @@ def propagate_moments(
 @contextlib.contextmanager
 def _as_at_init(gm: fx.GraphModule) -> Iterator[None]:
     """The structural state the corrections are computed for: eval mode (dropout off, BNs on
-    their running statistics), every NormProp gamma 1 and beta 0; all restored afterwards."""
+    their running statistics), every NormProp gamma 1 and beta 0 (but a trained layer's, which
+    keep their values); all restored afterwards."""
     training = [(m, m.training) for m in gm.modules()]
-    affine = [m for m in gm.modules() if isinstance(m, _CONSUMERS)]
+    affine = [m for m in gm.modules() if isinstance(m, _CONSUMERS) and not is_trained(m)]
     saved = [(m, m.gamma.detach().clone(), m.beta.detach().clone()) for m in affine]
     buffers = _save_buffers(gm)
     gm.eval()

@@ -4,6 +4,11 @@
   activation nodes go.
 - BN with no Conv/Linear to fuse with: a NormPropAffine at the BN's own qualified name.
 
+Each replacement is initialized as its BatchNorm's :class:`~normprop_fx.records.LayerInit` says
+(``passes.initialization``): the paper's way, or keeping the trained BatchNorm's eval-mode
+function exactly (spec section 8). Its gamma and beta are trained when the BatchNorm's affine was
+(a frozen BatchNorm's: when its conv's weight is).
+
 Users of the pattern's last node read the replacement's output; modules of a norm-activation
 unit that cannot be fused (a drop-block, an activation without fixed moments) stay after it as
 ``<bn path>_<attribute>``. The graph is linted and recompiled. State-dict keys stay readable:
@@ -15,9 +20,10 @@ from __future__ import annotations
 from torch import fx, nn
 
 from normprop_fx.affine import NormPropAffine
+from normprop_fx.batchnorm_state import batchnorm_state, follow_requires_grad
 from normprop_fx.layers import DEFAULT_EPS, GammaInit
 from normprop_fx.moments import activation_constants
-from normprop_fx.records import Rewrite
+from normprop_fx.records import LayerInit, Rewrite
 
 from .describe import describe_node
 from .match import PatternMatch
@@ -31,6 +37,7 @@ def set_submodule(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
 def rewrite_patterns(
     gm: fx.GraphModule,
     matches: list[PatternMatch],
+    inits: dict[str, LayerInit],
     *,
     gamma_init: GammaInit = "paper",
     eps: float = DEFAULT_EPS,
@@ -44,24 +51,38 @@ def rewrite_patterns(
     """
     records = []
     for match in matches:
-        norm = gm.get_submodule(str(match.norm.target))
+        bn_path = str(match.norm.target)
+        norm = gm.get_submodule(bn_path)
+        state = batchnorm_state(norm)
+        choice = inits[bn_path]
         original = tuple(describe_node(n, gm) for n in (match.producer, match.norm, match.activation) if n is not None)
         notes = match.notes
         if match.producer is not None and match.pattern is not None:
             path, out = str(match.producer.target), match.producer
             producer = gm.get_submodule(path)
             layer = match.pattern.replacement.from_module(
-                producer, share_weight=True, activation=match.spec, gamma_init=gamma_init, affine=norm.affine, eps=eps
+                producer, share_weight=True, activation=match.spec, gamma_init=gamma_init, affine=state.affine, eps=eps
             )
             if layer.weight is not producer.weight:
                 notes = (*notes, (f"the weight of {path} is computed (parametrization or hook): "
                                   "the NormProp layer holds a plain copy of its current value"))
+            bias = getattr(producer, "bias", None)
+            if choice.trained:
+                layer.keep_batchnorm_function(state, bias, where=path)
+            if bias is not None:
+                fate = "folded into beta" if choice.trained else "dropped (beta takes its role)"
+                notes = (f"bias of {path} {fate}", *notes)
             layer.required_input_dim = match.pattern.input_dim
             layer.train(producer.training)
+            conv_weight = producer.weight
         else:
-            path, out = str(match.norm.target), match.norm
+            path, out = bn_path, match.norm
             layer = NormPropAffine.from_batchnorm(norm, activation=match.spec, gamma_init=gamma_init)
+            if choice.trained:
+                layer.keep_batchnorm_function(state)
             layer.train(norm.training)
+            conv_weight = None
+        follow_requires_grad(layer, state, conv_weight)
         set_submodule(gm, path, layer)
 
         first_kept, tail = _insert_kept(gm, str(match.norm.target), out, match.kept)
@@ -75,7 +96,6 @@ def rewrite_patterns(
                 if node is not None and node is not out:
                     gm.graph.erase_node(node)
 
-        constants = activation_constants(match.spec)
         records.append(
             Rewrite(
                 path=path,
@@ -83,10 +103,11 @@ def rewrite_patterns(
                 replacement=type(layer).__name__,
                 activation=str(match.spec),
                 gamma_init=layer.gamma_init,
-                c_mean=constants.mean,
-                c_std=constants.std,
-                jacobian_gain=constants.jacobian_gain,
+                c_mean=layer.activation.mean,
+                c_std=layer.activation.std,
+                jacobian_gain=activation_constants(match.spec).jacobian_gain,
                 notes=notes,
+                init=choice.init,
             )
         )
     gm.graph.lint()

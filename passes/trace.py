@@ -1,7 +1,7 @@
 """Pass 1: trace a model into a torch.fx GraphModule.
 
-NormProp layers are always leaves; user-supplied leaf modules (types or qualified names) are
-too. When tracing fails, the error names the innermost module whose forward could not be
+NormProp layers and frozen BatchNorms are always leaves; user-supplied leaf modules (types or
+qualified names) are too. When tracing fails, the error names the innermost module whose forward could not be
 traced and says how to make it a leaf.
 """
 
@@ -14,6 +14,7 @@ from typing import Any
 from torch import fx, nn
 
 from normprop_fx.affine import NormPropAffine
+from normprop_fx.batchnorm_state import frozen_batchnorm_types
 from normprop_fx.errors import InvalidOptionError, UntraceableModelError
 from normprop_fx.layers import NormPropLayer
 from normprop_fx.normalized_activation import NormalizedActivation
@@ -69,7 +70,8 @@ class NormPropTracer(fx.Tracer):
     def __init__(self, leaf_types: tuple[type, ...] = (), leaf_names: Iterable[str] = ()) -> None:
         library_modules, library_functions = library_notrace_registries()
         super().__init__(autowrap_functions=library_functions)
-        self.leaf_types = leaf_types + mode_dependent_modules() + library_modules
+        # frozen BatchNorms are BatchNorms to replace, not arithmetic to trace into
+        self.leaf_types = leaf_types + mode_dependent_modules() + library_modules + frozen_batchnorm_types()
         self.leaf_names = frozenset(leaf_names)
         self.failed_module: str | None = None
 
