@@ -3,11 +3,16 @@
 
     python tools/convert.py --model resnet18
     python tools/convert.py --model timm:efficientnet_b0 --gamma-init 1 --save effnet_np.pt
+    python tools/convert.py --model resnet50 --pretrained          # a trained checkpoint (downloads it)
+    python tools/convert.py --model resnet50 --randomize-bn        # trained-looking BNs, offline
 
-Builds the model without pretrained weights, converts it, prints every rewrite and every
-BatchNorm left, then runs a forward and backward pass in train mode on standardized random
-input and prints the measured output statistics. Exit status: 0 on success, 1 when the
-conversion or the check fails, 2 on a bad argument or an unknown model name.
+Builds the model (without pretrained weights unless --pretrained), converts it, prints every
+rewrite and every BatchNorm left, then runs a forward and backward pass in train mode on
+standardized random input and prints the measured output statistics. When a layer keeps a
+trained BatchNorm's function (--pretrained, --randomize-bn, or the model's own trained state),
+it also prints how far the converted model's eval outputs are from the original's. Exit status:
+0 on success, 1 when the conversion or the check fails (or the weights cannot be downloaded),
+2 on a bad argument or an unknown model name.
 """
 
 from __future__ import annotations
@@ -73,9 +78,10 @@ def _timm_names() -> list[str]:
     return sorted(timm.list_models())
 
 
-def build_model(spec: str) -> tuple[nn.Module, tuple[int, ...], str]:
-    """The model for ``[torchvision:|timm:]NAME`` (no pretrained weights), its default per-sample
-    input size, and where it came from. Exits with status 2 for an unknown name."""
+def build_model(spec: str, pretrained: bool = False) -> tuple[nn.Module, tuple[int, ...], str]:
+    """The model for ``[torchvision:|timm:]NAME`` (pretrained weights only when asked: they are
+    downloaded), its default per-sample input size, and where it came from. Exits with status 2
+    for an unknown name, 1 when the weights cannot be had."""
     source, _, name = spec.rpartition(":")
     if source not in ("", "torchvision", "timm"):
         _fail(f"unknown model source {source!r} in {spec!r}: use torchvision:NAME or timm:NAME", 2)
@@ -83,19 +89,36 @@ def build_model(spec: str) -> tuple[nn.Module, tuple[int, ...], str]:
     if name in tv_names:
         import torchvision.models
 
-        model = torchvision.models.get_model(name, weights=None)
+        model = _pretrained_or_fail(lambda: torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None), spec)
         size = 299 if name == "inception_v3" else 224
         return model, (3, size, size), f"torchvision:{name}"
     timm_names = _timm_names() if source in ("", "timm") else []
     if name in timm_names:
         import timm
 
-        model = timm.create_model(name, pretrained=False)
+        model = _pretrained_or_fail(lambda: timm.create_model(name, pretrained=pretrained), spec)
         return model, tuple(model.pretrained_cfg.get("input_size", (3, 224, 224))), f"timm:{name}"
     close = difflib.get_close_matches(name, sorted(set(tv_names + timm_names)), n=3)
     hint = f" (did you mean: {', '.join(close)}?)" if close else ""
     where = {"": "torchvision classification or timm", "torchvision": "torchvision classification", "timm": "timm"}[source]
     _fail(f"unknown model {name!r}: not a {where} model name{hint}", 2)
+
+
+def _pretrained_or_fail(build, spec: str) -> nn.Module:  # noqa: ANN001
+    try:
+        return build()
+    except Exception as err:  # no network, no weights for this model, a broken cache...
+        _fail(f"{spec}: could not build it with its weights ({type(err).__name__}: {err}); without network, "
+              "use --randomize-bn for trained-looking BatchNorms instead", 1)
+
+
+def _exactness_line(original: nn.Module, converted: nn.Module, x: torch.Tensor) -> str:
+    from normprop_fx.model_check import relative_l2
+
+    with torch.no_grad():
+        error = relative_l2(converted.eval()(x), original.eval()(x))
+    return (f"  eval outputs vs the original's: relative L2 {error:.2e} (the layers that keep a trained "
+            "BatchNorm compute its eval-mode function)")
 
 
 def _forward_backward_check(model: nn.Module, x: torch.Tensor) -> tuple[list[str], bool]:
@@ -123,6 +146,11 @@ def _forward_backward_check(model: nn.Module, x: torch.Tensor) -> tuple[list[str
 def main(argv: list[str] | None = None) -> int:
     parser = _ArgumentParser(prog="convert.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="torchvision or timm model name; prefix torchvision: or timm: to choose")
+    parser.add_argument("--init", choices=("auto", "trained", "normprop"), default="auto",
+                        help="keep trained BatchNorms' functions (auto: per BatchNorm, as trained or not), or not")
+    parser.add_argument("--pretrained", action="store_true", help="build the model with its pretrained weights (downloads them)")
+    parser.add_argument("--randomize-bn", action="store_true",
+                        help="give every BatchNorm trained-looking statistics and affine first (a stand-in for a checkpoint)")
     parser.add_argument("--gamma-init", type=_gamma_init, default="paper", help="'paper' (1/1.21 for ReLU) or a positive number")
     parser.add_argument("--measure", action="store_true",
                         help="add nominal vs measured output mean/std per NormProp layer to the audit table")
@@ -137,14 +165,22 @@ def main(argv: list[str] | None = None) -> int:
     import normprop_fx
 
     torch.manual_seed(args.seed)
-    model, default_size, source = build_model(args.model)
+    model, default_size, source = build_model(args.model, args.pretrained)
     input_size = args.input_size or default_size
+    if args.randomize_bn:
+        from normprop_fx.model_check import randomize_batchnorms
+
+        try:
+            randomize_batchnorms(model, torch.randn(16, *input_size), args.seed)
+        except Exception as err:  # the model does not run on that input
+            _fail(f"{source}: --randomize-bn could not run it on input {(16, *input_size)}: {type(err).__name__}: {err}", 1)
     start = time.perf_counter()
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", normprop_fx.NormPropWarning)
             converted = normprop_fx.convert(
-                model, gamma_init=args.gamma_init, example_inputs=torch.empty(2, *input_size, device="meta")
+                model, init=args.init, gamma_init=args.gamma_init,
+                example_inputs=torch.empty(2, *input_size, device="meta"),
             )
     except normprop_fx.NormPropError as err:
         _fail(f"{source}: {err}", 1)
@@ -157,7 +193,11 @@ def main(argv: list[str] | None = None) -> int:
 
     x = torch.randn(args.batch_size, *input_size)
     try:
+        exact = []
+        if any(i.trained for i in normprop_fx.conversion_report(converted).initializations):
+            exact = [_exactness_line(model, converted, x)]
         lines, finite = _forward_backward_check(converted, x)
+        lines += exact
         stats = normprop_fx.measure_layer_statistics(converted.eval(), x)
     except Exception as err:  # a model that converts but does not run is a failed check
         _fail(f"{source}: forward/backward on input {tuple(x.shape)} failed: {type(err).__name__}: {err}", 1)
@@ -167,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         stds = [s.std for s in stats]
         print(
             f"  NormProp layer outputs ({len(stats)} layers): mean in [{min(means):+.3f}, {max(means):+.3f}], "
-            f"std in [{min(stds):.3f}, {max(stds):.3f}] (nominal: mean 0, std 1 with gamma_init=1)"
+            f"std in [{min(stds):.3f}, {max(stds):.3f}] "
+            + ("(nominal: mean 0, std 1 with gamma_init=1)" if not exact else "(trained layers: no nominal moments)")
         )
     if args.save:
         torch.save(converted, args.save)

@@ -3,11 +3,16 @@
 
     python tools/zoo.py --source torchvision --results zoo-torchvision.jsonl --write-docs docs/zoo.md
     python tools/zoo.py --source timm --include 'resnet*' --exclude '*_gn' --jobs 2 --results zoo-timm.jsonl
+    python tools/zoo.py --source torchvision --check trained --results zoo-trained.jsonl
 
 Per model (no pretrained weights, seeded): build it on the meta device and count BatchNorms
 (models without any are listed, not checked); otherwise build it for real, pick the input
 size (the small one, else the model's default, the first the *original* model runs on), and
-run normprop_fx.check_model at gamma_init=1. Each model runs in a worker process with a
+run normprop_fx.check_model at gamma_init=1 (``--check init``, the default), or, with
+``--check trained``, normprop_fx.model_check.check_trained_conversion: every BatchNorm gets
+trained-looking statistics and affine, and the converted model's eval outputs must equal the
+original's (spec section 8). ``--write-docs`` with ``--trained-results`` adds the trained
+check's rows to the same page. Each model runs in a worker process with a
 timeout, so a crash, an OOM kill or a hang is a row with its reason. Results are appended to a
 JSON-lines file, one line a model; a rerun skips models already there unless --redo.
 Exit status: 0 when the sweep ran (whatever the models did), 2 on a bad argument.
@@ -169,8 +174,14 @@ def check_one(key: str, options: dict[str, Any]) -> dict[str, Any]:
             model = _build(key)
             shape, tried = _input_shape(key, model, options["small_size"])
             torch.manual_seed(options["seed"])
-            check = normprop_fx.check_model(model, shape, name=key, gamma_init=options["gamma_init"])
-            row.update(check.to_dict())
+            if options.get("check") == "trained":
+                from normprop_fx.model_check import check_trained_conversion
+
+                row["check"] = "trained"
+                result = check_trained_conversion(model, shape, name=key, seed=options["seed"])
+            else:
+                result = normprop_fx.check_model(model, shape, name=key, gamma_init=options["gamma_init"])
+            row.update(result.to_dict())
             row["smaller_sizes_failed"] = tried
     except Exception as err:  # noqa: BLE001 - a model that cannot be built is a row
         row["failures"] = [f"model: {type(err).__name__}: {' '.join(str(err).split())[:400]}"]
@@ -380,8 +391,59 @@ def _pct(part: int, whole: int) -> str:
     return f"{part} ({100 * part / whole:.1f}%)" if whole else f"{part}"
 
 
-def render_docs(rows: list[dict[str, Any]], command: str, selected: int | None = None) -> str:
-    """docs/zoo.md: summary counts per source first, then failures, then the table, then the command."""
+def _error(value: Any) -> str:
+    return f"{value:.1e}" if isinstance(value, (int, float)) else "-"
+
+
+def _trained_section(trained: dict[str, dict[str, Any]], keys: list[str], command: str | None) -> list[str]:
+    """The trained-weights check (spec section 8): summary per source, failures, the command."""
+    from normprop_fx.model_check import ROUNDING_FLOOR_FACTOR, TRAINED_RTOL_FLOAT32, TRAINED_RTOL_FLOAT64
+
+    rows = [trained[k] for k in keys if k in trained and trained[k].get("has_bn") is not False]
+    lines = ["## Trained weights: exact conversion", "",
+             ("Every BatchNorm given trained-looking statistics and affine (`randomize_batchnorms`: statistics "
+              "measured on its own input, then perturbed; weight U(0.5, 1.5), bias N(0, 0.2^2)), converted with "
+              "the default `init='auto'`, eval outputs compared with the original's on N(0, I) input "
+              f"(relative L2). A model **passes** when every BatchNorm kept its function, float64 is within "
+              f"{TRAINED_RTOL_FLOAT64:g}, train mode equals eval mode, and float32 is within {TRAINED_RTOL_FLOAT32:g} "
+              f"or, where the original's own float32 forward is already that far from its float64 one (random-weight "
+              f"BatchNorm networks amplify rounding), the conversion's distance to the float64 original is within "
+              f"{ROUNDING_FLOOR_FACTOR:g}x the original's."), "",
+             "| source | models checked | **pass** (target) | float32 <= 1e-5 | at the rounding floor | "
+             "float64 <= 1e-10 | worst float64 | worst float32 / original's own rounding |",
+             "|---|---|---|---|---|---|---|---|"]
+    for source in SOURCES:
+        mine = [r for r in rows if r["model"].startswith(source + ":")]
+        if not mine:
+            continue
+        n = len(mine)
+        passed = sum(bool(r.get("passed")) for r in mine)
+        verdict = "met" if passed / n >= TARGETS[source] else "**not met**"
+        strict = sum(r.get("error_float32") is not None and r["error_float32"] <= TRAINED_RTOL_FLOAT32 for r in mine)
+        floor = sum(bool(r.get("passed")) and r["error_float32"] > TRAINED_RTOL_FLOAT32 for r in mine)
+        f64 = [r["error_float64"] for r in mine if r.get("error_float64") is not None]
+        ratios = [r["converted_rounding"] / r["original_rounding"] for r in mine
+                  if r.get("converted_rounding") is not None and r.get("original_rounding")]
+        lines.append(f"| {source} | {n} | {_pct(passed, n)} (target {TARGETS[source]:.0%}: {verdict}) | "
+                     f"{_pct(strict, n)} | {floor} | {_pct(sum(e <= TRAINED_RTOL_FLOAT64 for e in f64), n)} | "
+                     f"{_error(max(f64, default=None))} | {max(ratios, default=0):.2f}x |")
+    failed = [r for r in rows if not r.get("passed")]
+    lines += [""]
+    if failed:
+        lines += ["Models that do not pass:", "", "| model | float32 | float64 | reason |", "|---|---|---|---|"]
+        for r in sorted(failed, key=lambda r: r["model"]):
+            reason = (r.get("failures") or ["over the tolerance"])[0].replace("|", "\\|")
+            lines.append(f"| {r['model']} | {_error(r.get('error_float32'))} | {_error(r.get('error_float64'))} | {reason} |")
+        lines.append("")
+    if command:
+        lines += ["Made with:", "", "```", command, "```", ""]
+    return lines
+
+
+def render_docs(rows: list[dict[str, Any]], command: str, selected: int | None = None,
+                trained: dict[str, dict[str, Any]] | None = None, trained_command: str | None = None) -> str:
+    """docs/zoo.md: summary counts per source first, then failures, then the table, then the command.
+    ``trained`` (rows of ``--check trained`` by model) adds its section and a column."""
     lines = ["# Model-zoo sweep", "",
              ("Every model through `normprop_fx.check_model` at `gamma_init=1` on N(0, I) input, "
              "no pretrained weights. Generated by `tools/zoo.py`; do not edit by hand."), ""]
@@ -413,6 +475,8 @@ def render_docs(rows: list[dict[str, Any]], command: str, selected: int | None =
               "backward (a finite gradient for every parameter the original model trains) and batch "
               "independence (train mode, float64, each sample alone vs in a batch of 2, tolerance "
               "1e-6 of the output scale) are OK. The std column is the per-layer target at init."), ""]
+    if trained:
+        lines += _trained_section(trained, [r["model"] for r in rows], trained_command)
     failed = [r for r in rows if r.get("has_bn") is not False and not r.get("passed")]
     if failed:
         lines += ["## Failures by category", "", "| category | models | examples |", "|---|---|---|"]
@@ -428,7 +492,7 @@ def render_docs(rows: list[dict[str, Any]], command: str, selected: int | None =
         lines.append("")
     columns = ["model", "input", "traced", "BN found / converted / left", "fwd", "bwd", "batch-indep.",
                "pass", "worst abs(std-1) (layer)", "worst abs(mean)", "std target", "convert s", "total s",
-               "reason"]
+               "reason", *(["trained: pass (float32 / float64)"] if trained else [])]
     lines += ["## Models with BatchNorm", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in sorted((r for r in rows if r.get("has_bn") is not False), key=lambda r: r["model"]):
         counts = (f"{r['batchnorms_found']} / {r['converted']} / {r['left']}"
@@ -442,6 +506,10 @@ def render_docs(rows: list[dict[str, Any]], command: str, selected: int | None =
         cells = [r["model"], shape, _yes(r.get("traced")), counts, _yes(r.get("forward_ok")),
                  _yes(r.get("backward_ok")), _yes(r.get("batch_independent")), _yes(bool(r.get("passed"))),
                  worst, mean, _yes(r.get("within_std_target")), convert_s, f"{r.get('seconds', 0):.1f}", reason]
+        if trained:
+            t = trained.get(r["model"])
+            cells.append("-" if t is None else f"{_yes(bool(t.get('passed')))} ({_error(t.get('error_float32'))} / "
+                                               f"{_error(t.get('error_float64'))})")
         lines.append("| " + " | ".join(cells) + " |")
     without = sorted(r["model"] for r in rows if r.get("has_bn") is False)
     lines += ["", f"## Models without BatchNorm ({len(without)}, not checked)", "",
@@ -464,6 +532,12 @@ def render_docs(rows: list[dict[str, Any]], command: str, selected: int | None =
 # --------------------------------------------------------------------------- command line
 
 
+def _recorded_command(results: Path) -> str | None:
+    """The commands that added rows to a results file (its ``.cmd`` file beside it), if any."""
+    path = results.with_suffix(results.suffix + ".cmd")
+    return path.read_text().strip() if path.exists() else None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = _ArgumentParser(prog="zoo.py", description=__doc__.split("\n\n")[0])
@@ -476,6 +550,8 @@ def main(argv: list[str] | None = None) -> int:
                         "importable function that returns a model) instead of a source's list")
     parser.add_argument("--results", type=Path, default=Path("zoo-results.jsonl"),
                         help="JSON-lines file the rows are appended to (default zoo-results.jsonl)")
+    parser.add_argument("--sample-every", type=int, default=1, metavar="N",
+                        help="keep every Nth of the selected models, in name order (a partial sweep; default 1: all)")
     parser.add_argument("--redo", action="store_true", help="check models again even if the results file has them")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
@@ -485,6 +561,11 @@ def main(argv: list[str] | None = None) -> int:
                         "'memory' row, 0 for no limit (default 6: four people share 24 GiB here)")
     parser.add_argument("--small-size", type=int, default=64,
                         help="input side tried first (default 64); the model's default when the original fails on it")
+    parser.add_argument("--check", choices=("init", "trained"), default="init",
+                        help="init: check_model at --gamma-init (default); trained: exact conversion of "
+                        "trained-looking BatchNorms")
+    parser.add_argument("--trained-results", type=Path, default=None,
+                        help="with --write-docs: a results file of --check trained rows to add to the page")
     parser.add_argument("--gamma-init", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-check", action="store_true",
@@ -507,6 +588,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         sources = SOURCES if args.source == "all" else (args.source,)
         keys = select([k for s in sources for k in model_names(s)], args.include, args.exclude)
+    if args.sample_every < 1:
+        parser.error("--sample-every must be at least 1")
+    keys = keys[:: args.sample_every]
     if not keys:
         parser.error("no model matches the source and filters")
 
@@ -515,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"zoo.py: {len(keys)} models selected, {sum(k in existing for k in keys)} already in {args.results}, "
           f"{len(todo)} to check with {args.jobs} worker(s) x {args.threads} thread(s); "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
-    options = {"seed": args.seed, "small_size": args.small_size, "gamma_init": args.gamma_init}
+    options = {"seed": args.seed, "small_size": args.small_size, "gamma_init": args.gamma_init, "check": args.check}
     if todo:
         try:
             import tqdm  # noqa: F401
@@ -524,6 +608,8 @@ def main(argv: list[str] | None = None) -> int:
         args.results.parent.mkdir(parents=True, exist_ok=True)
         sweep(todo, args.results, options, jobs=args.jobs, timeout=args.timeout, threads=args.threads,
               memory_limit_gb=args.memory_limit_gb)
+        with args.results.with_suffix(args.results.suffix + ".cmd").open("a") as record:
+            record.write("python tools/zoo.py " + shlex.join(argv) + "\n")  # how these rows were made
 
     results = load_results(args.results)
     rows = [results[k] for k in keys if k in results]
@@ -533,7 +619,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_docs:
         command = "python tools/zoo.py " + shlex.join(argv)
         args.write_docs.parent.mkdir(parents=True, exist_ok=True)
-        args.write_docs.write_text(render_docs(rows, command, selected=len(keys)))
+        trained, trained_command = None, None
+        if args.trained_results is not None:
+            if not args.trained_results.exists():
+                parser.error(f"--trained-results {args.trained_results}: no such file")
+            trained = load_results(args.trained_results)
+            trained_command = _recorded_command(args.trained_results)
+        args.write_docs.write_text(render_docs(rows, command, selected=len(keys), trained=trained,
+                                               trained_command=trained_command))
         print(f"zoo.py: wrote {args.write_docs}")
     return 0
 
