@@ -58,3 +58,17 @@ def mlp(depth: int, width: int, act: type[nn.Module] = nn.ReLU) -> nn.Sequential
     for _ in range(depth):
         layers += [nn.Linear(width, width), nn.BatchNorm1d(width), act()]
     return nn.Sequential(*layers)
+
+
+def build_zoo_model(source: str, name: str) -> nn.Module:
+    """A torchvision or timm model by name, seeded, without pretrained weights (inception_v3
+    without its auxiliary head)."""
+    torch.manual_seed(0)
+    if source == "timm":
+        import timm
+
+        return timm.create_model(name, pretrained=False)
+    import torchvision
+
+    kwargs = {"aux_logits": False, "init_weights": True} if name == "inception_v3" else {}
+    return torchvision.models.get_model(name, weights=None, **kwargs)

@@ -35,7 +35,7 @@ def test_resnet18_converts_and_runs(tmp_path):
 def test_gamma_init_and_input_size_options():
     result = _run("--model", "torchvision:resnet18", "--gamma-init", "1", "--input-size", "3,64,64")
     assert result.returncode == 0, result.stderr
-    assert "(gamma_init=1.0)" in result.stdout and "(2, 3, 64, 64)" in result.stdout
+    assert "gamma_init=1.0)" in result.stdout and "(2, 3, 64, 64)" in result.stdout
     assert "1.0000" in [c for line in result.stdout.splitlines() if "layer1.0.conv1 " in line for c in line.split()]
 
 
@@ -59,8 +59,24 @@ def test_bad_arguments_are_exit_2_one_line():
                  ["--model", "resnet18", "--input-size", "abc"],
                  ["--model", "resnet18", "--batch-size", "0"],
                  ["--model", "foo:resnet18"],
+                 ["--model", "resnet18", "--init", "pretrained"],
                  []):
         result = _run(*args)
         assert result.returncode == 2, args
         assert len(result.stderr.strip().splitlines()) == 1, (args, result.stderr)
         assert "Traceback" not in result.stderr
+
+
+def test_randomize_bn_keeps_the_trained_function_and_says_how_exact():
+    result = _run("--model", "resnet18", "--randomize-bn", "--input-size", "64")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "Initialization: 20 of 20 BatchNorms keep their trained function exactly" in out
+    line = next(l for l in out.splitlines() if "eval outputs vs the original's" in l)
+    assert float(line.split("relative L2 ")[1].split()[0]) <= 1e-5
+
+
+def test_init_normprop_on_randomized_bn_warns():
+    result = _run("--model", "resnet18", "--randomize-bn", "--init", "normprop", "--input-size", "64")
+    assert result.returncode == 0, result.stderr
+    assert "warning: init='normprop' discards the trained function of 20 of 20 BatchNorms" in result.stdout

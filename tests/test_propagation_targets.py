@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import dropout_off
+from helpers import build_zoo_model, dropout_off
 
 import normprop_fx
 
@@ -35,18 +35,6 @@ MODELS = [
     ("timm", "dla34", 224),
     ("timm", "cspresnet50", 256),
 ]
-
-
-def _build(source: str, name: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    if source == "timm":
-        import timm
-
-        return timm.create_model(name, pretrained=False)
-    import torchvision
-
-    kwargs = {"aux_logits": False, "init_weights": True} if name == "inception_v3" else {}
-    return torchvision.models.get_model(name, weights=None, **kwargs)
 
 
 #: Layers at the edge of the target over 64 samples, per model: {layer: why}. Measured (mean, std)
@@ -93,7 +81,7 @@ def _within(mean: float, std: float, std_range: tuple[float, float], max_abs_mea
 
 @pytest.mark.parametrize(("source", "name", "size"), MODELS, ids=[f"{s}:{n}" for s, n, _ in MODELS])
 def test_every_normprop_layer_is_standardized_at_init(source, name, size):
-    model = _build(source, name)
+    model = build_zoo_model(source, name)
     converted = normprop_fx.convert(model, gamma_init=1.0, example_inputs=torch.empty(2, 3, size, size))
     report = normprop_fx.conversion_report(converted)
     assert not report.left, [b.reason for b in report.left]
