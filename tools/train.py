@@ -515,8 +515,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("need --weight-decay >= 0, 0 <= --momentum < 1, --clip-factor > 0")
     if args.sync_bn and args.device != "cuda":
         p.error("--sync-bn needs --device cuda: torch.nn.SyncBatchNorm accepts only GPU/XPU tensors and this run "
-                "is on the CPU (NormProp needs no SyncBatchNorm; the BN variants then use per-process batch "
-                "statistics)")
+                "is on the CPU (without it, BN normalizes each process's part of the batch with that part's own "
+                "statistics; NormProp needs no SyncBatchNorm)")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda, but torch sees no CUDA device here")
     env = torchrun_env()
