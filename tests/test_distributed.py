@@ -297,22 +297,38 @@ def _payload(world: int, runs: list[tuple[str, float, float]]) -> dict:
          "epochs": [{"steps": 4, "seconds": 0.2, "train_loss": loss, "test_accuracy": acc}]} for v, loss, acc in runs]}
 
 
-def test_distributed_report_says_whether_the_runs_match():
+def test_distributed_report_says_whether_the_runs_match(tmp_path):
     report = _load_tool("distributed_report")
     one = _payload(1, [("bn", 1.0, 0.5), ("np", 1.0, 0.5)])
-    same = _payload(2, [("bn", 1.1, 0.5), ("np", 1.0 + 1e-7, 0.5)])
+    same = _payload(2, [("bn", 1.1, 0.45), ("np", 1.0 + 1e-7, 0.5)])
     rows = {r["variant"]: r for r in report.compare(same, one)}
-    assert rows["np"]["match"] and not rows["bn"]["match"] and rows["bn"]["same_accuracy"]
-    assert abs(rows["bn"]["loss_difference"] - 0.1) < 1e-12
+    assert rows["np"]["match"] and not rows["bn"]["match"] and rows["bn"]["epochs_other_accuracy"] == 1
+    assert abs(rows["bn"]["loss_difference"] - 0.1) < 1e-12 and rows["bn"]["accuracy"] == ("45.00", "50.00")
     other_accuracy = _payload(2, [("np", 1.0, 0.55)])
     assert not report.compare(other_accuracy, one)[0]["match"]
+    diverged = _payload(2, [("np", 1.0, 0.5)])
+    diverged["runs"][0]["status"] = "diverged"
+    assert not report.compare(diverged, one)[0]["match"]
 
     record = {"command": "cmd", "wall_seconds": 1.0, "date": "today", "report_command": "report cmd",
               "train_options": "--variants bn,np --lrs 0.1", "nproc": 2}
     runs, outputs = {"2proc": record, "1proc": record}, {"2proc": "out2", "1proc": "out1"}
     text = report.render({"2proc": same, "1proc": one}, runs, outputs, "distributed")
-    assert text.splitlines()[5] == "report cmd" and "Every NormProp run on 2 processes matches" in text
+    assert text.splitlines()[5] == "report cmd" and "1 of 1 NormProp runs on 2 processes match" in text
+    assert "0 of 1 BN runs" in text
     assert "| 2 (gloo, CPU)  | 16             | 8 " in text and "| 1 (plain, CPU) | 16             | 16 " in text
     assert text.count("not measured (no GPU lent)") == 2 and "--variants bn --sync-bn" in text
     text = report.render({"2proc": other_accuracy, "1proc": one}, runs, outputs, "distributed")
-    assert "NormProp on 2 processes does NOT match" in text
+    assert "0 of 1 NormProp runs on 2 processes match" in text
+
+    # --report-only rebuilds the page from --out and keeps its notes
+    for name, payload in (("2proc", same), ("1proc", one)):
+        (tmp_path / "out" / name).mkdir(parents=True)
+        (tmp_path / "out" / name / "results.json").write_text(json.dumps(payload))
+        (tmp_path / "out" / name / "run.json").write_text(json.dumps(record))
+        (tmp_path / "out" / name / "output.txt").write_text(outputs[name])
+    doc = tmp_path / "distributed.md"
+    options = ["--report-only", "--out", str(tmp_path / "out"), "--doc", str(doc)]
+    assert report.main(options) == 0 and "1 of 1 NormProp runs" in doc.read_text()
+    doc.write_text(doc.read_text().replace("(No notes yet", "KEEP ME (No notes yet"))
+    assert report.main(options) == 0 and "KEEP ME" in doc.read_text() and "out2" in doc.read_text()
