@@ -19,6 +19,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -156,7 +157,8 @@ def compare(many: dict[str, Any], one: dict[str, Any]) -> list[dict[str, Any]]:
 def _accuracy(run: dict[str, Any]) -> str:
     if run["status"] in ("trained", "collapsed"):
         return f"{100 * run['final_accuracy']:.2f}" + (" (collapsed)" if run["status"] == "collapsed" else "")
-    return run["status"]
+    step = re.search(r"step (\d+)", run.get("detail", ""))
+    return f"{run['status']} (step {step.group(1)})" if step else run["status"]
 
 
 def results_table(payloads: dict[str, dict[str, Any]]) -> str:
@@ -248,8 +250,9 @@ weights, data order, global batch and learning rate. Each run's results.json and
 {comparison_table(rows, nproc)}
 
 NormProp has no batch statistics: DDP's averaged gradient over {nproc} parts of a batch is the
-full-batch gradient (tests/test_distributed.py checks it to rounding), so the run is the one-process
-run up to float32 rounding. BatchNorm normalizes each process's part with that part's own mean and
+full-batch gradient (tests/test_distributed.py checks it to rounding), so every step is the
+one-process step up to float32 rounding; how far two runs drift apart over many steps depends on
+how much the run amplifies such differences (see the notes). BatchNorm normalizes each process's part with that part's own mean and
 variance, so its loss, gradients and running statistics are those of a batch of
 global / {nproc}: not the same training.
 
