@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
-import importlib.util
 import json
 import os
 import signal
@@ -26,23 +25,11 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import normprop_fx
+from test_training import _fake_fashion_mnist, _load_tool, train_tool  # tools/train.py, loaded once
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
 TIMEOUT_S = 120  # a hung collective fails the test after this long instead of blocking CI
-
-
-def _load_tool(name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-train_tool = _load_tool("train")
 
 
 def _free_port() -> int:
@@ -241,8 +228,6 @@ def _run_group(command: list[str], timeout: float) -> subprocess.CompletedProces
 
 def test_train_tool_under_torchrun_matches_one_process_and_only_rank0_writes(tmp_path):
     pytest.importorskip("matplotlib")
-    from test_training import _fake_fashion_mnist
-
     data_dir, out, doc, audit = tmp_path / "data", tmp_path / "out", tmp_path / "doc" / "training.md", tmp_path / "audit"
     data_dir.mkdir()
     audit.mkdir()
