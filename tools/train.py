@@ -16,6 +16,18 @@ loss, test accuracy and seconds; writes results.json and PNG plots under --out, 
 The learning-rate grid is given for batch 128 and scaled by sqrt(batch / 128) for the smaller
 batches (--lr-scaling), the same grid for every variant of a batch size.
 
+Several processes (one machine or several; DistributedDataParallel, gloo on CPU, nccl with
+--device cuda):
+
+    torchrun --nproc-per-node 2 tools/train.py --batch-sizes 128,8 ...
+
+A batch size is the global batch: each of the N processes trains on batch/N samples of it (every
+N-th index of the global batch, as DistributedSampler splits an epoch), so the run is comparable
+to the same run on one process; gradients are averaged across processes, the loss, accuracy and
+epoch time are reduced across them, and only rank 0 prints and writes files. NormProp needs no
+SyncBatchNorm (it has no batch statistics); --sync-bn converts the BN variants'
+BatchNorms to torch.nn.SyncBatchNorm, which accepts only GPU tensors (refused on CPU).
+
 Exit status: 0 on success, 1 when the dataset is missing or a run fails unexpectedly, 2 on a
 bad argument.
 """
@@ -36,7 +48,9 @@ from typing import Any, NoReturn
 
 import torch
 import torch.nn.functional as F
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 import normprop_fx
 from normprop_fx.datasets import (
@@ -204,6 +218,50 @@ def max_scale(model: nn.Module) -> float:
     return max((v.detach().abs().max().item() for v in values), default=float("nan"))
 
 
+# ----------------------------------------------------------------------------- several processes
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def rank_shard(index: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's part of a global batch of indices: every ``world_size``-th one from ``rank`` on,
+    the split DistributedSampler makes of an epoch's permutation. The parts are disjoint, equally
+    large when ``world_size`` divides the batch, and together they are the global batch."""
+    return index[rank::world_size]
+
+
+def wrap_ddp(model: nn.Module) -> nn.Module:
+    """``model`` in DistributedDataParallel when a process group is up (gradients averaged across
+    ranks after every backward); ``model`` itself otherwise."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return model
+    device = next(model.parameters()).device
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+def _all_reduce(values: list[float], op: Any = None) -> list[float]:
+    """``values`` reduced over the ranks (summed, or ``op``); unchanged without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    tensor = torch.tensor(values, dtype=torch.float64, device=backend_device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op is None else op)
+    return tensor.tolist()
+
+
+def _broadcast_buffers(model: nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics: each rank updated its copy
+    with its own part of the batch), so that evaluation and the recorded statistics agree."""
+    if dist.is_available() and dist.is_initialized():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 # ----------------------------------------------------------------------------- one run
 
 
@@ -235,6 +293,8 @@ class TrainSettings:
     seed: int = 0
     trained_threshold: float = 0.2
     progress: bool = True
+    device: str = "cpu"
+    sync_bn: bool = False  # the BN variants' BatchNorms become torch.nn.SyncBatchNorm (GPU only)
 
 
 def make_variant(base: nn.Module, variant: str, gamma_init: str | float) -> nn.Module:
@@ -255,10 +315,15 @@ def make_optimizer(model: nn.Module, variant: str, lr: float, settings: TrainSet
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) -> float:
+    """Test accuracy; with several processes each rank counts its contiguous part of the test
+    set and the counts are summed."""
+    rank, world = rank_and_world()
+    x, y = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
     model.eval()
     correct = sum((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum().item() for i in range(0, len(y), batch))
     model.train()
-    return correct / len(y)
+    correct, count = _all_reduce([float(correct), float(len(y))])
+    return correct / count
 
 
 def _batches(n: int, batch_size: int, epoch: int, settings: TrainSettings) -> list[torch.Tensor]:
@@ -275,15 +340,26 @@ def _batches(n: int, batch_size: int, epoch: int, settings: TrainSettings) -> li
 
 def train_run(base: nn.Module, variant: str, batch_size: int, lr: float, data: Data,
               settings: TrainSettings, model_name: str = "", log: Any = print) -> RunResult:
-    """Train ``variant`` of the BN model ``base`` (left unchanged) and return what happened."""
+    """Train ``variant`` of the BN model ``base`` (left unchanged) and return what happened.
+
+    Under a torch.distributed process group, every rank calls this with the same arguments: the
+    model is wrapped in DistributedDataParallel and each rank trains on its ``rank_shard`` of every
+    global batch of ``batch_size`` (which the world size must divide); the result is the same on
+    every rank."""
     from tqdm import tqdm
 
+    rank, world = rank_and_world()
+    if batch_size % world:
+        raise ValueError(f"batch size {batch_size} cannot be split evenly over {world} processes")
     result = RunResult(model_name, variant, batch_size, lr)
     torch.manual_seed(settings.seed)
     model = make_variant(base, variant, settings.gamma_init)
-    model.train()
+    if settings.sync_bn and not variant.startswith("np"):
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(settings.device).train()
     result.stats_init = layer_statistics(model, data.stats_x, variant)
     optimizer = make_optimizer(model, variant, lr, settings)
+    net = wrap_ddp(model)
     epoch_batches = [_batches(len(data.train_y), batch_size, e, settings) for e in range(settings.epochs)]
     total_steps = sum(len(b) for b in epoch_batches)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -294,15 +370,19 @@ def train_run(base: nn.Module, variant: str, batch_size: int, lr: float, data: D
         losses = []
         start = time.perf_counter()
         for index in tqdm(batches, desc=f"{label} epoch {epoch + 1}", leave=False, mininterval=5,
-                          disable=not settings.progress):
+                          disable=not settings.progress or rank != 0):
+            index = rank_shard(index, rank, world).to(data.train_x.device)
             try:
-                loss = F.cross_entropy(model(data.train_x[index]), data.train_y[index])
+                loss = F.cross_entropy(net(data.train_x[index]), data.train_y[index])
             except ValueError as error:  # BatchNorm refuses batch statistics of 1 value per channel
                 if "value per channel" not in str(error):
                     raise
                 result.status, result.detail = "error", f"{type(error).__name__}: {error}"
                 break
-            if not torch.isfinite(loss):
+            # the global batch's mean loss (the ranks' parts are equally large): every rank sees
+            # the same value, so all of them stop together when it is not finite
+            global_loss = _all_reduce([loss.item()])[0] / world
+            if not math.isfinite(global_loss):
                 result.status, result.detail = "diverged", f"non-finite loss at step {step}"
                 break
             optimizer.zero_grad(set_to_none=True)
@@ -311,12 +391,13 @@ def train_run(base: nn.Module, variant: str, batch_size: int, lr: float, data: D
                 adaptive_clip_grad_(model, settings.clip_factor)
             optimizer.step()
             schedule.step()
-            losses.append(loss.item())
+            losses.append(global_loss)
             step += 1
-        seconds = time.perf_counter() - start
+        seconds = _all_reduce([time.perf_counter() - start], dist.ReduceOp.MAX)[0]  # the slowest rank
         if result.status != "trained":
             log(f"{label}: {result.status} ({result.detail})")
             break
+        _broadcast_buffers(model)
         accuracy = evaluate(model, data.test_x, data.test_y, settings.eval_batch)
         record = {"epoch": epoch + 1, "steps": len(batches), "train_loss": statistics.fmean(losses),
                   "test_accuracy": accuracy, "seconds": seconds}
@@ -337,10 +418,27 @@ def train_run(base: nn.Module, variant: str, batch_size: int, lr: float, data: D
 
 
 class _ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad argument is one line on stderr and exit status 2."""
+    """argparse, but a bad argument is one line on stderr and exit status 2 (under torchrun,
+    printed by rank 0 only)."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n" if _is_rank0() else None)
+
+
+def torchrun_env(environ: Any = None) -> dict[str, int] | None:
+    """rank, world_size, local_rank and local_world_size that torchrun (or another launcher
+    following its convention) sets; None for a plain run."""
+    environ = os.environ if environ is None else environ
+    if "RANK" not in environ or "WORLD_SIZE" not in environ:
+        return None
+    world = int(environ["WORLD_SIZE"])
+    return {"rank": int(environ["RANK"]), "world_size": world, "local_rank": int(environ.get("LOCAL_RANK", 0)),
+            "local_world_size": int(environ.get("LOCAL_WORLD_SIZE", world))}
+
+
+def _is_rank0() -> bool:
+    env = torchrun_env()
+    return env is None or env["rank"] == 0
 
 
 def _numbers(kind: type) -> Any:
@@ -393,6 +491,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="smoke run: model small_resnet:8,16, 512/500 images, 1 epoch, 30 batch-1 steps, lrs 0.01,0.1")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="train on the CPU (default; gloo between processes) or on CUDA (one GPU per process, "
+                        "cuda:LOCAL_RANK; nccl between processes)")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="the BN variants use torch.nn.SyncBatchNorm (batch statistics over all processes' parts of "
+                        "the batch); needs --device cuda. NormProp has no batch statistics and needs none")
     args = p.parse_args(argv)
     if args.quick:  # smaller defaults; options given explicitly still win
         quick = {"model": "small_resnet:8,16", "train_size": 512, "test_size": 500, "epochs": 1, "bs1_steps": 30,
@@ -409,6 +513,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be positive")
     if not (args.weight_decay >= 0 and 0 <= args.momentum < 1 and args.clip_factor > 0):
         p.error("need --weight-decay >= 0, 0 <= --momentum < 1, --clip-factor > 0")
+    if args.sync_bn and args.device != "cuda":
+        p.error("--sync-bn needs --device cuda: torch.nn.SyncBatchNorm accepts only GPU/XPU tensors and this run "
+                "is on the CPU (without it, BN normalizes each process's part of the batch with that part's own "
+                "statistics; NormProp needs no SyncBatchNorm)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda, but torch sees no CUDA device here")
+    env = torchrun_env()
+    world = 1 if env is None else env["world_size"]
+    uneven = [b for b in args.batch_sizes if b % world]
+    if uneven:
+        p.error(f"batch size(s) {', '.join(map(str, uneven))} cannot be split evenly over {world} processes "
+                f"(each trains on batch/{world} samples of the global batch); choose --batch-sizes divisible "
+                f"by {world}")
     return args
 
 
@@ -417,45 +534,95 @@ def lr_grid(args: argparse.Namespace, batch_size: int) -> list[float]:
     return [float(f"{lr * (batch_size / 128) ** power:.3g}") for lr in args.lrs]
 
 
+def run_settings(args: argparse.Namespace, batch_size: int, device: str = "cpu") -> TrainSettings:
+    """The TrainSettings of the command line's runs at ``batch_size``."""
+    return TrainSettings(
+        epochs=args.epochs, momentum=args.momentum, weight_decay=args.weight_decay,
+        clip_factor=args.clip_factor, gamma_init=args.gamma_init, seed=args.seed,
+        trained_threshold=args.collapse_below, decay_scale_params=args.stab_decay_gamma,
+        steps_per_epoch=args.bs1_steps if batch_size == 1 else None, progress=not args.no_progress,
+        device=device, sync_bn=args.sync_bn,
+    )
+
+
+def _torchrun_command(env: dict[str, int]) -> str:
+    nodes = env["world_size"] // env["local_world_size"]
+    launcher = ["torchrun", *([f"--nnodes {nodes}"] if nodes > 1 else []), f"--nproc-per-node {env['local_world_size']}"]
+    return " ".join([".venv/bin/" + launcher[0], *launcher[1:], "tools/train.py", *sys.argv[1:]])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import training_report
+    env = torchrun_env()
+    rank0 = env is None or env["rank"] == 0
+
+    def error(message: str, status: int) -> int:
+        if rank0:
+            print(f"train.py: error: {message}", file=sys.stderr)
+        return status
 
     try:
         build_model(args.model)
-    except ValueError as error:
-        print(f"train.py: error: {error}", file=sys.stderr)
-        return 2
+    except ValueError as exc:
+        return error(str(exc), 2)
     try:
         data = load_data(args)
-    except DatasetNotFoundError as error:
-        print(f"train.py: error: {error}", file=sys.stderr)
-        return 1
+    except DatasetNotFoundError as exc:
+        return error(str(exc), 1)
+    if env is None:
+        return _train(args, data, None, args.device)
+    device = args.device
+    if device == "cuda":
+        device = f"cuda:{env['local_rank']}"
+        torch.cuda.set_device(device)
+    backend = "nccl" if args.device == "cuda" else "gloo"
+    dist.init_process_group(backend)
+    try:
+        return _train(args, data, {**env, "backend": backend}, device)
+    finally:
+        dist.destroy_process_group()
+
+
+def _train(args: argparse.Namespace, data: Data, env: dict[str, Any] | None, device: str) -> int:
+    """Every run of the grid; under torchrun every rank calls this and rank 0 alone prints and writes."""
+    rank0 = env is None or env["rank"] == 0
+    data = Data(*(t.to(device) for t in (data.train_x, data.train_y, data.test_x, data.test_y, data.stats_x)),
+                data.description)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import training_report
     from tqdm import tqdm
 
-    meta = training_report.run_metadata(args, data.description)
-    print(f"{data.description}\n{meta['machine']}")
+    log = tqdm.write if rank0 else (lambda _text: None)
+    if rank0:
+        meta = training_report.run_metadata(args, data.description)
+        if env is not None:
+            meta["command"] = _torchrun_command(env)
+            meta["machine"] += (f", {env['world_size']} processes ({env['backend']}, batch/{env['world_size']} "
+                                "samples each)")
+        meta["distributed"] = {"world_size": 1 if env is None else env["world_size"],
+                               "backend": None if env is None else env["backend"], "device": args.device,
+                               "sync_bn": args.sync_bn}
+        print(f"{data.description}\n{meta['machine']}")
+        if args.sync_bn and env is None:
+            print("--sync-bn without torchrun: SyncBatchNorm has no other process to synchronize with")
+        args.out.mkdir(parents=True, exist_ok=True)
     results: list[RunResult] = []
-    args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     for batch_size in args.batch_sizes:
-        settings = TrainSettings(
-            epochs=args.epochs, momentum=args.momentum, weight_decay=args.weight_decay,
-            clip_factor=args.clip_factor, gamma_init=args.gamma_init, seed=args.seed,
-            trained_threshold=args.collapse_below, decay_scale_params=args.stab_decay_gamma,
-            steps_per_epoch=args.bs1_steps if batch_size == 1 else None, progress=not args.no_progress,
-        )
+        settings = run_settings(args, batch_size, device)
         for variant in args.variants:
             if variant == "bn+stab" and batch_size not in args.bn_stab_batch_sizes:
                 continue
             for lr in lr_grid(args, batch_size):
                 torch.manual_seed(args.seed)
                 base = build_model(args.model)
-                results.append(train_run(base, variant, batch_size, lr, data, settings, args.model, log=tqdm.write))
-                partial = {"meta": {**meta, "complete": False}, "runs": [asdict(r) for r in results]}
-                (args.out / "results.partial.json").write_text(json.dumps(partial))  # progress so far
+                results.append(train_run(base, variant, batch_size, lr, data, settings, args.model, log=log))
+                if rank0:
+                    partial = {"meta": {**meta, "complete": False}, "runs": [asdict(r) for r in results]}
+                    (args.out / "results.partial.json").write_text(json.dumps(partial))  # progress so far
+    if not rank0:
+        return 0
     meta["wall_seconds"] = time.perf_counter() - start
     meta["loadavg_end"] = os.getloadavg()
     meta["lr_grids"] = {str(b): lr_grid(args, b) for b in args.batch_sizes}
