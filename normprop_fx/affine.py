@@ -7,7 +7,7 @@ puts in front of it (:class:`~normprop_fx.standardize.Standardize`), so
 
     o = (f(gamma * x + beta) - c_mean) / c_std      on channel dim 1, as BatchNorm.
 
-A trained BatchNorm keeps its function instead (spec section 8,
+A trained BatchNorm keeps its function instead (docs/method.md section 8,
 :meth:`NormPropAffine.keep_batchnorm_function`): its input is standardized by its running
 statistics, constants kept as the buffers ``input_mean`` and ``input_scale``, then its own
 affine (g, t) becomes gamma and beta, and the activation's output is not standardized:
@@ -67,7 +67,7 @@ class NormPropAffine(nn.Module):
         return cls(state.num_features, affine=state.affine, **factory, **options)
 
     def keep_batchnorm_function(self, state: BatchNormState) -> None:
-        """Compute exactly the BatchNorm ``state``'s eval-mode function (spec section 8): its
+        """Compute exactly the BatchNorm ``state``'s eval-mode function (docs/method.md section 8): its
         running statistics standardize the input (constant buffers), its affine becomes gamma and
         beta, and the activation's output is not standardized."""
         factory = {"device": self.gamma.device, "dtype": self.gamma.dtype}

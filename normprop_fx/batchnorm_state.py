@@ -1,5 +1,5 @@
 """What a BatchNorm computes in eval mode, whether it was trained, and the NormProp parameters
-that compute the same function (spec section 8).
+that compute the same function (docs/method.md section 8).
 
 A BatchNorm with running statistics computes, in eval mode, a per-channel affine map
 
@@ -117,7 +117,7 @@ def batchnorm_state(module: nn.Module) -> BatchNormState:
 
 
 def trained_evidence(state: BatchNormState) -> str | None:
-    """Why the BatchNorm counts as trained (spec section 8), or None when it does not: a frozen
+    """Why the BatchNorm counts as trained (docs/method.md section 8), or None when it does not: a frozen
     BatchNorm always; else batches tracked, or running statistics that differ from their initial
     values (0, 1). An affine that differs from (1, 0) is reported with them, but does not count
     alone: model constructors set it themselves (timm's and torchvision's zero-init of a residual

@@ -62,7 +62,7 @@ def convert(
 
     Args:
         model: any traceable ``nn.Module``.
-        init: how each BatchNorm's replacement is initialized (spec section 8). ``"auto"``
+        init: how each BatchNorm's replacement is initialized (docs/method.md section 8). ``"auto"``
             (default): a trained BatchNorm (batches tracked or running statistics moved from
             their initial values, or a frozen BatchNorm) keeps its eval-mode function
             exactly, an untrained one gets the paper's initialization; decided per BatchNorm and

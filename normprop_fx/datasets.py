@@ -1,6 +1,6 @@
 """Fashion-MNIST from the official gzipped idx files, as standardized tensors.
 
-NormProp assumes a standardized network input (spec section 5), so the loader returns images
+NormProp assumes a standardized network input (docs/method.md section 5), so the loader returns images
 as float32 ``(N, 1, 28, 28)`` and a :func:`standardize_images` helper that uses the *training*
 split's mean and std. The files are the ones the Debian package ``dataset-fashion-mnist``
 installs (``/usr/share/datasets/fashion-mnist/``); nothing is downloaded.

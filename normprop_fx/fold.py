@@ -12,7 +12,7 @@ Every NormProp module becomes the plain operations it computes, with all constan
 - ``Standardize`` -> the constant affine ``x * scale - mean * scale``.
 
 Then a constant affine is merged into a constant affine that directly follows it, and folded
-into the *following* Conv/Linear wherever that is exact (spec section 2: a per-input-channel
+into the *following* Conv/Linear wherever that is exact (docs/method.md section 2: a per-input-channel
 scale commutes with the weights; a shift becomes ``W @ shift`` added to the bias):
 
 - the affine's output has that layer as its single user, and the layer is called once;

@@ -1,5 +1,5 @@
 """NormProp layers: weight-normalized Conv1d/2d/3d and Linear with learned gamma/beta and a
-normalized activation (spec section 2).
+normalized activation (docs/method.md section 2).
 
     u_i = gamma_i * (W_i . x) / ||W_i||_2 + beta_i
     o_i = (f(u_i) - c_mean) / c_std
@@ -127,7 +127,7 @@ class NormPropLayer(nn.Module):
         self, state: BatchNormState, conv_bias: torch.Tensor | None, *, where: str = ""
     ) -> None:
         """Make this layer compute exactly what its conv (with bias ``conv_bias``, dropped from
-        the layer) followed by the BatchNorm ``state`` computed in eval mode (spec section 8):
+        the layer) followed by the BatchNorm ``state`` computed in eval mode (docs/method.md section 8):
         gamma and beta from the BatchNorm's statistics and affine, the weight kept as it is, and
         the activation's output no longer standardized, since the trained layers after it expect
         the raw values. Raises NormPropError when the exact gamma/beta do not fit the layer's

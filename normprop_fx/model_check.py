@@ -298,7 +298,7 @@ def _check_batch_independence(converted: nn.Module, x: torch.Tensor, check: Mode
                               f"{x.shape[0]} by {worst:.2e} of the output scale (train mode, float64)")
 
 
-# --- trained networks (spec section 8) -----------------------------------------------------------
+# --- trained networks (docs/method.md section 8) -----------------------------------------------------------
 
 #: Issue target for the exact conversion of a trained network: relative L2 distance of the eval
 #: outputs, converted vs original, in float32 and in float64.

@@ -1,6 +1,6 @@
 """Gaussian moments of activations: the one place the NormProp constants are computed.
 
-For an activation f and z ~ N(0, 1) (spec section 4):
+For an activation f and z ~ N(0, 1) (docs/method.md section 4):
 
     c_mean = E[f(z)],  c_std = Std[f(z)],  jacobian_gain = sqrt(E[f'(z)^2]) / c_std,
     gamma_init = 1 / jacobian_gain.

@@ -24,7 +24,7 @@ class NormalizedActivation(nn.Module):
     ``((f(u) - c_mean) / c_std - correction_mean) * correction_scale``, still one affine.
 
     ``standardize=False`` applies ``f`` alone (c_mean 0, c_std 1): the activation of a layer that
-    keeps a trained BatchNorm's function, whose readers expect the raw values (spec section 8).
+    keeps a trained BatchNorm's function, whose readers expect the raw values (docs/method.md section 8).
     """
 
     def __init__(self, spec: ActivationSpec | str = "relu", *, standardize: bool = True) -> None:

@@ -9,7 +9,7 @@ like every other correction), then a :class:`~normprop_fx.affine.NormPropAffine`
 norm-activation unit such as timm's ``BatchNormAct2d``, its own drop and activation modules.
 
 The replacement of a trained BatchNorm measures nothing (``calibrate=False``): its affine keeps the
-BatchNorm's eval-mode function, running statistics included (spec section 8), and its
+BatchNorm's eval-mode function, running statistics included (docs/method.md section 8), and its
 correction stays the identity.
 """
 

@@ -23,7 +23,7 @@ class Rewrite:
     init: str = "normprop"
 
 
-#: The two ways a BatchNorm's replacement is initialized (spec section 8).
+#: The two ways a BatchNorm's replacement is initialized (docs/method.md section 8).
 NORMPROP_INIT = "normprop"
 TRAINED_INIT = "trained"
 
@@ -37,7 +37,7 @@ class LayerInit:
     type: str
     init: str  #: NORMPROP_INIT or TRAINED_INIT
     reason: str
-    #: what shows the BatchNorm was trained (spec section 8), None when it is at its initial values
+    #: what shows the BatchNorm was trained (docs/method.md section 8), None when it is at its initial values
     evidence: str | None = None
     #: it counts as trained by its running statistics alone: its affine is at its initial values
     statistics_only: bool = False

@@ -1,4 +1,4 @@
-"""The constant scale correction that moment propagation inserts (spec section 6).
+"""The constant scale correction that moment propagation inserts (docs/method.md section 6).
 
     y = (x - mean) * scale,   scale = 1 / sqrt(nominal variance)
 

@@ -17,7 +17,7 @@ def _number(x: float) -> str:
 
 
 def _initialization_lines(report: ConversionReport, tablefmt: str) -> list[str]:
-    """How each BatchNorm's replacement was initialized, grouped by reason (spec section 8)."""
+    """How each BatchNorm's replacement was initialized, grouped by reason (docs/method.md section 8)."""
     inits = report.initializations
     if not inits:
         return []

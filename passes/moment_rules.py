@@ -1,4 +1,4 @@
-"""How nominal moments (mean, variance) travel through each kind of graph node (spec section 6).
+"""How nominal moments (mean, variance) travel through each kind of graph node (docs/method.md section 6).
 
 Moments are kept compact: per channel (dim 1) as tensors of shape ``(1, C, 1, ...)`` of the
 value's rank, or per whole tensor as ``(1, ..., 1)``. A rule sees them expanded to the value's

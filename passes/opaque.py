@@ -5,7 +5,7 @@ pattern passes never see the BatchNorms inside it. Each one becomes an
 :class:`~normprop_fx.opaque_affine.OpaqueNormPropAffine` at its own qualified name: no batch
 statistics, a learned affine, and an input correction that moment propagation measures on its
 Gaussian sample (nothing structural is known inside the module); a trained BatchNorm's
-replacement keeps its eval-mode function instead and measures nothing (spec section 8). A BatchNorm subclass with a
+replacement keeps its eval-mode function instead and measures nothing (docs/method.md section 8). A BatchNorm subclass with a
 forward of its own stays, as everywhere else.
 """
 

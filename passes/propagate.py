@@ -1,4 +1,4 @@
-"""Pass 4: nominal moment propagation and constant scale corrections (spec section 6).
+"""Pass 4: nominal moment propagation and constant scale corrections (docs/method.md section 6).
 
 Every value of the rewritten graph gets nominal moments, assuming a standardized model input,
 standardized NormProp outputs (gamma = 1, beta = 0: the corrections are structural and never
@@ -19,7 +19,7 @@ independent values). Pooling moments are the rule's, scaled by that measured cor
 reported as estimated. Ops without a rule are estimated by running them on Gaussian probes with
 the predicted moments; such estimates are marked in the records too.
 
-Layers that keep a trained BatchNorm's function (``init == "trained"``, spec section 8) are left as
+Layers that keep a trained BatchNorm's function (``init == "trained"``, docs/method.md section 8) are left as
 they are: no correction in front of them, their gamma and beta keep their values on the sample,
 and their outputs' moments are measured on the sample (estimated, not structural). A standalone
 activation whose output reaches such a layer without passing through an untrained NormProp layer
@@ -107,7 +107,7 @@ _CONSUMERS = (NormPropLayer, NormPropAffine)
 
 
 def is_trained(module: nn.Module) -> bool:
-    """A NormProp module that keeps a trained BatchNorm's function (spec section 8)."""
+    """A NormProp module that keeps a trained BatchNorm's function (docs/method.md section 8)."""
     return getattr(module, "init", None) == TRAINED_INIT
 
 

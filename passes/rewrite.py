@@ -6,7 +6,7 @@
 
 Each replacement is initialized as its BatchNorm's :class:`~normprop_fx.records.LayerInit` says
 (``passes.initialization``): the paper's way, or keeping the trained BatchNorm's eval-mode
-function exactly (spec section 8). Its gamma and beta are trained when the BatchNorm's affine was
+function exactly (docs/method.md section 8). Its gamma and beta are trained when the BatchNorm's affine was
 (a frozen BatchNorm's: when its conv's weight is).
 
 Users of the pattern's last node read the replacement's output; modules of a norm-activation

@@ -22,7 +22,7 @@ def test_depth_12_mlp_stays_standardized():
 
 def test_paper_gamma_shrinks_the_forward_signal_by_design():
     """With gamma = 1/1.21 the constants no longer match the pre-activation scale, so the
-    measured std sits below 1 (spec section 3): the default is not forward-standardized."""
+    measured std sits below 1 (docs/method.md section 3): the default is not forward-standardized."""
     torch.manual_seed(0)
     converted = normprop_fx.convert(mlp(depth=12, width=256))
     x = torch.randn(4096, 256, generator=torch.Generator().manual_seed(1))

@@ -1,4 +1,4 @@
-"""NormProp layers (spec section 2-3, 7): weight normalization, hyper-parameters, init, dtypes."""
+"""NormProp layers (docs/method.md section 2-3, 7): weight normalization, hyper-parameters, init, dtypes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Activation constants (spec sections 3-4): closed forms, quadrature, and Monte Carlo.
+"""Activation constants (docs/method.md sections 3-4): closed forms, quadrature, and Monte Carlo.
 
 Every reference value is computed here from first principles (math.erf, autograd on a large
 Gaussian sample); nothing is copied from the spec's table.

@@ -1,4 +1,4 @@
-"""Exact conversion of trained networks (spec section 8): a trained BatchNorm's replacement computes
+"""Exact conversion of trained networks (docs/method.md section 8): a trained BatchNorm's replacement computes
 its eval-mode function, FrozenBatchNorms included, and the default init chooses per BatchNorm.
 
 Trained weights cannot be downloaded here: the tests give BatchNorms trained-looking statistics and

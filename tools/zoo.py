@@ -11,7 +11,7 @@ size (the small one, else the model's default, the first the *original* model ru
 run normprop_fx.check_model at gamma_init=1 (``--check init``, the default), or, with
 ``--check trained``, normprop_fx.model_check.check_trained_conversion: every BatchNorm gets
 trained-looking statistics and affine, and the converted model's eval outputs must equal the
-original's (spec section 8). ``--write-docs`` with ``--trained-results`` adds the trained
+original's (docs/method.md section 8). ``--write-docs`` with ``--trained-results`` adds the trained
 check's rows to the same page. Each model runs in a worker process with a
 timeout, so a crash, an OOM kill or a hang is a row with its reason. Results are appended to a
 JSON-lines file, one line a model; a rerun skips models already there unless --redo.
@@ -396,7 +396,7 @@ def _error(value: Any) -> str:
 
 
 def _trained_section(trained: dict[str, dict[str, Any]], keys: list[str], command: str | None) -> list[str]:
-    """The trained-weights check (spec section 8): summary per source, failures, the command."""
+    """The trained-weights check (docs/method.md section 8): summary per source, failures, the command."""
     from normprop_fx.model_check import ROUNDING_FLOOR_FACTOR, TRAINED_RTOL_FLOAT32, TRAINED_RTOL_FLOAT64
 
     rows = [trained[k] for k in keys if k in trained and trained[k].get("has_bn") is not False]
