@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_leaves
 
 from .convert import conversion_report, convert
 from .errors import InvalidOptionError, UntraceableModelError
+from .passes.inventory import NEVER_CALLED
 from .passes.trace import mode_dependent_modules
 from .statistics import measure_layer_statistics
 
@@ -308,8 +309,15 @@ TRAINED_RTOL_FLOAT64 = 1e-10
 #: within this factor of the original's own float32 distance to them: some deep networks amplify
 #: float32 rounding past 1e-5 by themselves (a 1e-7 perturbation of every parameter moves their
 #: outputs by 1e-5), and a converted model, which rounds in other places, cannot do better than
-#: the original does.
-ROUNDING_FLOOR_FACTOR = 2.0
+#: the original does. It rounds in one more place: the BatchNorm's scale is multiplied into each
+#: weight (O(#weights), docs/method.md section 2), one rounding per weight where the original rounds
+#: once per output, and a short filter whose products cancel (a depthwise 3x3 sums 9) turns that
+#: into up to sqrt(9) = 3 times the relative error of its output. Measured on the torchvision zoo:
+#: the median of the two distances' ratio is 1.06, the depthwise + squeeze-excitation networks
+#: reach 1.9-2.1 (efficientnet_b5, mobilenet_v3_large). A conversion bug that shows in float32 alone
+#: (a gamma rounded to half precision, say) is orders of magnitude past this factor; float64 is
+#: held to 1e-10 besides.
+ROUNDING_FLOOR_FACTOR = 3.0
 #: Samples the randomized running statistics are measured on: a trained BatchNorm's come from a
 #: whole dataset; from a handful of values (a late 2x2 feature map, a pooled SE input) some
 #: channel's variance would come out near zero, a scale no trained network has.
@@ -394,6 +402,8 @@ class TrainedCheck:
     #: the float32 conversion's outputs vs the float64 original's
     converted_rounding: float | None = None
     train_eval_difference: float | None = None  #: converted (float32), train mode (dropout off) vs eval
+    #: BatchNorms left because the eval-mode forward (which the check traces) never calls them
+    never_called: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -448,8 +458,13 @@ def check_trained_conversion(
         report = conversion_report(converted32)
         check.batchnorms_found = report.batchnorms_found
         check.kept_trained = sum(i.trained for i in report.initializations)
-        if report.left:
-            check.failures.append(f"BN left: {len(report.left)} of {report.batchnorms_found}, e.g. {report.left[0].path}")
+        # A BatchNorm the eval-mode forward never calls (an auxiliary head that runs in training
+        # only) cannot change the eval outputs compared here: listed, not a failure.
+        idle = [b for b in report.left if b.reason == NEVER_CALLED]
+        check.never_called = [b.path for b in idle]
+        left = [b for b in report.left if b.reason != NEVER_CALLED]
+        if left:
+            check.failures.append(f"BN left: {len(left)} of {report.batchnorms_found}, e.g. {left[0].path}: {left[0].reason}")
         fresh = [i for i in report.initializations if not i.trained]
         if fresh:
             check.failures.append(f"not kept: {len(fresh)} BatchNorms got the paper's initialization, e.g. "

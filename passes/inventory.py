@@ -9,6 +9,10 @@ from normprop_fx.records import LeftBatchNorm
 
 from .patterns import BATCH_NORM_TYPES
 
+#: The reason of a BatchNorm that the traced forward never calls (e.g. an auxiliary head that only
+#: runs in the other train/eval mode).
+NEVER_CALLED = "never called by the model's forward"
+
 
 def batchnorm_modules(model: nn.Module, *, remove_duplicate: bool = True) -> dict[str, nn.Module]:
     """Every BatchNorm module of ``model`` by qualified name (each object once, unless
@@ -46,6 +50,6 @@ def batchnorms_outside_graph(
         elif any(p.startswith(path + ".") or p == path for p in called):
             reason = "its forward was traced through"
         else:
-            reason = "never called by the model's forward"
+            reason = NEVER_CALLED
         left.append(LeftBatchNorm(path, type(bn).__name__, reason))
     return left
