@@ -1,5 +1,5 @@
 """What the command-line tools in tools/ share: the argument parser, option types, models by name,
-and the names of tools/train.py's variants.
+the hand-written notes of the pages they rewrite, and the names of tools/train.py's variants.
 
 Every tool is run as ``python tools/NAME.py``, which puts tools/ on sys.path, so a tool imports
 this module as ``import common`` (pytest puts tools/ there too: ``pythonpath`` in pyproject.toml).
@@ -13,6 +13,7 @@ import argparse
 import difflib
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn
 
 # ----------------------------------------------------------------------------- command line
@@ -127,6 +128,25 @@ def default_input_size(source: str, name: str, model: Any) -> tuple[int, ...]:
         return (3, side, side)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     return tuple(cfg.get("input_size", getattr(model, "default_input_size", (3, 224, 224))))
+
+
+# ----------------------------------------------------------------------------- pages with notes
+
+#: The markers around the hand-written notes of a page that a tool rewrites (training_report.py,
+#: distributed_report.py): what is between them is kept.
+NOTES_START, NOTES_END = "<!-- notes -->", "<!-- /notes -->"
+
+
+def notes_in(page: Path) -> str | None:
+    """The text between the first NOTES_START and the first NOTES_END of ``page`` (empty when
+    NOTES_END comes first); None when there is no such file or a marker is missing."""
+    if not page.is_file():
+        return None
+    text = page.read_text()
+    start, end = text.find(NOTES_START), text.find(NOTES_END)
+    if start < 0 or end < 0:
+        return None
+    return text[start + len(NOTES_START):end]
 
 
 # ----------------------------------------------------------------------------- tools/train.py's variants

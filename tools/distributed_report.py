@@ -34,12 +34,11 @@ from typing import Any
 from tabulate import tabulate
 
 import common
-from common import VARIANT_LABELS
+from common import NOTES_END, NOTES_START, VARIANT_LABELS
 
 ROOT = Path(__file__).resolve().parents[1]
 # the documented run: a few minutes on 2 shared CPU cores
 DEFAULT_TRAIN_OPTIONS = "--variants bn,np,np+stab --batch-sizes 128 --lrs 0.01,0.03 --epochs 3 --no-progress"
-NOTES_START, NOTES_END = "<!-- notes -->", "<!-- /notes -->"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -277,13 +276,7 @@ machine with that many GPUs):
 
 def preserved_notes(doc: Path) -> str:
     """The text between the notes markers of an existing page (kept when the page is rebuilt)."""
-    if not doc.is_file():
-        return ""
-    text = doc.read_text()
-    start, end = text.find(NOTES_START), text.find(NOTES_END)
-    if start < 0 or end < start:
-        return ""
-    notes = text[start + len(NOTES_START):end].strip()
+    notes = (common.notes_in(doc) or "").strip()
     return "" if notes.startswith("(No notes yet") else notes
 
 

@@ -22,11 +22,10 @@ from typing import Any
 import torch
 from tabulate import tabulate
 
-from common import VARIANT_LABELS, VARIANTS
+from common import NOTES_END, NOTES_START, VARIANT_LABELS, VARIANTS, notes_in
 
 STD_BAND = (0.5, 2.0)
 PARITY_POINTS = 0.5
-NOTES_START, NOTES_END = "<!-- notes -->", "<!-- /notes -->"
 
 
 def run_metadata(args: argparse.Namespace, data_description: str) -> dict[str, Any]:
@@ -289,11 +288,8 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def _preserved_notes(doc: Path) -> str:
-    if doc.is_file():
-        text = doc.read_text()
-        if NOTES_START in text and NOTES_END in text:
-            return text[text.index(NOTES_START) + len(NOTES_START): text.index(NOTES_END)].strip("\n")
-    return "(No notes yet: add them between the markers; a rerun keeps them.)"
+    notes = notes_in(doc)
+    return "(No notes yet: add them between the markers; a rerun keeps them.)" if notes is None else notes.strip("\n")
 
 
 def write_doc(payload: dict[str, Any], doc: Path, plots: list[Path]) -> None:
