@@ -3,8 +3,9 @@ the hand-written notes of the pages they rewrite, and the names of tools/train.p
 
 Every tool is run as ``python tools/NAME.py``, which puts tools/ on sys.path, so a tool imports
 this module as ``import common`` (pytest puts tools/ there too: ``pythonpath`` in pyproject.toml).
-Nothing here imports torch, torchvision or timm at import time: tools/zoo.py's parent process
-never loads them (its workers do), and tools/distributed_report.py renders without them.
+Nothing here imports torch, torchvision or timm before a function needs them:
+tools/distributed_report.py renders without them, and tools/zoo.py's parent process loads them
+only to list a source's models (its workers build the models).
 """
 
 from __future__ import annotations
