@@ -16,9 +16,11 @@ BENCH = ROOT / "tools" / "bench.py"
 
 
 def load_bench():
-    """tools/bench.py as a module, for its functions."""
+    """tools/bench.py as a module, for its functions (registered in sys.modules, where its
+    dataclass looks its module up)."""
     spec = importlib.util.spec_from_file_location("bench_tool", BENCH)
     bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_tool"] = bench
     spec.loader.exec_module(bench)
     return bench
 

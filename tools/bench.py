@@ -22,10 +22,15 @@ CPU (default when no GPU): fp32, --threads 1 (the machine is shared), small inpu
 Allocator (--malloc-tuning, on by default): glibc malloc hands a freed buffer above its mmap
 threshold back to the OS, and the next allocation faults it in again page by page. The threshold
 adapts to what the process freed before, so which variant pays depends on the allocator's
-history, not on the variant: seen here, 23,000 minor faults (40 ms of a 190 ms step) for the
-variant that happened to run first. The tuning fixes the thresholds (mmap at glibc's maximum,
-32 MiB; trimming off) for every variant alike, as jemalloc or tcmalloc would, and the report
-gives each variant's minor page faults per step, so what is left of the effect is visible.
+history, not on the variant. The tuning fixes the thresholds (mmap at glibc's maximum, 32 MiB;
+trimming off) for every variant alike, as jemalloc or tcmalloc would, and the report gives each
+variant's minor page faults per step, so what is left of the effect is visible (what it cost
+before the tuning: docs/bench.md, closing note, "Earlier changes").
+
+Code: the command line becomes a frozen BenchConfig once (parse_args); tune_environment sets
+threads, allocator and compiler options for every variant alike; measure_model times one model;
+tools/bench_report.py renders the page from the results files.
+
 GPU: pass --device cuda; the defaults then are the issue's targets: batch 128, 224x224,
 bf16 autocast, channels_last. For example, on a CUDA machine:
 
@@ -57,45 +62,29 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 import torchvision
-from tabulate import tabulate
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 
 import normprop_fx
 from normprop_fx.compile import CPU_TRAINING_OPTIONS
 
+import bench_report
+import common
+
 MODELS = ("resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0")
 MODES = ("eager", "compiled")
-#: Text from this line on in an existing --write file is kept when the file is re-rendered
-#: (the hand-written analysis of the numbers above it).
-NOTES_MARKER = "<!-- notes: kept by tools/bench.py when it rewrites this file -->"
-#: The issue's targets for compiled ratios, per device. The GPU train target holds for one setting
-#: only (GPU_TARGET_SETTING); the others hold for every model and input.
-TARGETS = {
-    "train normprop/bn": {"cpu": 1.00, "cuda": 0.85},
-    "train normprop/floor": {"cpu": 1.05, "cuda": 1.05},
-    "infer normprop_folded/bn_folded": {"cpu": 1.01, "cuda": 1.01},
-}
-GPU_TARGET_SETTING = {"model": "resnet50", "batch_size": 128, "amp": "bf16"}
 
 
-def target_for(key: str | None, device: str, model: str, machine_info: dict[str, Any]) -> float | None:
-    """The target of a compiled ratio (a TARGETS key) in a run on ``device`` ("cpu" or "cuda"),
-    or None where the issue sets none (the GPU NormProp/BN target outside its setting)."""
-    if key is None:
-        return None
-    if key == "train normprop/bn" and device == "cuda":
-        setting = {"model": model, "batch_size": machine_info["batch_size"], "amp": machine_info["amp"]}
-        if setting != GPU_TARGET_SETTING:
-            return None
-    return TARGETS[key][device]
+# --- the environment ---------------------------------------------------------------------------
 
 
 #: glibc's mallopt parameters (malloc.h) and the largest mmap threshold it accepts on 64-bit.
@@ -148,11 +137,62 @@ def apply_inductor_config(settings: dict[str, Any]) -> None:
         setattr(config, leaf, value)
 
 
-def minor_page_faults() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def tune_environment(config: BenchConfig) -> str:
+    """Set up this process for a run, for every variant alike: torch threads (CPU), the allocator,
+    the inductor options asked for, room for the recompilations of many variants. Returns what
+    was done to the allocator (recorded with the run)."""
+    if config.device == "cpu":
+        torch.set_num_threads(config.threads)
+    malloc = tune_malloc() if config.malloc_tuning else "default (--no-malloc-tuning)"
+    if config.kernel_profile:
+        torch._inductor.config.cpp.enable_kernel_profile = True
+    apply_inductor_config(dict(config.inductor_config))
+    for limit in ("cache_size_limit", "recompile_limit"):  # 8 models of one class get compiled
+        if hasattr(torch._dynamo.config, limit):
+            setattr(torch._dynamo.config, limit, 64)
+    return malloc
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+# --- the command line --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One run's settings, resolved once from the command line (parse_args): the device's defaults
+    filled in, the comma-separated lists split, the inductor settings parsed. Nothing changes it
+    afterwards; what the run finds out (the allocator's state) is passed along beside it."""
+
+    models: tuple[str, ...]
+    device: str  # "cpu" or "cuda"
+    batch_size: int
+    image_size: int
+    amp: str  # "bf16" or "none"
+    channels_last: bool
+    rounds: int
+    iters: int
+    warmup: int
+    modes: tuple[str, ...]
+    workloads: tuple[str, ...]
+    threads: int
+    seed: int
+    malloc_tuning: bool
+    json: tuple[Path, ...]
+    write: Path | None
+    report_only: bool
+    profile: bool
+    train_variants: tuple[str, ...]
+    profile_variants: tuple[str, ...]
+    profile_shapes: bool
+    kernel_profile: bool
+    peak_memory: bool
+    inductor_config: Mapping[str, Any]  # KEY -> VALUE for torch._inductor.config
+
+
+def _split(text: str) -> tuple[str, ...]:
+    return tuple(item for item in text.split(",") if item)
+
+
+def parse_args(argv: list[str] | None) -> BenchConfig:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated torchvision model names")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -192,40 +232,46 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="set torch._inductor.config.KEY (dotted for sub-configs, e.g. cpp.simdlen) to the Python "
                         "literal VALUE for every variant alike; repeatable; recorded with the run")
     args = p.parse_args(argv)
-    args.train_variants = [v for v in args.train_variants.split(",") if v]
-    args.profile_variants = [v for v in args.profile_variants.split(",") if v]
-    if not args.train_variants or not set(args.train_variants) <= set(TRAIN_VARIANTS):
-        p.error(f"--train-variants takes {','.join(TRAIN_VARIANTS)}, got {','.join(args.train_variants) or 'none'}")
-    if not set(args.profile_variants) <= set(TRAIN_VARIANTS):
-        p.error(f"--profile-variants takes {','.join(TRAIN_VARIANTS)}, got {','.join(args.profile_variants)}")
+    train_variants, profile_variants = _split(args.train_variants), _split(args.profile_variants)
+    if not train_variants or not set(train_variants) <= set(TRAIN_VARIANTS):
+        p.error(f"--train-variants takes {','.join(TRAIN_VARIANTS)}, got {','.join(train_variants) or 'none'}")
+    if not set(profile_variants) <= set(TRAIN_VARIANTS):
+        p.error(f"--profile-variants takes {','.join(TRAIN_VARIANTS)}, got {','.join(profile_variants)}")
     try:
-        args.inductor_config = dict(inductor_setting(item) for item in args.inductor_config)
+        inductor_config = dict(inductor_setting(item) for item in args.inductor_config)
     except ValueError as err:
         p.error(f"--inductor-config: {err}")
-    args.models = [m for m in args.models.split(",") if m]
-    args.modes = [m for m in args.modes.split(",") if m]
-    args.workloads = [w for w in args.workloads.split(",") if w]
-    for name in args.models:
-        if not hasattr(torchvision.models, name):
+    models, modes, workloads = _split(args.models), _split(args.modes), _split(args.workloads)
+    known = common.torchvision_names()
+    for name in models:
+        if name not in known:
             p.error(f"unknown torchvision model {name!r}")
-    if not set(args.modes) <= set(MODES) or not set(args.workloads) <= {"train", "infer"}:
+    if not set(modes) <= set(MODES) or not set(workloads) <= {"train", "infer"}:
         p.error("--modes takes eager,compiled and --workloads takes train,infer")
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
-    gpu = args.device == "cuda"
+    gpu = device == "cuda"
     if (args.profile_shapes or args.kernel_profile) and not args.profile:
         p.error("--profile-shapes and --kernel-profile refine --profile: pass --profile too")
     if args.kernel_profile and gpu:
         p.error("--kernel-profile is for inductor's CPU kernels; on CUDA --profile lists every kernel already")
-    args.batch_size = args.batch_size or (128 if gpu else 16)
-    args.image_size = args.image_size or (224 if gpu else 128)
-    args.amp = args.amp or ("bf16" if gpu else "none")
-    args.channels_last = gpu if args.channels_last is None else args.channels_last
-    if min(args.batch_size, args.image_size, args.rounds, args.iters, args.threads) < 1 or args.warmup < 0:
+    batch_size = args.batch_size or (128 if gpu else 16)
+    image_size = args.image_size or (224 if gpu else 128)
+    if min(batch_size, image_size, args.rounds, args.iters, args.threads) < 1 or args.warmup < 0:
         p.error("sizes, rounds, iters and threads must be positive")
-    return args
+    return BenchConfig(
+        models=models, device=device, batch_size=batch_size, image_size=image_size,
+        amp=args.amp or ("bf16" if gpu else "none"),
+        channels_last=gpu if args.channels_last is None else args.channels_last,
+        rounds=args.rounds, iters=args.iters, warmup=args.warmup, modes=modes, workloads=workloads,
+        threads=args.threads, seed=args.seed, malloc_tuning=args.malloc_tuning, json=tuple(args.json),
+        write=args.write, report_only=args.report_only, profile=args.profile, train_variants=train_variants,
+        profile_variants=profile_variants, profile_shapes=args.profile_shapes, kernel_profile=args.kernel_profile,
+        peak_memory=args.peak_memory, inductor_config=MappingProxyType(inductor_config),
+    )
 
 
 # --- the variants ------------------------------------------------------------------------------
@@ -282,7 +328,7 @@ def compile_kwargs(variant: str) -> dict[str, Any]:
 
 
 def build_models(name: str, workloads: list[str], train_variants: Sequence[str] = DEFAULT_TRAIN_VARIANTS) -> dict[str, dict[str, nn.Module]]:
-    original = getattr(torchvision.models, name)()
+    original = common.create_model("torchvision", name)
     converted = normprop_fx.convert(original)
     built: dict[str, dict[str, nn.Module]] = {"reference": {"original": original, "converted": converted}}
     if "train" in workloads:
@@ -315,15 +361,15 @@ def normalization_sizes(original: nn.Module, converted: nn.Module, x: torch.Tens
             "parameters": sum(p.numel() for p in original.parameters())}
 
 
-def make_step(workload: str, model: nn.Module, mode: str, args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor,
+def make_step(workload: str, model: nn.Module, mode: str, config: BenchConfig, x: torch.Tensor, y: torch.Tensor,
               compile_keywords: dict[str, Any] | None = None) -> Callable[[], None]:
-    device = torch.device(args.device)
+    device = torch.device(config.device)
     model = model.to(device)
-    if args.channels_last:
+    if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     run = normprop_fx.compile(model, **(compile_keywords or {})) if mode == "compiled" else model
     autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if args.amp == "bf16" else contextlib.nullcontext()
+        torch.autocast(device.type, dtype=torch.bfloat16) if config.amp == "bf16" else contextlib.nullcontext()
     )
     if workload == "train":
         model.train()
@@ -355,43 +401,47 @@ def sync(device: str) -> None:
 # --- measuring ---------------------------------------------------------------------------------
 
 
-def measure_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    torch.manual_seed(args.seed)
-    built = build_models(name, args.workloads, args.train_variants)
-    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=args.device)
-    if args.channels_last:
+def minor_page_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def measure_model(name: str, config: BenchConfig) -> dict[str, Any]:
+    torch.manual_seed(config.seed)
+    built = build_models(name, config.workloads, config.train_variants)
+    x = torch.randn(config.batch_size, 3, config.image_size, config.image_size, device=config.device)
+    if config.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 1000, (args.batch_size,), device=args.device)
+    y = torch.randint(0, 1000, (config.batch_size,), device=config.device)
     reference = built.pop("reference")
-    sizes = normalization_sizes(copy.deepcopy(reference["original"]).to(args.device), reference["converted"], x)
+    sizes = normalization_sizes(copy.deepcopy(reference["original"]).to(config.device), reference["converted"], x)
     steps: dict[str, Callable[[], None]] = {}
     warmup_s: dict[str, float] = {}
     for workload, variants in built.items():
         for variant, model in variants.items():
-            for mode in args.modes:
+            for mode in config.modes:
                 key = f"{workload}/{variant}/{mode}"
-                step = make_step(workload, model if mode == "eager" else copy.deepcopy(model), mode, args, x, y,
+                step = make_step(workload, model if mode == "eager" else copy.deepcopy(model), mode, config, x, y,
                                  compile_kwargs(variant))
                 t0 = time.perf_counter()
-                for _ in range(args.warmup):
+                for _ in range(config.warmup):
                     step()
-                sync(args.device)
+                sync(config.device)
                 warmup_s[key] = time.perf_counter() - t0
                 steps[key] = step
                 print(f"  {name} {key}: warm-up {warmup_s[key]:.1f} s", file=sys.stderr, flush=True)
     times: dict[str, list[float]] = {key: [] for key in steps}
     faults: dict[str, list[float]] = {key: [] for key in steps}
     keys = list(steps)
-    for r in range(args.rounds):
+    for r in range(config.rounds):
         shift = r % len(keys)
         for key in keys[shift:] + keys[:shift]:
-            sync(args.device)
+            sync(config.device)
             f0, t0 = minor_page_faults(), time.perf_counter()
-            for _ in range(args.iters):
+            for _ in range(config.iters):
                 steps[key]()
-            sync(args.device)
-            times[key].append((time.perf_counter() - t0) / args.iters)
-            faults[key].append((minor_page_faults() - f0) / args.iters)
+            sync(config.device)
+            times[key].append((time.perf_counter() - t0) / config.iters)
+            faults[key].append((minor_page_faults() - f0) / config.iters)
     result = {
         "model": name,
         "median_ms": {k: 1e3 * statistics.median(v) for k, v in times.items()},
@@ -401,11 +451,11 @@ def measure_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "sizes": sizes,
         "loadavg_end": os.getloadavg(),
     }
-    if args.peak_memory:
+    if config.peak_memory:
         result["peak_memory_mib"] = {key: peak_step_memory(step) for key, step in steps.items()}
-    if args.profile and "train" in built and "compiled" in args.modes:
-        result["profile"] = {v: profile_top_ops(steps[f"train/{v}/compiled"], args.device, args.profile_shapes) for v in args.profile_variants
-                             if f"train/{v}/compiled" in steps}
+    if config.profile and "train" in built and "compiled" in config.modes:
+        result["profile"] = {v: profile_top_ops(steps[f"train/{v}/compiled"], config.device, config.profile_shapes)
+                             for v in config.profile_variants if f"train/{v}/compiled" in steps}
     return result
 
 
@@ -430,10 +480,6 @@ def peak_step_memory(step: Callable[[], None]) -> float:
     return peak / 2**20
 
 
-#: What a profile's top ops are sorted by, per device: on CUDA the host time of an op is its launch.
-PROFILE_SORT = {"cpu": ("self_cpu_time_total", "self CPU time"), "cuda": ("self_device_time_total", "self CUDA time")}
-
-
 def profile_top_ops(step: Callable[[], None], device: str, by_shapes: bool = False, rows: int = 16) -> str:
     """The top ops of one ``step()``, by self time on ``device``; with ``by_shapes`` one row per op
     and input shapes (then the table lists more rows, since each op splits into several)."""
@@ -442,10 +488,11 @@ def profile_top_ops(step: Callable[[], None], device: str, by_shapes: bool = Fal
     with profile(activities=profiler_activities(), record_shapes=by_shapes) as prof:
         step()
     return prof.key_averages(group_by_input_shape=by_shapes).table(
-        sort_by=PROFILE_SORT[device][0], row_limit=2 * rows if by_shapes else rows, max_name_column_width=110)
+        sort_by=bench_report.PROFILE_SORT[device][0], row_limit=2 * rows if by_shapes else rows, max_name_column_width=110)
 
 
-def machine(args: argparse.Namespace) -> dict[str, Any]:
+def machine(config: BenchConfig, malloc: str) -> dict[str, Any]:
+    """The run's record of where and how it measured (the page's lines above each run's tables)."""
     cpu = platform.processor()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -461,203 +508,41 @@ def machine(args: argparse.Namespace) -> dict[str, Any]:
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "python": platform.python_version(),
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-        "batch_size": args.batch_size,
-        "image_size": args.image_size,
-        "amp": args.amp,
-        "channels_last": args.channels_last,
-        "rounds": args.rounds,
-        "iters": args.iters,
-        "warmup": args.warmup,
+        "device": torch.cuda.get_device_name() if config.device == "cuda" else "cpu",
+        "batch_size": config.batch_size,
+        "image_size": config.image_size,
+        "amp": config.amp,
+        "channels_last": config.channels_last,
+        "rounds": config.rounds,
+        "iters": config.iters,
+        "warmup": config.warmup,
         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-        "malloc": args.malloc,
-        "inductor_config": args.inductor_config,
+        "malloc": malloc,
+        "inductor_config": dict(config.inductor_config),
     }
     return info
 
 
-# --- the report --------------------------------------------------------------------------------
-
-
-#: The ratios reported per model: (label, numerator, denominator, target key or None), per mode.
-RATIOS = (
-    ("train normprop / bn", "train/normprop", "train/bn", "train normprop/bn"),
-    ("train normprop / floor", "train/normprop", "train/floor", "train normprop/floor"),
-    ("train floor_bias / floor (a learned bias alone)", "train/floor_bias", "train/floor", None),
-    ("train normprop / floor_bias", "train/normprop", "train/floor_bias", None),
-    ("train normprop / normprop_inductor_defaults", "train/normprop", "train/normprop_inductor_defaults", None),
-    ("infer normprop_folded / bn_folded", "infer/normprop_folded", "infer/bn_folded", "infer normprop_folded/bn_folded"),
-    ("infer normprop / bn, unfolded", "infer/normprop", "infer/bn", None),
-)
-
-
-def ratio_of_medians(res: dict[str, Any], a: str, b: str) -> float | None:
-    med = res["median_ms"]
-    return med[a] / med[b] if a in med and b in med else None
-
-
-def median_of_paired_ratios(res: dict[str, Any], a: str, b: str) -> float | None:
-    """Median over rounds of a/b measured in the same round: robust to load that changes
-    between rounds on a shared machine."""
-    times = res["all_ms"]
-    if a not in times or b not in times:
-        return None
-    return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
-
-
-def fmt_ratio(value: float | None) -> str:
-    return "not measured" if value is None else f"{value:.3f}"
-
-
-def verdict(value: float | None, target: float | None) -> str:
-    if value is None or target is None:
-        return ""
-    return "met" if value <= target else "missed"
-
-
-def render(runs: list[dict[str, Any]], requested: list[str], gpu_command: str) -> str:
-    """The page: every run, by device. ``gpu_command`` is what the CUDA section, when no CUDA run
-    is among ``runs``, gives as the command that measures it."""
-    out = ["# Benchmark: BatchNorm vs NormProp vs no-norm floor", ""]
-    out.append("Written by `tools/bench.py` from its results file; every number below comes from the run(s) listed. "
-               "Times are medians over interleaved rounds of the time per step, in ms. Ratios come from the same "
-               "run, two ways: the ratio of the two medians, and the median over rounds of the ratio measured within "
-               "one round (robust to load that changes between rounds); the verdict uses the latter. `floor` = the same network with every BatchNorm replaced by `nn.Identity`; "
-               "`floor_bias` (training) = every BatchNorm replaced by a learned per-channel bias, what NormProp's beta "
-               "costs by itself; minor page faults per step show what the allocator cost each variant; "
-               "`bn_folded` = `torch.fx.experimental.optimization.fuse` (conv-BN folding) of the eval model; "
-               "`normprop_folded` = `normprop_fx.fold` of the conversion. Compiled = `torch.compile` (inductor, "
-               "default mode) via `normprop_fx.compile`.")
-    out.append("")
-    by_device: dict[str, list[dict[str, Any]]] = {}
-    for run in runs:
-        by_device.setdefault("cuda" if run["machine"]["device"] != "cpu" else "cpu", []).append(run)
-    for device in ("cpu", "cuda"):
-        out.append(f"## {device.upper()}")
-        out.append("")
-        device_runs = by_device.get(device, [])
-        if not device_runs:
-            out += render_unmeasured_targets(device, gpu_command)
-            continue
-        for run in device_runs:
-            m = run["machine"]
-            out.append(f"Run of {m['date']}: `{m['command']}`")
-            out.append("")
-            out.append(f"- machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, device {m['device']}; "
-                       f"torch {m['torch']}, torchvision {m['torchvision']}, Python {m['python']}")
-            out.append(f"- torch threads: {m['threads']}; load average (1, 5, 15 min) at start: "
-                       f"{', '.join(f'{v:.2f}' for v in m['loadavg_start'])} (the machine is shared)")
-            out.append(f"- input: batch {m['batch_size']}, {m['image_size']}x{m['image_size']}, amp {m['amp']}, "
-                       f"channels_last {m['channels_last']}; {m['rounds']} rounds x {m['iters']} steps per variant, "
-                       f"{m['warmup']} warm-up steps")
-            if "malloc" in m:
-                out.append(f"- allocator: {m['malloc']}")
-            if m.get("inductor_config"):
-                out.append("- inductor config (all variants): "
-                           + ", ".join(f"`{k}={v!r}`" for k, v in m["inductor_config"].items()))
-            out.append("")
-            for res in run["results"]:
-                out += render_model(res, device, m)
-        measured = {res["model"] for run in device_runs for res in run["results"]}
-        missing = [name for name in requested if name not in measured]
-        if missing:
-            out.append(f"Not measured on {device.upper()}: {', '.join(missing)} (see the closing note).")
-            out.append("")
-    return "\n".join(out) + "\n"
-
-
-def render_unmeasured_targets(device: str, gpu_command: str) -> list[str]:
-    """The section of a device no run measured: its target rows, each "not measured"."""
-    out = ["Not measured: no such device was available for the runs behind this file."]
-    if device == "cuda":
-        out[0] += (f" Measure it on a CUDA machine with `{gpu_command}` (its defaults: batch 128, 224x224, "
-                   "bf16 autocast, channels_last).")
-    rows = []
-    for label, _num, _den, key in RATIOS:
-        if key is not None:
-            setting = ""
-            if device == "cuda" and key == "train normprop/bn":
-                g = GPU_TARGET_SETTING
-                setting = f", {g['model']}, batch {g['batch_size']}, {g['amp']}"
-            rows.append([f"{label} (compiled{setting})", "not measured", f"<= {TARGETS[key][device]:.2f}"])
-    return out + ["", tabulate(rows, headers=["target ratio", "median of per-round ratios", "target"],
-                               tablefmt="github", disable_numparse=True), ""]
-
-
-def render_model(res: dict[str, Any], device: str, machine_info: dict[str, Any]) -> list[str]:
-    """One model's tables from a run on ``device`` with ``machine_info`` (its input setting)."""
-    med = res["median_ms"]
-    out = [f"### {res['model']}", ""]
-    if "sizes" in res:
-        sz = res["sizes"]
-        out.append(f"Parameters {sz['parameters']:,}; NormProp normalizes {sz['normprop_weight_elements']:,} weight "
-                   f"elements per step; the BatchNorms reduce over {sz['batchnorm_input_elements']:,} activation "
-                   f"elements per step at this input size. Load average at the end of this model: "
-                   f"{', '.join(f'{v:.2f}' for v in res['loadavg_end'])}.")
-        out.append("")
-    rows = []
-    faults = res.get("page_faults_per_step", {})
-    peaks = res.get("peak_memory_mib", {})
-    for key in med:
-        workload, variant, mode = key.split("/")
-        rows.append([workload, variant, mode, f"{med[key]:.1f}", f"{res['warmup_s'][key]:.1f}",
-                     f"{faults[key]:.0f}" if key in faults else "not recorded"] + ([f"{peaks[key]:.0f}"] if peaks else []))
-    headers = ["workload", "variant", "mode", "median ms/step", "warm-up s", "minor page faults/step (median)"]
-    out.append(tabulate(rows, headers=headers + (["peak tensor MiB (one step)"] if peaks else []),
-                        tablefmt="github", disable_numparse=True))
-    out.append("")
-    ratio_rows = []
-    for mode in ("compiled", "eager"):
-        for label, num, den, target_key in RATIOS:
-            a, b = f"{num}/{mode}", f"{den}/{mode}"
-            target = target_for(target_key, device, res["model"], machine_info) if mode == "compiled" else None
-            paired = median_of_paired_ratios(res, a, b)
-            if paired is None and target is None:
-                continue  # a diagnostic ratio of variants this run did not measure
-            ratio_rows.append([f"{label} ({mode})", fmt_ratio(ratio_of_medians(res, a, b)), fmt_ratio(paired),
-                               "" if target is None else f"<= {target:.2f}", verdict(paired, target)])
-    out.append(tabulate(ratio_rows, headers=["ratio", "of medians", "median of per-round ratios", "target", "verdict (per-round)"],
-                        tablefmt="github", disable_numparse=True))
-    out.append("")
-    for variant, table in res.get("profile", {}).items():
-        out += [f"Top ops of one compiled train step, {variant} (torch.profiler, by {PROFILE_SORT[device][1]}):", "", "```", table, "```", ""]
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    results_file = args.json[0]
+    config = parse_args(argv)
+    results_file = config.json[0]
     runs: list[dict[str, Any]] = json.loads(results_file.read_text()) if results_file.exists() else []
-    if not args.report_only:
-        if args.device == "cpu":
-            torch.set_num_threads(args.threads)
-        args.malloc = tune_malloc() if args.malloc_tuning else "default (--no-malloc-tuning)"
-        if args.kernel_profile:
-            torch._inductor.config.cpp.enable_kernel_profile = True
-        apply_inductor_config(args.inductor_config)
-        for limit in ("cache_size_limit", "recompile_limit"):  # 8 models of one class get compiled
-            if hasattr(torch._dynamo.config, limit):
-                setattr(torch._dynamo.config, limit, 64)
-        run = {"machine": machine(args), "results": []}
+    if not config.report_only:
+        malloc = tune_environment(config)
+        run = {"machine": machine(config, malloc), "results": []}
         runs.append(run)
-        for name in args.models:
+        for name in config.models:
             print(f"{name}: building and warming up", file=sys.stderr, flush=True)
-            run["results"].append(measure_model(name, args))
+            run["results"].append(measure_model(name, config))
             results_file.write_text(json.dumps(runs, indent=1))
-            print("\n".join(render_model(run["results"][-1], args.device, run["machine"])), flush=True)
-    if args.write:
-        for extra in args.json[1:]:
+            print("\n".join(bench_report.render_model(run["results"][-1], config.device, run["machine"])), flush=True)
+    if config.write:
+        for extra in config.json[1:]:
             runs += json.loads(extra.read_text())
-        requested = list(dict.fromkeys(res["model"] for run in runs for res in run["results"])) or list(args.models)
-        requested += [m for m in args.models if m not in requested]
-        args.write.parent.mkdir(parents=True, exist_ok=True)
-        old = args.write.read_text() if args.write.exists() else ""
-        notes = old[old.index(NOTES_MARKER):] if NOTES_MARKER in old else NOTES_MARKER + "\n"
-        gpu_results = args.json[0].parent / "bench_gpu.json"
-        gpu_command = " ".join(["python tools/bench.py --device cuda --json", str(gpu_results),
-                                *(str(p) for p in args.json if p != gpu_results), "--write", str(args.write)])
-        args.write.write_text(render(runs, requested, gpu_command) + "\n" + notes)
-        print(f"wrote {args.write}", file=sys.stderr)
+        requested = list(dict.fromkeys(res["model"] for run in runs for res in run["results"])) or list(config.models)
+        requested += [m for m in config.models if m not in requested]
+        bench_report.write_page(config.write, runs, requested, list(config.json))
+        print(f"wrote {config.write}", file=sys.stderr)
     return 0
 
 

@@ -18,8 +18,6 @@ it also prints how far the converted model's eval outputs are from the original'
 from __future__ import annotations
 
 import argparse
-import difflib
-import math
 import sys
 import time
 import warnings
@@ -29,29 +27,12 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-
-class _ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad argument is one line on stderr and exit status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+import common
 
 
 def _fail(message: str, status: int) -> NoReturn:
     print(f"convert.py: error: {message}", file=sys.stderr)
     sys.exit(status)
-
-
-def _gamma_init(text: str) -> str | float:
-    if text == "paper":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be 'paper' or a positive number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be 'paper' or a positive number, got {text!r}")
-    return value
 
 
 def _input_size(text: str) -> tuple[int, ...]:
@@ -64,44 +45,16 @@ def _input_size(text: str) -> tuple[int, ...]:
     return (3, dims[0], dims[0]) if len(dims) == 1 else dims
 
 
-def _torchvision_names() -> list[str]:
-    import torchvision.models
-
-    return sorted(torchvision.models.list_models(module=torchvision.models))
-
-
-def _timm_names() -> list[str]:
-    try:
-        import timm
-    except ImportError:
-        return []
-    return sorted(timm.list_models())
-
-
 def build_model(spec: str, pretrained: bool = False) -> tuple[nn.Module, tuple[int, ...], str]:
     """The model for ``[torchvision:|timm:]NAME`` (pretrained weights only when asked: they are
     downloaded), its default per-sample input size, and where it came from. Exits with status 2
     for an unknown name, 1 when the weights cannot be had."""
-    source, _, name = spec.rpartition(":")
-    if source not in ("", "torchvision", "timm"):
-        _fail(f"unknown model source {source!r} in {spec!r}: use torchvision:NAME or timm:NAME", 2)
-    tv_names = _torchvision_names() if source in ("", "torchvision") else []
-    if name in tv_names:
-        import torchvision.models
-
-        model = _pretrained_or_fail(lambda: torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None), spec)
-        size = 299 if name == "inception_v3" else 224
-        return model, (3, size, size), f"torchvision:{name}"
-    timm_names = _timm_names() if source in ("", "timm") else []
-    if name in timm_names:
-        import timm
-
-        model = _pretrained_or_fail(lambda: timm.create_model(name, pretrained=pretrained), spec)
-        return model, tuple(model.pretrained_cfg.get("input_size", (3, 224, 224))), f"timm:{name}"
-    close = difflib.get_close_matches(name, sorted(set(tv_names + timm_names)), n=3)
-    hint = f" (did you mean: {', '.join(close)}?)" if close else ""
-    where = {"": "torchvision classification or timm", "torchvision": "torchvision classification", "timm": "timm"}[source]
-    _fail(f"unknown model {name!r}: not a {where} model name{hint}", 2)
+    try:
+        source, name = common.find_model(spec)
+    except common.UnknownModelError as err:
+        _fail(str(err), 2)
+    model = _pretrained_or_fail(lambda: common.create_model(source, name, pretrained=pretrained), spec)
+    return model, common.default_input_size(source, name, model), f"{source}:{name}"
 
 
 def _pretrained_or_fail(build, spec: str) -> nn.Module:  # noqa: ANN001
@@ -144,14 +97,14 @@ def _forward_backward_check(model: nn.Module, x: torch.Tensor) -> tuple[list[str
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _ArgumentParser(prog="convert.py", description=__doc__.split("\n\n")[0])
+    parser = common.ArgumentParser(prog="convert.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="torchvision or timm model name; prefix torchvision: or timm: to choose")
     parser.add_argument("--init", choices=("auto", "trained", "normprop"), default="auto",
                         help="keep trained BatchNorms' functions (auto: per BatchNorm, as trained or not), or not")
     parser.add_argument("--pretrained", action="store_true", help="build the model with its pretrained weights (downloads them)")
     parser.add_argument("--randomize-bn", action="store_true",
                         help="give every BatchNorm trained-looking statistics and affine first (a stand-in for a checkpoint)")
-    parser.add_argument("--gamma-init", type=_gamma_init, default="paper", help="'paper' (1/1.21 for ReLU) or a positive number")
+    parser.add_argument("--gamma-init", type=common.gamma_init, default="paper", help="'paper' (1/1.21 for ReLU) or a positive number")
     parser.add_argument("--measure", action="store_true",
                         help="add nominal vs measured output mean/std per NormProp layer to the audit table")
     parser.add_argument("--input-size", type=_input_size, default=None, help="per-sample input shape, e.g. 224 or 3,224,224 (default: the model's)")

@@ -29,24 +29,20 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from tabulate import tabulate
 
+import common
+from common import NOTES_END, NOTES_START, VARIANT_LABELS
+
 ROOT = Path(__file__).resolve().parents[1]
-LABELS = {"bn": "BN", "bn+stab": "BN + stabilizers", "np": "NormProp", "np+stab": "NormProp + stabilizers"}
 # the documented run: a few minutes on 2 shared CPU cores
 DEFAULT_TRAIN_OPTIONS = "--variants bn,np,np+stab --batch-sizes 128 --lrs 0.01,0.03 --epochs 3 --no-progress"
-NOTES_START, NOTES_END = "<!-- notes -->", "<!-- /notes -->"
-
-
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = _ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nproc", type=int, default=2, help="processes of the distributed run (default 2)")
     p.add_argument("--train-options", default=DEFAULT_TRAIN_OPTIONS,
                    help=f"tools/train.py options of both runs (default {DEFAULT_TRAIN_OPTIONS!r})")
@@ -169,7 +165,7 @@ def results_table(payloads: dict[str, dict[str, Any]]) -> str:
         where = f"{world} ({dist['backend']}, CPU)" if dist.get("backend") else "1 (plain, CPU)"
         for run in payload["runs"]:
             last = run["epochs"][-1] if run["epochs"] else None
-            rows.append([LABELS[run["variant"]], where, str(run["batch_size"]), str(run["batch_size"] // world),
+            rows.append([VARIANT_LABELS[run["variant"]], where, str(run["batch_size"]), str(run["batch_size"] // world),
                          f"{run['lr']:g}", f"{1000 * seconds_per_step(run):.0f}", _accuracy(run),
                          f"{last['train_loss']:.4f}" if last else "-"])
     headers = ["variant", "processes", "global batch", "batch per process", "lr", "ms / step", "final test acc %",
@@ -178,7 +174,7 @@ def results_table(payloads: dict[str, dict[str, Any]]) -> str:
 
 
 def comparison_table(rows: list[dict[str, Any]], nproc: int) -> str:
-    table = [[LABELS[r["variant"]], str(r["batch_size"]), f"{r['lr']:g}", r["accuracy"][0], r["accuracy"][1],
+    table = [[VARIANT_LABELS[r["variant"]], str(r["batch_size"]), f"{r['lr']:g}", r["accuracy"][0], r["accuracy"][1],
               "yes" if r["match"] else "no",
               "-" if r["loss_difference"] is None else f"{r['loss_difference']:.1e}", str(r["epochs_other_accuracy"])]
              for r in rows]
@@ -280,13 +276,7 @@ machine with that many GPUs):
 
 def preserved_notes(doc: Path) -> str:
     """The text between the notes markers of an existing page (kept when the page is rebuilt)."""
-    if not doc.is_file():
-        return ""
-    text = doc.read_text()
-    start, end = text.find(NOTES_START), text.find(NOTES_END)
-    if start < 0 or end < start:
-        return ""
-    notes = text[start + len(NOTES_START):end].strip()
+    notes = (common.notes_in(doc) or "").strip()
     return "" if notes.startswith("(No notes yet") else notes
 
 

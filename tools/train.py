@@ -44,7 +44,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -61,13 +61,9 @@ from normprop_fx.datasets import (
 )
 from normprop_fx.training import adaptive_clip_grad_, param_groups
 
-VARIANTS = ("bn", "bn+stab", "np", "np+stab")
-VARIANT_LABELS = {
-    "bn": "BN",
-    "bn+stab": "BN + stabilizers",
-    "np": "NormProp",
-    "np+stab": "NormProp + stabilizers",
-}
+import common
+import training_report
+from common import VARIANTS
 
 
 # ----------------------------------------------------------------------------- models
@@ -134,18 +130,13 @@ def build_model(spec: str) -> nn.Module:
     if spec == "small_resnet" or spec.startswith("small_resnet:"):
         _, _, widths = spec.partition(":")
         return SmallResNet(tuple(int(w) for w in widths.split(","))) if widths else SmallResNet()
-    source, _, name = spec.rpartition(":")
-    if source in ("", "torchvision"):
-        import torchvision.models
-
-        if name in torchvision.models.list_models(module=torchvision.models):
-            return _one_channel_first_conv(torchvision.models.get_model(name, num_classes=10))
-    if source in ("", "timm"):
-        import timm
-
-        if name in timm.list_models():
-            return timm.create_model(name, in_chans=1, num_classes=10)
-    raise ValueError(f"unknown model {spec!r}: use small_resnet, a torchvision or a timm model name")
+    try:
+        source, name = common.find_model(spec)
+    except common.UnknownModelError:
+        raise ValueError(f"unknown model {spec!r}: use small_resnet, a torchvision or a timm model name") from None
+    if source == "torchvision":
+        return _one_channel_first_conv(common.create_model(source, name, num_classes=10))
+    return common.create_model(source, name, in_chans=1, num_classes=10)
 
 
 # ----------------------------------------------------------------------------- data
@@ -417,14 +408,6 @@ def train_run(base: nn.Module, variant: str, batch_size: int, lr: float, data: D
 # ----------------------------------------------------------------------------- command line
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad argument is one line on stderr and exit status 2 (under torchrun,
-    printed by rank 0 only)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n" if _is_rank0() else None)
-
-
 def torchrun_env(environ: Any = None) -> dict[str, int] | None:
     """rank, world_size, local_rank and local_world_size that torchrun (or another launcher
     following its convention) sets; None for a plain run."""
@@ -441,45 +424,30 @@ def _is_rank0() -> bool:
     return env is None or env["rank"] == 0
 
 
-def _numbers(kind: type) -> Any:
-    def parse(text: str) -> list[Any]:
-        try:
-            values = [kind(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-        if not values or any(not (math.isfinite(v) and v > 0) for v in values):
-            raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
-        return values
-    return parse
-
-
-def _gamma_init(text: str) -> str | float:
-    return text if text == "paper" else _numbers(float)(text)[0]
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = _ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                              print_errors=_is_rank0())
     p.add_argument("--model", default="small_resnet", help="small_resnet[:W1,W2,..], or a torchvision/timm name")
     p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST idx(.gz) files "
                    "(default /usr/share/datasets/fashion-mnist)")
     p.add_argument("--train-size", type=int, default=4000, help="training subset size (default 4000)")
     p.add_argument("--test-size", type=int, default=2000, help="test subset size (default 2000)")
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch-sizes", type=_numbers(int), default=[128, 8, 1])
-    p.add_argument("--lrs", type=_numbers(float), default=[0.01, 0.03, 0.1, 0.3, 1.0],
+    p.add_argument("--batch-sizes", type=common.positive_numbers(int), default=[128, 8, 1])
+    p.add_argument("--lrs", type=common.positive_numbers(float), default=[0.01, 0.03, 0.1, 0.3, 1.0],
                    help="learning-rate grid at batch 128 (default 0.01,0.03,0.1,0.3,1)")
     p.add_argument("--lr-scaling", choices=("sqrt", "linear", "none"), default="sqrt",
                    help="how the grid follows the batch size: lr * (batch/128)^(1/2, 1 or 0)")
     p.add_argument("--bs1-steps", type=int, default=400, help="steps per epoch at batch size 1 (default 400)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {','.join(VARIANTS)}")
-    p.add_argument("--bn-stab-batch-sizes", type=_numbers(int), default=[128],
+    p.add_argument("--bn-stab-batch-sizes", type=common.positive_numbers(int), default=[128],
                    help="batch sizes at which bn+stab runs (it is the costly optional comparison)")
     p.add_argument("--collapse-below", type=float, default=0.2,
                    help="a run whose final test accuracy is below this collapsed (default 0.2, twice chance)")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--clip-factor", type=float, default=0.01, help="adaptive gradient clipping factor (+stab)")
-    p.add_argument("--gamma-init", type=_gamma_init, default="paper", help="NormProp gamma init: paper or a number")
+    p.add_argument("--gamma-init", type=common.gamma_init, default="paper", help="NormProp gamma init: paper or a number")
     p.add_argument("--stab-decay-gamma", action=argparse.BooleanOptionalAction, default=True,
                    help="the +stab variants put weight decay on gamma/beta/biases too (default; "
                         "--no-stab-decay-gamma: none on them, the ablation)")
@@ -589,8 +557,6 @@ def _train(args: argparse.Namespace, data: Data, env: dict[str, Any] | None, dev
     rank0 = env is None or env["rank"] == 0
     data = Data(*(t.to(device) for t in (data.train_x, data.train_y, data.test_x, data.test_y, data.stats_x)),
                 data.description)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import training_report
     from tqdm import tqdm
 
     log = tqdm.write if rank0 else (lambda _text: None)

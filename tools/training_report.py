@@ -22,11 +22,10 @@ from typing import Any
 import torch
 from tabulate import tabulate
 
-VARIANT_ORDER = ("bn", "bn+stab", "np", "np+stab")
-LABELS = {"bn": "BN", "bn+stab": "BN + stabilizers", "np": "NormProp", "np+stab": "NormProp + stabilizers"}
+from common import NOTES_END, NOTES_START, VARIANT_LABELS, VARIANTS, notes_in
+
 STD_BAND = (0.5, 2.0)
 PARITY_POINTS = 0.5
-NOTES_START, NOTES_END = "<!-- notes -->", "<!-- /notes -->"
 
 
 def run_metadata(args: argparse.Namespace, data_description: str) -> dict[str, Any]:
@@ -129,14 +128,14 @@ def accuracy_tables(payload: dict[str, Any]) -> str:
     out = []
     groups = _groups(payload)
     for model, batch_size in dict.fromkeys((m, b) for m, b, _ in groups):
-        variants = [v for v in VARIANT_ORDER if (model, batch_size, v) in groups]
+        variants = [v for v in VARIANTS if (model, batch_size, v) in groups]
         lrs = sorted({r["lr"] for v in variants for r in groups[(model, batch_size, v)]})
         rows = []
         for v in variants:
             runs = groups[(model, batch_size, v)]
             by_lr = {r["lr"]: r for r in runs}
             best = best_run(runs)
-            rows.append([LABELS[v], *[_cell(by_lr[lr]) if lr in by_lr else "-" for lr in lrs],
+            rows.append([VARIANT_LABELS[v], *[_cell(by_lr[lr]) if lr in by_lr else "-" for lr in lrs],
                          f"{best['lr']:g}" if best else "-",
                          f"{100 * best['final_accuracy']:.1f}" if best else "-",
                          _range_text(stable_range(runs)), _mean_epoch_seconds(runs),
@@ -166,9 +165,9 @@ def targets(payload: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
                 continue  # no comparison without both sides
             npr = best_run(groups[(model, batch_size, v)])
             margin = PARITY_POINTS if batch_size >= 128 else 0.0
-            goal = f"batch {batch_size}: {LABELS[v]} best >= BN best" + (f" - {margin} points" if margin else "")
+            goal = f"batch {batch_size}: {VARIANT_LABELS[v]} best >= BN best" + (f" - {margin} points" if margin else "")
             if npr is None:
-                rows.append((goal, f"{LABELS[v]}: no run trained", False))
+                rows.append((goal, f"{VARIANT_LABELS[v]}: no run trained", False))
             elif bn is None:
                 rows.append((goal, f"{100 * npr['final_accuracy']:.1f} vs BN: no run trained", True))
             else:
@@ -185,7 +184,7 @@ def targets(payload: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
             if best is None:
                 continue
             low, high = _np_std_range(best, "end") or (float("nan"), float("nan"))
-            goal = f"batch {batch_size}: {LABELS[v]} (best lr) layer output std in [{STD_BAND[0]}, {STD_BAND[1]}] at the end"
+            goal = f"batch {batch_size}: {VARIANT_LABELS[v]} (best lr) layer output std in [{STD_BAND[0]}, {STD_BAND[1]}] at the end"
             rows.append((goal, f"{low:.2f}-{high:.2f}", STD_BAND[0] <= low and high <= STD_BAND[1]))
     return rows
 
@@ -210,7 +209,7 @@ def statistics_table(payload: dict[str, Any]) -> str:
                         "train": "BN outputs, train mode (batch stats)"}[kind]
                 means = [s["mean"] for s in stats]
                 stds = [s["std"] for s in stats]
-                rows.append([model, batch_size, LABELS[variant], f"{best['lr']:g}", when, what, len(stats),
+                rows.append([model, batch_size, VARIANT_LABELS[variant], f"{best['lr']:g}", when, what, len(stats),
                              f"{min(means):.2f} .. {max(means):.2f}", f"{min(stds):.2f} .. {max(stds):.2f}"])
     headers = ["model", "batch", "variant", "lr", "when", "measured at", "layers", "mean range", "std range"]
     return tabulate(rows, headers, tablefmt="github", disable_numparse=True)
@@ -232,13 +231,13 @@ def write_plots(payload: dict[str, Any], out: Path) -> list[Path]:
 
     fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.6), squeeze=False)
     for ax, (model, batch_size) in zip(axes[0], keys):
-        for v in VARIANT_ORDER:
+        for v in VARIANTS:
             best = best_run(groups.get((model, batch_size, v), []))
             if best is None:
                 continue
             epochs = [e["epoch"] for e in best["epochs"]]
             acc = [100 * e["test_accuracy"] for e in best["epochs"]]
-            ax.plot(epochs, acc, "o-", color=colors[v], label=f"{LABELS[v]} (lr {best['lr']:g})")
+            ax.plot(epochs, acc, "o-", color=colors[v], label=f"{VARIANT_LABELS[v]} (lr {best['lr']:g})")
         ax.set_ylabel("test accuracy %")
         _finish_axis(ax, f"{model}, batch {batch_size} (best lr each)",
                      "epoch" if batch_size != 1 else "epoch (fixed steps)")
@@ -259,7 +258,7 @@ def write_plots(payload: dict[str, Any], out: Path) -> list[Path]:
                 stats = best[f"stats_{when}"].get(kind, [])
                 name = {"normprop": "", "eval": " eval mode", "train": " train mode"}[kind]
                 ax.plot([s["std"] for s in stats], style, marker=".", color=colors[v],
-                        label=f"{LABELS[v]}{name} std, {when} (lr {best['lr']:g})")
+                        label=f"{VARIANT_LABELS[v]}{name} std, {when} (lr {best['lr']:g})")
                 ax.plot([s["mean"] for s in stats], style, color="gray", alpha=0.6)
         for ax, title in ((ax_np, "NormProp layer outputs"), (ax_bn, "BN outputs at the end")):
             ax.axhspan(*STD_BAND, color="green", alpha=0.07)
@@ -289,11 +288,8 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def _preserved_notes(doc: Path) -> str:
-    if doc.is_file():
-        text = doc.read_text()
-        if NOTES_START in text and NOTES_END in text:
-            return text[text.index(NOTES_START) + len(NOTES_START): text.index(NOTES_END)].strip("\n")
-    return "(No notes yet: add them between the markers; a rerun keeps them.)"
+    notes = notes_in(doc)
+    return "(No notes yet: add them between the markers; a rerun keeps them.)" if notes is None else notes.strip("\n")
 
 
 def write_doc(payload: dict[str, Any], doc: Path, plots: list[Path]) -> None:

@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import train  # noqa: E402  (tools/train.py)
+from normprop_fx.datasets import DatasetNotFoundError
 
-from normprop_fx.datasets import DatasetNotFoundError  # noqa: E402
+import common
+import train
 
 #: name -> TrainSettings.decay_scale_params ("default": what tools/train.py's stabilizers use)
 CONFIGS = {"no decay on gamma/beta": False, "decay on gamma/beta (default)": True}
@@ -46,12 +46,12 @@ def _seeds(text: str) -> list[int]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = train._ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=_seeds, default=[0, 1, 2, 3, 4], help="comma-separated seeds (default 0,1,2,3,4)")
-    p.add_argument("--batch-sizes", type=train._numbers(int), default=[128, 8, 1])
+    p.add_argument("--batch-sizes", type=common.positive_numbers(int), default=[128, 8, 1])
     p.add_argument("--lr", type=float, default=1.0,
                    help="learning rate at batch 128, scaled by (batch/128)^1/2 as in train.py (default 1)")
-    p.add_argument("--bn-lrs", type=train._numbers(float), default=[0.1, 0.0075, 0.00265],
+    p.add_argument("--bn-lrs", type=common.positive_numbers(float), default=[0.1, 0.0075, 0.00265],
                    help="BN's learning rate for each of --batch-sizes (default: its best ones in docs/training.md, "
                         "0.1,0.0075,0.00265); BN runs without stabilizers, as its best row there")
     p.add_argument("--no-bn", action="store_true", help="no BN runs")
@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--test-size", type=int, default=2000)
     p.add_argument("--stats-batch", type=int, default=256)
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--std-range", type=train._numbers(float), default=[0.5, 2.0], help="the target's std range")
+    p.add_argument("--std-range", type=common.positive_numbers(float), default=[0.5, 2.0], help="the target's std range")
     p.add_argument("--json", type=Path, default=None, help="also write the raw results there")
     p.add_argument("--doc", type=Path, default=None, help="write the markdown page there")
     p.add_argument("--report-only", action="store_true", help="do not train: render --json into --doc")

@@ -20,7 +20,6 @@ Exit status: 0 when the sweep ran (whatever the models did), 2 on a bad argument
 
 from __future__ import annotations
 
-import argparse
 import fnmatch
 import json
 import multiprocessing
@@ -36,7 +35,9 @@ from collections import Counter
 from collections.abc import Iterable
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
+
+import common
 
 SOURCES = ("torchvision", "timm")
 #: The issue's targets: share of BN models that pass every check, per source.
@@ -47,25 +48,13 @@ STARTUP_TIMEOUT = 300
 POLL_SECONDS = 0.5
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad argument is one line on stderr and exit status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 # --------------------------------------------------------------------------- model lists
 
 
 def model_names(source: str) -> list[str]:
     """``source:name`` for every classification model of torchvision, or every timm model."""
-    if source == "torchvision":
-        import torchvision.models
-
-        return [f"torchvision:{n}" for n in sorted(torchvision.models.list_models(module=torchvision.models))]
-    import timm
-
-    return [f"timm:{n}" for n in sorted(timm.list_models())]
+    names = common.torchvision_names() if source == "torchvision" else common.timm_names()
+    return [f"{source}:{n}" for n in names]
 
 
 def select(keys: Iterable[str], include: list[str], exclude: list[str]) -> list[str]:
@@ -81,30 +70,14 @@ def select(keys: Iterable[str], include: list[str], exclude: list[str]) -> list[
 
 
 def _build(key: str, meta: bool = False) -> Any:
+    """The model of ``source:name`` (no pretrained weights), on the meta device when ``meta``."""
     import torch
 
     source, _, name = key.partition(":")
-    if source == "python":  # python:package.module.factory: any importable callable (a class too)
-        import importlib
-
-        module_name, _, attr = name.rpartition(".")
-        factory = getattr(importlib.import_module(module_name), attr)
-    elif source == "torchvision":
-        import torchvision.models
-
-        def factory() -> Any:
-            return torchvision.models.get_model(name, weights=None)
-    elif source == "timm":
-        import timm
-
-        def factory() -> Any:
-            return timm.create_model(name, pretrained=False)
-    else:
-        raise ValueError(f"unknown model source {source!r} in {key!r}")
     if meta:
         with torch.device("meta"):
-            return factory()
-    return factory()
+            return common.create_model(source, name)
+    return common.create_model(source, name)
 
 
 def _candidate_shapes(key: str, model: Any, small: int) -> list[tuple[int, ...]]:
@@ -118,10 +91,10 @@ def _candidate_shapes(key: str, model: Any, small: int) -> list[tuple[int, ...]]
             minimum = max(next(iter(torchvision.models.get_model_weights(name))).meta.get("min_size", (1, 1)))
         except (ValueError, StopIteration):  # a model without published weights
             minimum = 1
-        side, default = max(small, minimum), 299 if name == "inception_v3" else 224
-        return list(dict.fromkeys([(3, side, side), (3, default, default)]))
+        side = max(small, minimum)
+        return list(dict.fromkeys([(3, side, side), common.default_input_size(source, name, model)]))
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    default = tuple(cfg.get("input_size", getattr(model, "default_input_size", (3, 224, 224))))
+    default = common.default_input_size(source, name, model)
     if cfg.get("fixed_input_size"):
         return [default]
     minimum = cfg.get("min_input_size") or (3, 1, 1)
@@ -540,7 +513,7 @@ def _recorded_command(results: Path) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = _ArgumentParser(prog="zoo.py", description=__doc__.split("\n\n")[0])
+    parser = common.ArgumentParser(prog="zoo.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", choices=(*SOURCES, "all"), default="all")
     parser.add_argument("--include", action="append", default=[], metavar="GLOB",
                         help="only models whose name (or source:name) matches; repeatable")
