@@ -33,15 +33,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .affine import NormPropAffine
 from .errors import NormPropError
 from .layers import NormPropLayer
-from .normalized_activation import NormalizedActivation
-from .standardize import Standardize
+from .module_types import NORMPROP_MODULES
 
 logger = logging.getLogger(__name__)
-
-NORMPROP_MODULES: tuple[type[nn.Module], ...] = (NormPropLayer, NormalizedActivation, NormPropAffine, Standardize)
 
 #: Inductor options ``compile`` adds for a CPU network with NormProp layers (module docstring).
 CPU_TRAINING_OPTIONS: dict[str, Any] = {"reorder_for_peak_memory": False}

@@ -46,14 +46,3 @@ def owner_module_path(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     return next(reversed(stack.values()))[0] if stack else ""
 
-
-def free_module_name(gm: fx.GraphModule, path: str) -> str:
-    """``path``, or ``path_2``, ``path_3``... : the first that names no submodule of ``gm`` yet."""
-    candidate, k = path, 1
-    while True:
-        try:
-            gm.get_submodule(candidate)
-        except AttributeError:
-            return candidate
-        k += 1
-        candidate = f"{path}_{k}"

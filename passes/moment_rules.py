@@ -23,6 +23,7 @@ from torch import nn
 
 from normprop_fx.moments import activation_constants
 
+from .graph_utils import channel_reduce_dims
 from .moment_shape import activation_moments_of, activation_shape, particles
 from .trace import mode_dependent_modules
 
@@ -87,7 +88,7 @@ def compact(mean: torch.Tensor, var: torch.Tensor, structural: bool, shape: torc
     """Moments of a value from elementwise moments: the mixture over every dim except 1."""
     mean = mean.double()
     var = var.double()
-    dims = [d for d in range(mean.dim()) if d != 1] if mean.dim() >= 2 else list(range(mean.dim()))
+    dims = channel_reduce_dims(mean.dim())
     if not dims:
         return Moments(mean, var, structural, shape=shape)
     m = mean.mean(dims, keepdim=True)

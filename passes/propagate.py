@@ -42,16 +42,23 @@ from torch.utils._pytree import tree_map
 
 from normprop_fx.activation_functions import ActivationSpec
 from normprop_fx.affine import NormPropAffine
-from normprop_fx.errors import UnsupportedActivationError
 from normprop_fx.layers import NormPropLayer
-from normprop_fx.moments import activation_constants, activation_moments, max_of_normals
+from normprop_fx.moments import activation_moments, max_of_normals
 from normprop_fx.normalized_activation import NormalizedActivation
 from normprop_fx.opaque_affine import OpaqueNormPropAffine
 from normprop_fx.records import TRAINED_INIT, Correction, NormalizedStandalone
 from normprop_fx.standardize import Standardize
 
-from .describe import describe_node, free_module_name, owner_module_path
-from .match import activation_spec
+from .describe import describe_node, owner_module_path
+from .graph_utils import (
+    NORMPROP_CONSUMERS,
+    NORMPROP_MODULES,
+    channel_reduce_dims,
+    free_module_name,
+    module_calls,
+    normalizable_activation,
+    set_submodule,
+)
 from .moment_rules import (
     ADD,
     AVG_POOL,
@@ -102,10 +109,6 @@ STRUCTURAL_TOLERANCE = 0.1
 #: quadrature per channel; past it, on the shared particles at once (much faster, ~1% noise).
 _QUADRATURE_CHANNELS = 16
 
-_STANDARDIZED_MODULES = (NormPropLayer, NormPropAffine, NormalizedActivation, Standardize)
-_CONSUMERS = (NormPropLayer, NormPropAffine)
-
-
 def is_trained(module: nn.Module) -> bool:
     """A NormProp module that keeps a trained BatchNorm's function (docs/method.md section 8)."""
     return getattr(module, "init", None) == TRAINED_INIT
@@ -131,7 +134,7 @@ def _feeds_trained_layers(gm: fx.GraphModule, modules: dict[str, nn.Module]) -> 
     for node in reversed(list(gm.graph.nodes)):
         for user in node.users:
             module = modules.get(user.target) if user.op == "call_module" else None
-            untrained_consumer = isinstance(module, _CONSUMERS) and not is_trained(module)
+            untrained_consumer = isinstance(module, NORMPROP_CONSUMERS) and not is_trained(module)
             if is_trained_call(user) or (user in feeds and not untrained_consumer):
                 feeds.add(node)
                 break
@@ -170,7 +173,7 @@ class _Propagation(fx.Interpreter):
         source = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
         moments = self.moments.get(source) if source is not None else None
         needs_correction = isinstance(moments, Moments) and not moments.constant and not moments.is_standard()
-        if isinstance(module, _CONSUMERS):
+        if isinstance(module, NORMPROP_CONSUMERS):
             if needs_correction and not is_trained(module):
                 moments = self._calibrated(n, source, moments)
                 self.corrections[n] = moments
@@ -213,19 +216,15 @@ class _Propagation(fx.Interpreter):
     def _standalone_spec(self, n: fx.Node, module: nn.Module | None, moments: Moments) -> ActivationSpec | None:
         """The activation ``n`` applies, when it is a standalone activation to normalize: its
         input's moments follow from the structure (else they are only estimates)."""
-        if isinstance(module, _STANDARDIZED_MODULES) or not moments.structural or moments.constant:
+        if isinstance(module, NORMPROP_MODULES) or not moments.structural or moments.constant:
             return None
         if n in self.feeds_trained:
             return None  # a trained layer reads this value as it is
         form = _activation_form(n, module)
         if form is None:
             return None
-        try:
-            spec = activation_spec(form, n, module)
-            activation_constants(spec)
-        except UnsupportedActivationError:
-            return None
-        return None if spec.is_identity else spec
+        spec, _ = normalizable_activation(form, n, module)
+        return None if spec is None or spec.is_identity else spec
 
     # -- dispatch ---------------------------------------------------------------------------
 
@@ -241,7 +240,7 @@ class _Propagation(fx.Interpreter):
         module = self.modules.get(n.target) if n.op == "call_module" else None
         if is_trained(module):
             return _sample_moments(value)  # the trained function's output: only the sample tells
-        if module is not None and isinstance(module, _STANDARDIZED_MODULES):
+        if module is not None and isinstance(module, NORMPROP_MODULES):
             spec = getattr(module, "spec", None) or getattr(getattr(module, "activation", None), "spec", None)
             # A NormPropAffine keeps its (standardized) input's distribution shape.
             source = self.moments.get(n.args[0]) if n.args and isinstance(n.args[0], fx.Node) else None
@@ -272,10 +271,8 @@ class _Propagation(fx.Interpreter):
         moments = self.moments.get(source) if isinstance(source, fx.Node) else None
         if not isinstance(moments, Moments):
             return self._probe(n, value, module)
-        try:
-            spec = activation_spec(form, n, module)
-            activation_constants(spec)
-        except UnsupportedActivationError:
+        spec, _ = normalizable_activation(form, n, module)
+        if spec is None:
             return self._probe(n, value, module)
         if n in self.standalone:
             return Moments.normalized_activation(value.dim(), spec, moments.shape)
@@ -512,7 +509,7 @@ def _sample_moments(t: torch.Tensor, center: torch.Tensor | None = None) -> Mome
     """Per-channel mean and variance of a sample tensor (over every dim but 1), compact; with
     ``center`` (compact, like the result), the mean square around it instead of the variance."""
     t = t.detach().double()
-    dims = [d for d in range(t.dim()) if d != 1] if t.dim() >= 2 else list(range(t.dim()))
+    dims = channel_reduce_dims(t.dim())
     mean = t.mean(dims, keepdim=True) if dims else t
     around = mean if center is None else center.to(t.device)
     var = ((t - around) ** 2).mean(dims, keepdim=True) if dims else torch.zeros_like(t)
@@ -591,7 +588,7 @@ def _channel_sums(t: Any) -> Any:
     if not _is_float_tensor(t):
         return None
     t = t.detach().double()
-    dims = [d for d in range(t.dim()) if d != 1] if t.dim() >= 2 else list(range(t.dim()))
+    dims = channel_reduce_dims(t.dim())
     if not dims:
         return torch.stack([t, t * t])
     return torch.stack([t.mean(dims, keepdim=True), (t * t).mean(dims, keepdim=True)])
@@ -707,7 +704,7 @@ def _as_at_init(gm: fx.GraphModule) -> Iterator[None]:
     their running statistics), every NormProp gamma 1 and beta 0 (but a trained layer's, which
     keep their values); all restored afterwards."""
     training = [(m, m.training) for m in gm.modules()]
-    affine = [m for m in gm.modules() if isinstance(m, _CONSUMERS) and not is_trained(m)]
+    affine = [m for m in gm.modules() if isinstance(m, NORMPROP_CONSUMERS) and not is_trained(m)]
     saved = [(m, m.gamma.detach().clone(), m.beta.detach().clone()) for m in affine]
     buffers = _save_buffers(gm)
     gm.eval()
@@ -765,12 +762,11 @@ def _normalize_standalone(
 ) -> NormalizedStandalone:
     original = describe_node(node, gm)
     base = str(node.target) if node.op == "call_module" else ".".join(p for p in (owner_module_path(node), node.name) if p)
-    uses = sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == node.target)
+    uses = module_calls(gm)[node.target]
     target = base if node.op == "call_module" and uses == 1 else free_module_name(gm, f"{base}_normalized")
     module = NormalizedActivation(spec)
     if target == base:
-        parent, _, attr = target.rpartition(".")
-        setattr(gm.get_submodule(parent), attr, module)
+        set_submodule(gm, target, module)
     else:
         gm.add_submodule(target, module)
     source = node.args[0]
