@@ -24,6 +24,11 @@ scale commutes with the weights; a shift becomes ``W @ shift`` added to the bias
 
 Everything that cannot be folded stays as a :class:`ConstantAffine` module, computed exactly.
 Modules normprop-fx does not know are kept as they are.
+
+fold is a graph pass, built on ``passes.graph_utils`` like the others, but it stays here rather
+than under ``passes/``: it is an entry point of its own on a converted model (``passes/`` holds
+the steps of ``convert``'s pipeline, see ``passes/__init__.py``), and :class:`ConstantAffine`, a
+module every folded model contains, is pickled and printed as ``normprop_fx.fold.ConstantAffine``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Pass 5: merge a scalar correction into the normalized activation whose output it corrects.
+"""Pass 12: merge a scalar correction into the normalized activation whose output it corrects.
 
 Moment propagation puts a :class:`~normprop_fx.standardize.Standardize` in front of a consumer.
 When its input is the output of a NormProp layer (or a NormPropAffine, or a standalone

@@ -1,4 +1,4 @@
-"""Pass 1b: functional dropout whose ``training=`` flag the trace froze becomes a module again.
+"""Pass 2: functional dropout whose ``training=`` flag the trace froze becomes a module again.
 
 ``F.dropout(x, p, training=self.training)`` in a traced forward records ``training`` as the
 constant it had at trace time, so the converted model would keep dropping out in ``eval()``

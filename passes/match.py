@@ -1,4 +1,4 @@
-"""Pass 2: find what replaces each BatchNorm in a traced graph.
+"""Pass 6: find what replaces each BatchNorm in a traced graph.
 
 The tables in :mod:`normprop_fx.passes.patterns` say which producers, norms and activation
 forms exist; this pass only walks the graph. Every BatchNorm call in the graph ends either in a

@@ -1,4 +1,4 @@
-"""Pass 2b: BatchNorms inside modules torch.fx keeps opaque are replaced in place.
+"""Pass 8: BatchNorms inside modules torch.fx keeps opaque are replaced in place.
 
 A leaf module (timm's not-traceable registry, ``leaf_modules``) is one node of the graph, so the
 pattern passes never see the BatchNorms inside it. Each one becomes an

@@ -1,4 +1,4 @@
-"""Pass 3: replace each matched BatchNorm by its NormProp form.
+"""Pass 7: replace each matched BatchNorm by its NormProp form.
 
 - Conv/Linear -> BN [-> act]: one NormProp layer at the producer's qualified name; the BN and
   activation nodes go.

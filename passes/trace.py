@@ -1,4 +1,4 @@
-"""Pass 1: trace a model into a torch.fx GraphModule.
+"""Passes 1 and 3: trace a model into a torch.fx GraphModule; find the ``training=`` flags it froze.
 
 NormProp layers and frozen BatchNorms are always leaves; user-supplied leaf modules (types or
 qualified names) are too. When tracing fails, the error names the innermost module whose forward could not be
