@@ -5,7 +5,7 @@ Layering (each layer imports only from the layers before it):
 1. core modules, ``normprop_fx/*.py`` without convert / fold / model_check / summary: the
    NormProp layers and modules, activation functions and their constants, records, errors;
 2. ``passes/graph_utils.py`` (small graph helpers shared by every pass, and fold), the data
-   and text modules the passes read (``patterns``, ``moment_rules`` with ``moment_shape``,
+   and text modules the passes read (``patterns``, ``moment_rules`` with ``moment_particles``,
    ``describe``), then the passes below; a pass reads another only for its data
    (``insert_corrections`` reads ``propagate``'s record types, ``moment_rules`` ``trace``'s
    mode-dependent modules);

@@ -3,8 +3,8 @@
 Moments are kept compact: per channel (dim 1) as tensors of shape ``(1, C, 1, ...)`` of the
 value's rank, or per whole tensor as ``(1, ..., 1)``. A rule sees them expanded to the value's
 real shape, so structural ops (reshape, cat, slicing, padding) can simply be applied to the
-mean and variance tensors themselves. Independence between distinct values is assumed, as the
-spec says.
+mean and variance tensors themselves. Independence between distinct values is assumed
+(docs/method.md section 6).
 
 Rules are data: tables from module types / functions / method names to a rule kind, and one
 function per kind, registered with :func:`rule` next to its tables (so a new rule is one edit,
@@ -28,16 +28,16 @@ from normprop_fx.moments import activation_constants, max_of_normals
 
 from .describe import average_estimate, describe_node, max_estimate
 from .graph_utils import channel_reduce_dims
-from .moment_shape import (
+from .moment_particles import (
     MAX_EXPLICIT_AVERAGE,
     activation_moments_of,
-    activation_shape,
+    activation_particles,
     average_of,
     max_of,
-    mixture_shape,
-    particles,
-    product_shape,
-    sum_shape,
+    mixture_particles,
+    particles_or_gaussian,
+    product_particles,
+    sum_particles,
 )
 from .trace import mode_dependent_modules
 
@@ -58,8 +58,8 @@ class Moments:
     var: torch.Tensor
     structural: bool = True
     constant: bool = False  #: a get_attr / Python constant: mean is its value, var 0
-    #: Standardized particles of one element's distribution (see moment_shape); None: Gaussian.
-    shape: torch.Tensor | None = None
+    #: Standardized particles of one element's distribution (see moment_particles); None: Gaussian.
+    particles: torch.Tensor | None = None
 
     @staticmethod
     def standard(rank: int) -> Moments:
@@ -67,18 +67,18 @@ class Moments:
         return Moments(torch.zeros(shape, dtype=torch.float64), torch.ones(shape, dtype=torch.float64))
 
     @staticmethod
-    def normalized_activation(rank: int, spec: Any, input_shape: torch.Tensor | None = None) -> Moments:
-        """Moments of (f(x) - c_mean) / c_std for a standardized x of the given shape: (0, 1)
+    def normalized_activation(rank: int, spec: Any, input_particles: torch.Tensor | None = None) -> Moments:
+        """Moments of (f(x) - c_mean) / c_std for a standardized x with the given particles: (0, 1)
         exactly when x is Gaussian, else computed on the particles."""
         ones = (1,) * rank
         if spec is None or spec.is_identity:
-            return Moments(torch.zeros(ones, dtype=torch.float64), torch.ones(ones, dtype=torch.float64), shape=input_shape)
+            return Moments(torch.zeros(ones, dtype=torch.float64), torch.ones(ones, dtype=torch.float64), particles=input_particles)
         c = activation_constants(spec)
-        shape = activation_shape(spec, input_shape, 0.0, 1.0)
-        if input_shape is None:
-            return Moments(torch.zeros(ones, dtype=torch.float64), torch.ones(ones, dtype=torch.float64), shape=shape)
-        m, v = activation_moments_of(spec, particles(input_shape), torch.zeros(ones), torch.ones(ones))
-        return Moments((m - c.mean) / c.std, v / c.std**2, shape=shape)
+        particles = activation_particles(spec, input_particles, 0.0, 1.0)
+        if input_particles is None:
+            return Moments(torch.zeros(ones, dtype=torch.float64), torch.ones(ones, dtype=torch.float64), particles=particles)
+        m, v = activation_moments_of(spec, particles_or_gaussian(input_particles), torch.zeros(ones), torch.ones(ones))
+        return Moments((m - c.mean) / c.std, v / c.std**2, particles=particles)
 
     @property
     def average_std(self) -> float:
@@ -101,16 +101,16 @@ class Moments:
         return bool((self.mean.abs() <= tol).all() and ((self.var - 1).abs() <= tol).all())
 
 
-def compact(mean: torch.Tensor, var: torch.Tensor, structural: bool, shape: torch.Tensor | None = None) -> Moments:
+def compact(mean: torch.Tensor, var: torch.Tensor, structural: bool, particles: torch.Tensor | None = None) -> Moments:
     """Moments of a value from elementwise moments: the mixture over every dim except 1."""
     mean = mean.double()
     var = var.double()
     dims = channel_reduce_dims(mean.dim())
     if not dims:
-        return Moments(mean, var, structural, shape=shape)
+        return Moments(mean, var, structural, particles=particles)
     m = mean.mean(dims, keepdim=True)
     v = ((var + mean * mean).mean(dims, keepdim=True) - m * m).clamp_min(0.0)
-    return Moments(m, v, structural, shape=shape)
+    return Moments(m, v, structural, particles=particles)
 
 
 def per_channel(moments: Moments, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -232,7 +232,7 @@ def _structural(ctx: MomentInterpreter, n: fx.Node, value: Any, module: nn.Modul
     structural = all(m.structural for m in inputs)
     means = ctx.apply(n, module, lambda m, s: m.full(s)[0].contiguous())
     variances = ctx.apply(n, module, lambda m, s: m.full(s)[1].contiguous())
-    return _pair_up(means, variances, structural, mixture_shape([m.shape for m in inputs if not m.constant]))
+    return _pair_up(means, variances, structural, mixture_particles([m.particles for m in inputs if not m.constant]))
 
 
 @rule(PASS)
@@ -255,8 +255,8 @@ def _add(ctx: MomentInterpreter, n: fx.Node, value: torch.Tensor, module: nn.Mod
     ma, mb, same = _binary(ctx, n)
     if same:
         return _scaled(ma, 1.0 + sign, value)
-    shape = sum_shape(ma.shape, _signed(mb.shape, sign), ma.average_std, mb.average_std)
-    return _fit(ma.mean + sign * mb.mean, ma.var + mb.var, ma.structural and mb.structural, value, shape)
+    particles = sum_particles(ma.particles, _signed(mb.particles, sign), ma.average_std, mb.average_std)
+    return _fit(ma.mean + sign * mb.mean, ma.var + mb.var, ma.structural and mb.structural, value, particles)
 
 
 @rule(SUB)
@@ -277,14 +277,14 @@ def _div(ctx: MomentInterpreter, n: fx.Node, value: torch.Tensor, module: nn.Mod
     ma, mb, _ = _binary(ctx, n)
     if not mb.constant or (mb.mean == 0).any() or n.kwargs.get("rounding_mode") is not None:
         raise NoRule
-    shape = _signed(ma.shape, -1.0 if bool((mb.mean < 0).all()) else 1.0)
-    return _fit(ma.mean / mb.mean, ma.var / mb.mean**2, ma.structural, value, shape)
+    particles = _signed(ma.particles, -1.0 if bool((mb.mean < 0).all()) else 1.0)
+    return _fit(ma.mean / mb.mean, ma.var / mb.mean**2, ma.structural, value, particles)
 
 
 @rule(NEG)
 def _neg(ctx: MomentInterpreter, n: fx.Node, value: torch.Tensor, module: nn.Module | None) -> Moments:
     m = ctx.moments[tensor_args(n)[0]]
-    return Moments(-m.mean, m.var, m.structural, shape=_signed(m.shape, -1.0))
+    return Moments(-m.mean, m.var, m.structural, particles=_signed(m.particles, -1.0))
 
 
 @rule(AVG_POOL)
@@ -309,7 +309,7 @@ def _avg_pool(ctx: MomentInterpreter, n: fx.Node, value: torch.Tensor, module: n
     ctx.estimated.append(average_estimate(describe_node(n, ctx.module), k, inflation, offsets))
     k_independent = max(1, round(k / inflation))
     var = nominal.var * inflation + offsets
-    return Moments(nominal.mean, var, src.structural, shape=average_of(src.shape, k_independent))
+    return Moments(nominal.mean, var, src.structural, particles=average_of(src.particles, k_independent))
 
 
 def _averaged(ctx: MomentInterpreter, n: fx.Node, module: nn.Module | None, source: fx.Node, moments: Moments, k: int) -> Moments:
@@ -328,11 +328,11 @@ def _max_pool(ctx: MomentInterpreter, n: fx.Node, value: torch.Tensor, module: n
     k = pooled_count(_pool_args(n, module), ctx.env[source].shape, value.shape)
     src = ctx.moments[source]
     mean, var = per_channel(src, value.dim())
-    if src.shape is None and k > MAX_EXPLICIT_AVERAGE:
+    if src.particles is None and k > MAX_EXPLICIT_AVERAGE:
         e_max, v_max = max_of_normals(k)
-        shape = None
+        particles = None
     else:
-        e_max, v_max, shape = max_of(src.shape, min(k, 4 * MAX_EXPLICIT_AVERAGE))
+        e_max, v_max, particles = max_of(src.particles, min(k, 4 * MAX_EXPLICIT_AVERAGE))
     # Correlated neighbours have a smaller and wider max than k independent values: take the
     # standardized max's mean and variance from the sample instead, averaged over channels.
     inputs, outputs = sample_moments(ctx.env[source]), sample_moments(value)
@@ -341,7 +341,7 @@ def _max_pool(ctx: MomentInterpreter, n: fx.Node, value: torch.Tensor, module: n
         e_max = float((outputs.mean - inputs.mean).sum()) / spread
         v_max = float(outputs.var.sum() / inputs.var.sum())
         ctx.estimated.append(max_estimate(describe_node(n, ctx.module), k, e_max, v_max))
-    return Moments(mean + var.sqrt() * e_max, var * v_max, src.structural, shape=shape)
+    return Moments(mean + var.sqrt() * e_max, var * v_max, src.structural, particles=particles)
 
 
 @rule(LINEAR)
@@ -394,10 +394,10 @@ def _product(ma: Moments, mb: Moments, value: torch.Tensor) -> Moments:
     mean = ma.mean * mb.mean
     if ma.constant or mb.constant:
         random, constant = (mb, ma) if ma.constant else (ma, mb)
-        shape = _signed(random.shape, -1.0 if bool((constant.mean < 0).all()) else 1.0)
+        particles = _signed(random.particles, -1.0 if bool((constant.mean < 0).all()) else 1.0)
     else:
-        shape = product_shape(ma.shape, mb.shape, ma.average_mean, ma.average_std, mb.average_mean, mb.average_std)
-    return _fit(mean, second_a * second_b - mean**2, ma.structural and mb.structural, value, shape)
+        particles = product_particles(ma.particles, mb.particles, ma.average_mean, ma.average_std, mb.average_mean, mb.average_std)
+    return _fit(mean, second_a * second_b - mean**2, ma.structural and mb.structural, value, particles)
 
 
 def tensor_args(n: fx.Node) -> list[fx.Node]:
@@ -416,27 +416,27 @@ def flat_moments(items: list[Any]) -> list[Any]:
     return out
 
 
-def _pair_up(means: Any, variances: Any, structural: bool, shape: torch.Tensor | None) -> Any:
+def _pair_up(means: Any, variances: Any, structural: bool, particles: torch.Tensor | None) -> Any:
     if isinstance(means, torch.Tensor):
-        return compact(means, variances, structural, shape) if means.is_floating_point() else None
+        return compact(means, variances, structural, particles) if means.is_floating_point() else None
     if isinstance(means, (tuple, list)):
-        return tuple(_pair_up(m, v, structural, shape) for m, v in zip(means, variances))
+        return tuple(_pair_up(m, v, structural, particles) for m, v in zip(means, variances))
     return None
 
 
 def _fit(
-    mean: torch.Tensor, var: torch.Tensor, structural: bool, value: torch.Tensor, shape: torch.Tensor | None = None
+    mean: torch.Tensor, var: torch.Tensor, structural: bool, value: torch.Tensor, particles: torch.Tensor | None = None
 ) -> Moments:
     full = torch.Size((1, *value.shape[1:])) if value.dim() >= 1 else value.shape
-    return compact(mean.expand(full), var.clamp_min(0.0).expand(full), structural, shape)
+    return compact(mean.expand(full), var.clamp_min(0.0).expand(full), structural, particles)
 
 
 def _scaled(m: Moments, factor: float, value: torch.Tensor) -> Moments:
-    return _fit(m.mean * factor, m.var * factor * factor, m.structural, value, _signed(m.shape, factor))
+    return _fit(m.mean * factor, m.var * factor * factor, m.structural, value, _signed(m.particles, factor))
 
 
-def _signed(shape: torch.Tensor | None, sign: float) -> torch.Tensor | None:
-    return shape if shape is None or sign >= 0 else -shape
+def _signed(particles: torch.Tensor | None, sign: float) -> torch.Tensor | None:
+    return particles if particles is None or sign >= 0 else -particles
 
 
 def _pool_args(n: fx.Node, module: nn.Module | None) -> dict[str, Any]:

@@ -70,7 +70,7 @@ from .moment_rules import (
     sample_moments,
     tensor_args,
 )
-from .moment_shape import activation_moments_of, activation_shape, particles, weighted_sum_shape
+from .moment_particles import activation_moments_of, activation_particles, particles_or_gaussian, weighted_sum_particles
 from .patterns import (
     FUNCTION_ACTIVATION_FORMS,
     MODULE_ACTIVATION_FORMS,
@@ -223,7 +223,7 @@ class MomentInterpreter(fx.Interpreter):
             return moments, None
         self.estimated.append(calibration_estimate(describe_node(n, self.module), moments.structural, ratio))
         note = calibration_note(moments.structural, ratio, nominal)
-        return Moments(moments.mean, moments.var * ratio, False, shape=moments.shape), note
+        return Moments(moments.mean, moments.var * ratio, False, particles=moments.particles), note
 
     def _standalone_spec(self, n: fx.Node, module: nn.Module | None, moments: Moments) -> ActivationSpec | None:
         """The activation ``n`` applies, when it is a standalone activation to normalize: its
@@ -254,16 +254,16 @@ class MomentInterpreter(fx.Interpreter):
             return sample_moments(value)  # the trained function's output: only the sample tells
         if module is not None and isinstance(module, NORMPROP_MODULES):
             spec = getattr(module, "spec", None) or getattr(getattr(module, "activation", None), "spec", None)
-            # A NormPropAffine keeps its (standardized) input's distribution shape.
+            # A NormPropAffine keeps its (standardized) input's particles.
             source = self.moments.get(n.args[0]) if n.args and isinstance(n.args[0], fx.Node) else None
-            shape = source.shape if isinstance(source, Moments) else None
+            particles = source.particles if isinstance(source, Moments) else None
             if isinstance(module, NormPropLayer):
                 # The pre-activation sums fan_in inputs: Gaussian only when fan_in is large
                 # (a depthwise 3x3 sums 9).
-                shape = weighted_sum_shape(shape, module.weight.detach().flatten(1))
+                particles = weighted_sum_particles(particles, module.weight.detach().flatten(1))
             elif not isinstance(module, (NormPropAffine, NormalizedActivation)):
-                shape = None
-            return Moments.normalized_activation(value.dim(), spec, shape)
+                particles = None
+            return Moments.normalized_activation(value.dim(), spec, particles)
         form = _activation_form(n, module)
         if form is not None:
             return self._activation(n, value, module, form)
@@ -287,14 +287,14 @@ class MomentInterpreter(fx.Interpreter):
         if spec is None:
             return self._probe(n, value, module)
         if NORMALIZE in n.meta:
-            return Moments.normalized_activation(value.dim(), spec, moments.shape)
+            return Moments.normalized_activation(value.dim(), spec, moments.particles)
         mean, var = per_channel(moments, value.dim())
-        if moments.shape is None and mean.numel() <= _QUADRATURE_CHANNELS:
+        if moments.particles is None and mean.numel() <= _QUADRATURE_CHANNELS:
             out_mean, out_var = activation_moments(spec, mean, var)
         else:
-            out_mean, out_var = activation_moments_of(spec, particles(moments.shape), mean, var)
-        shape = activation_shape(spec, moments.shape, moments.average_mean, moments.average_std)
-        return Moments(out_mean, out_var, moments.structural, shape=shape)
+            out_mean, out_var = activation_moments_of(spec, particles_or_gaussian(moments.particles), mean, var)
+        particles = activation_particles(spec, moments.particles, moments.average_mean, moments.average_std)
+        return Moments(out_mean, out_var, moments.structural, particles=particles)
 
     # -- running the op on moments -------------------------------------------------------------
 
