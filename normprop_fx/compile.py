@@ -16,12 +16,9 @@ or that option. Each learned ``beta`` has a gradient that is a sum over the acti
 computes it right after the kernel that produces that gradient, while the gradient is still in
 cache. Its peak-memory reordering pass then moves every such sum to the end of the backward, into
 one kernel that reads all of those gradients again, from memory rather than cache.
-Measured in docs/bench.md (batch 16, 128x128, 1 thread), as the ratio to the same conversion
-compiled with inductor's defaults in the same run: efficientnet_b0 train step 0.970, resnet18 1.010,
-resnet50 1.005, mobilenet_v3_large 0.998 (the torch 2.15.0 targets run; with torch 2.14.1: 0.991,
-1.035, 1.020 and 0.983, so it costs the ResNets 2-3.5% there); peak tensor memory of a step unchanged
-on resnet50, +3% on efficientnet_b0, +11% on mobilenet_v3_large (the --peak-memory run). The
-option is the caller's to override (``options={"reorder_for_peak_memory": True}``).
+The option is the caller's to override (``options={"reorder_for_peak_memory": True}``).
+What it does to step time and peak memory, and the runs that measured it: docs/bench.md,
+"The compile option".
 On CUDA inductor's default is kept (not measured there).
 
 ``compile`` checks its argument, says (through ``logging``) what it found, and calls
@@ -36,15 +33,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .affine import NormPropAffine
 from .errors import NormPropError
 from .layers import NormPropLayer
-from .normalized_activation import NormalizedActivation
-from .standardize import Standardize
+from .module_types import NORMPROP_MODULES
 
 logger = logging.getLogger(__name__)
-
-NORMPROP_MODULES: tuple[type[nn.Module], ...] = (NormPropLayer, NormalizedActivation, NormPropAffine, Standardize)
 
 #: Inductor options ``compile`` adds for a CPU network with NormProp layers (module docstring).
 CPU_TRAINING_OPTIONS: dict[str, Any] = {"reorder_for_peak_memory": False}

@@ -22,6 +22,7 @@ from .passes.input_shape import resolve_example_inputs
 from .passes.inventory import batchnorm_modules, batchnorms_outside_graph
 from .passes.match import match_patterns
 from .passes.dropout_modes import restore_dropout_modes
+from .passes.insert_corrections import insert_corrections
 from .passes.opaque import replace_opaque_batchnorms
 from .passes.propagate import propagate_moments
 from .passes.rewrite import rewrite_patterns
@@ -134,7 +135,9 @@ def convert(
         inputs, shape_assumption = resolve_example_inputs(model, gm, example_inputs)
         assumptions = (INPUT_ASSUMPTION, *shape_assumption)
         try:
-            gm, corrections, standalone, estimated, unknown = propagate_moments(gm, inputs)
+            analysis = propagate_moments(gm, inputs)
+            gm, corrections, standalone = insert_corrections(gm, analysis)
+            estimated, unknown = analysis.estimated, analysis.unknown
         except Exception as err:
             raise NormPropError(
                 f"moment propagation failed on {type(model).__name__} for input shapes "

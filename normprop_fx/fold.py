@@ -24,6 +24,11 @@ scale commutes with the weights; a shift becomes ``W @ shift`` added to the bias
 
 Everything that cannot be folded stays as a :class:`ConstantAffine` module, computed exactly.
 Modules normprop-fx does not know are kept as they are.
+
+fold is a graph pass, built on ``passes.graph_utils`` like the others, but it stays here rather
+than under ``passes/``: it is an entry point of its own on a converted model (``passes/`` holds
+the steps of ``convert``'s pipeline, see ``passes/__init__.py``), and :class:`ConstantAffine`, a
+module every folded model contains, is pickled and printed as ``normprop_fx.fold.ConstantAffine``.
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ from .affine import NormPropAffine
 from .errors import NormPropError
 from .layers import NormPropLayer, NormPropLinear, _NormPropConvNd
 from .normalized_activation import NormalizedActivation
-from .passes.module_uses import module_uses
+from .module_types import NORMPROP_MODULES
+from .passes.graph_utils import free_module_name, module_uses, set_submodule
 from .standardize import Standardize
 
 logger = logging.getLogger(__name__)
@@ -150,7 +156,7 @@ def _expand_normprop_modules(gm: fx.GraphModule) -> int:
     expanded = 0
     for node, module in calls:
         if isinstance(module, NormPropLayer):
-            gm.set_submodule(node.target, replacement(module, partial(_plain_layer, module)), strict=False)
+            set_submodule(gm, node.target, replacement(module, partial(_plain_layer, module)))
             _append_after(gm, node, _normalized_activation_ops(gm, node.target, module.activation))
         elif isinstance(module, NormalizedActivation):
             _replace_node(gm, node, _normalized_activation_ops(gm, node.target, module))
@@ -161,7 +167,7 @@ def _expand_normprop_modules(gm: fx.GraphModule) -> int:
             _replace_node(gm, node, ops)
         elif isinstance(module, Standardize):
             scale, mean = module.scale.double(), module.mean.double()
-            gm.set_submodule(node.target, replacement(module, partial(ConstantAffine, scale, -mean * scale)), strict=False)
+            set_submodule(gm, node.target, replacement(module, partial(ConstantAffine, scale, -mean * scale)))
         else:
             continue
         expanded += 1
@@ -169,12 +175,11 @@ def _expand_normprop_modules(gm: fx.GraphModule) -> int:
 
 
 def _refuse_attribute_reads_of_normprop_modules(gm: fx.GraphModule) -> None:
-    normprop = (NormPropLayer, NormalizedActivation, NormPropAffine, Standardize)
     for node in gm.graph.nodes:
         if node.op != "get_attr":
             continue
         owner = node.target.rpartition(".")[0]
-        if owner and isinstance(gm.get_submodule(owner), normprop):
+        if owner and isinstance(gm.get_submodule(owner), NORMPROP_MODULES):
             raise NormPropError(
                 f"fold: node {node.name} reads {node.target} directly; the inference form replaces "
                 f"{owner} with plain layers, so that read would change meaning. Fold a graph that "
@@ -229,18 +234,7 @@ def _module_op(gm: fx.GraphModule, name: str, module: nn.Module) -> _Op:
 
 
 def _free_name(gm: fx.GraphModule, name: str) -> str:
-    candidate, i = name, 1
-    while _has_submodule(gm, candidate):
-        candidate, i = f"{name}_{i}", i + 1
-    return candidate
-
-
-def _has_submodule(gm: fx.GraphModule, name: str) -> bool:
-    try:
-        gm.get_submodule(name)
-    except AttributeError:
-        return False
-    return True
+    return free_module_name(gm, name, first_suffix=1)  # fold's own scheme: name, name_1, name_2...
 
 
 def _append_after(gm: fx.GraphModule, node: fx.Node, ops: list[_Op]) -> None:
@@ -332,7 +326,7 @@ def _fold_affines_into_following_layers(gm: fx.GraphModule) -> int:
         scale, shift = per_channel
         if bool((shift != 0).any()) and not _shift_commutes_with_padding(layer):
             continue
-        gm.set_submodule(user.target, _layer_with_folded_input_affine(layer, scale, shift), strict=False)
+        set_submodule(gm, user.target, _layer_with_folded_input_affine(layer, scale, shift))
         user.replace_input_with(node, node.args[0])
         gm.graph.erase_node(node)
         folded += 1

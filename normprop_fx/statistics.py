@@ -8,8 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .affine import NormPropAffine
-from .layers import NormPropLayer
+from .module_types import NORMPROP_CONSUMERS
 
 
 @dataclass(frozen=True)
@@ -27,7 +26,7 @@ def measure_layer_statistics(model: nn.Module, *inputs: Any) -> list[LayerStatis
     stats: list[LayerStatistics] = []
     handles = []
     for path, module in model.named_modules():
-        if isinstance(module, (NormPropLayer, NormPropAffine)):
+        if isinstance(module, NORMPROP_CONSUMERS):
             def hook(_m: nn.Module, _args: Any, out: torch.Tensor, path: str = path) -> None:
                 out = out.detach().float()
                 stats.append(LayerStatistics(path, out.mean().item(), out.std().item()))

@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .affine import NormPropAffine
 from .errors import InvalidOptionError
 from .layers import NormPropLayer
+from .module_types import NORMPROP_CONSUMERS
 
 #: Clip factor for :func:`adaptive_clip_grad_` (the value measured on Fashion-MNIST).
 DEFAULT_CLIP_FACTOR = 0.01
@@ -81,7 +81,7 @@ def param_groups(model: nn.Module, weight_decay: float, *, decay_scale_params: b
 def _scale_pairs(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The per-channel (scale, shift) parameters of a NormProp layer, a NormPropAffine or an
     affine BatchNorm; None when the module has none that are learned."""
-    if isinstance(module, (NormPropLayer, NormPropAffine)):
+    if isinstance(module, NORMPROP_CONSUMERS):
         scale, shift = module.gamma, module.beta
     elif isinstance(module, nn.modules.batchnorm._NormBase):
         scale, shift = module.weight, module.bias

@@ -1,4 +1,4 @@
-"""Pass 5: merge a scalar correction into the normalized activation whose output it corrects.
+"""Pass 12: merge a scalar correction into the normalized activation whose output it corrects.
 
 Moment propagation puts a :class:`~normprop_fx.standardize.Standardize` in front of a consumer.
 When its input is the output of a NormProp layer (or a NormPropAffine, or a standalone
@@ -32,8 +32,8 @@ from normprop_fx.normalized_activation import NormalizedActivation
 from normprop_fx.records import Correction
 from normprop_fx.standardize import Standardize
 
-from .describe import describe_node, free_module_name
-from .module_uses import module_uses
+from .describe import describe_node
+from .graph_utils import free_module_name, module_uses
 
 
 #: Readers that can take the uncorrected value back as ``z / scale + mean`` inside their own

@@ -1,9 +1,12 @@
-"""Human-readable names for FX nodes, used in report lines and error messages."""
+"""Human-readable names for FX nodes, and the report text of the moment passes: what the
+records and error messages say, written in one place."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import torch
 from torch import fx
 
 
@@ -47,13 +50,57 @@ def owner_module_path(node: fx.Node) -> str:
     return next(reversed(stack.values()))[0] if stack else ""
 
 
-def free_module_name(gm: fx.GraphModule, path: str) -> str:
-    """``path``, or ``path_2``, ``path_3``... : the first that names no submodule of ``gm`` yet."""
-    candidate, k = path, 1
-    while True:
-        try:
-            gm.get_submodule(candidate)
-        except AttributeError:
-            return candidate
-        k += 1
-        candidate = f"{path}_{k}"
+# --- report text of the moment passes (propagate, insert_corrections, moment_rules) -------------
+
+
+def value_range(t: torch.Tensor) -> str:
+    """'0.5' for a constant tensor, else 'min..max' (4 significant digits)."""
+    t = t.detach().double().flatten()
+    lo, hi = t.min().item(), t.max().item()
+    return f"{lo:.4g}" if math.isclose(lo, hi, rel_tol=1e-6, abs_tol=1e-9) else f"{lo:.4g}..{hi:.4g}"
+
+
+def correction_reason(source: str, mean: torch.Tensor, var: torch.Tensor, note: str | None, structural: bool) -> str:
+    """Why a correction is there: the nominal moments of its input ``source``, and how they were found."""
+    reason = f"{source} has nominal mean {value_range(mean)}, variance {value_range(var)}"
+    if note is not None:
+        reason += f" ({note})"
+    elif not structural:
+        reason += " (estimated: depends on weights or a probe)"
+    return reason
+
+
+def calibration_estimate(consumer: str, structural: bool, ratio: float) -> str:
+    """The estimated-ops line of a correction whose variance the Gaussian sample rescaled."""
+    why = "estimated moments" if not structural else "structural moments off on the sample"
+    return (
+        f"input of {consumer} ({why}: on the Gaussian sample the variance around the "
+        f"nominal mean is x{ratio:.3g} the nominal one, which is scaled by that)"
+    )
+
+
+def calibration_note(structural: bool, ratio: float, nominal: float) -> str:
+    """The note a rescaled correction's reason carries."""
+    return f"calibrated on the Gaussian sample: x{ratio:.3g} the {'structural' if structural else 'estimated'} variance {nominal:.4g}"
+
+
+def average_estimate(op: str, k: int, inflation: float, offsets: float) -> str:
+    """The estimated-ops line of an average pooling."""
+    return (
+        f"{op} (averages {k} values; on the Gaussian sample their correlation keeps "
+        f"x{inflation:.3g} the variance of independent values, and channel-mean offsets add {offsets:.3g})"
+    )
+
+
+def max_estimate(op: str, k: int, e_max: float, v_max: float) -> str:
+    """The estimated-ops line of a max pooling."""
+    return (
+        f"{op} (max of {k} values; on the Gaussian sample it shifts the mean by "
+        f"{e_max:.3g} std and scales the variance x{v_max:.3g})"
+    )
+
+
+def opaque_unmeasured(path: str, attempted: bool) -> str:
+    """The unknown-moments line of an opaque module that measured no correction."""
+    why = "its input on the Gaussian sample was not finite" if attempted else "it did not run on the Gaussian sample"
+    return f"{path}: {why}, so its input is not corrected"

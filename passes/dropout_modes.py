@@ -1,4 +1,4 @@
-"""Pass 1b: functional dropout whose ``training=`` flag the trace froze becomes a module again.
+"""Pass 2: functional dropout whose ``training=`` flag the trace froze becomes a module again.
 
 ``F.dropout(x, p, training=self.training)`` in a traced forward records ``training`` as the
 constant it had at trace time, so the converted model would keep dropping out in ``eval()``
@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .describe import free_module_name, owner_module_path
+from .describe import owner_module_path
+from .graph_utils import free_module_name
 
 #: functional dropout -> (module class, positional index of ``p``, positional index of ``training``)
 _DROPOUTS: dict[object, tuple[type[nn.Module], int, int]] = {

@@ -1,4 +1,4 @@
-"""Pass 0: choose, once per BatchNorm, how its replacement is initialized (docs/method.md section 8).
+"""Pass 5: choose, once per BatchNorm, how its replacement is initialized (docs/method.md section 8).
 
 - ``"trained"``: the replacement computes exactly the BatchNorm's eval-mode function (gamma and
   beta from its statistics and affine; no post-activation normalization, no correction in front

@@ -1,4 +1,4 @@
-"""The example input shape that moment propagation runs on, given or inferred from the model."""
+"""Pass 9: the example input shape that moment propagation runs on, given or inferred from the model."""
 
 from __future__ import annotations
 

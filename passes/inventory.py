@@ -1,5 +1,5 @@
-"""Account for every BatchNorm module of the original model, including those the graph does
-not show (inside leaf modules, traced into functional calls, or never called)."""
+"""Pass 4: account for every BatchNorm module of the original model, including those the graph
+does not show (inside leaf modules, traced into functional calls, or never called)."""
 
 from __future__ import annotations
 

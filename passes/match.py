@@ -1,4 +1,4 @@
-"""Pass 2: find what replaces each BatchNorm in a traced graph.
+"""Pass 6: find what replaces each BatchNorm in a traced graph.
 
 The tables in :mod:`normprop_fx.passes.patterns` say which producers, norms and activation
 forms exist; this pass only walks the graph. Every BatchNorm call in the graph ends either in a
@@ -15,17 +15,15 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
 
 from torch import fx, nn
 
 from normprop_fx.activation_functions import ActivationSpec, activation
 from normprop_fx.batchnorm_state import batchnorm_state
-from normprop_fx.errors import UnsupportedActivationError
-from normprop_fx.moments import activation_constants
 from normprop_fx.records import LeftBatchNorm
 
 from .describe import describe_node
+from .graph_utils import module_uses, normalizable_activation
 from .patterns import (
     BATCH_NORM_TYPES,
     FUNCTION_ACTIVATION_FORMS,
@@ -70,8 +68,7 @@ class _NotMatched(Exception):
 def match_patterns(gm: fx.GraphModule) -> tuple[list[PatternMatch], list[LeftBatchNorm]]:
     """A match for every BatchNorm call in ``gm`` that can be replaced, and the others with reasons."""
     modules = dict(gm.named_modules())
-    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
-    calls.update(_owner(n.target) for n in gm.graph.nodes if n.op == "get_attr")
+    calls = module_uses(gm, nested=False)
     matches: list[PatternMatch] = []
     left: list[LeftBatchNorm] = []
     for node in gm.graph.nodes:
@@ -82,11 +79,6 @@ def match_patterns(gm: fx.GraphModule) -> tuple[list[PatternMatch], list[LeftBat
         except _NotMatched as why:
             left.append(LeftBatchNorm(str(node.target), type(modules[node.target]).__name__, str(why)))
     return matches, left
-
-
-def _owner(attribute: Any) -> str:
-    """'layer1.conv.bias' -> 'layer1.conv': the module whose attribute a get_attr node reads."""
-    return str(attribute).rpartition(".")[0]
 
 
 def _users(node: fx.Node, gm: fx.GraphModule) -> str:
@@ -160,11 +152,9 @@ def _unit_activation(
     spec = None
     note = ()
     if form is not None:
-        try:
-            spec = activation_spec(form, None, act)
-            activation_constants(spec)
-        except UnsupportedActivationError as err:
-            spec, note = None, (f"its activation {type(act).__name__} is not normalized: {err}",)
+        spec, why = normalizable_activation(form, None, act)
+        if spec is None:
+            note = (f"its activation {type(act).__name__} is not normalized: {why}",)
     else:
         reason = lookup_by_type(UNSUPPORTED_ACTIVATIONS, act) or own_forward_reason(MODULE_ACTIVATION_FORMS, act)
         note = (f"its activation {type(act).__name__} is not normalized: {reason or 'not a known activation'}",)
@@ -210,28 +200,8 @@ def _activation_after(
         form = FUNCTION_ACTIVATION_FORMS.get((user.op, user.target))
     if form is None or len(user.args) > 1 + len(form.params):
         return None, identity, ()
-    try:
-        spec = activation_spec(form, user, module)
-        activation_constants(spec)
-    except UnsupportedActivationError as err:
-        return None, identity, (f"{describe_node(user, gm)} after the BatchNorm is not normalized: {err}",)
+    spec, why = normalizable_activation(form, user, module)
+    if spec is None:
+        return None, identity, (f"{describe_node(user, gm)} after the BatchNorm is not normalized: {why}",)
     return user, spec, ()
 
-
-def activation_spec(form: ActivationForm, node: fx.Node | None, module: nn.Module | None) -> ActivationSpec:
-    """The activation a node (or activation module) computes, with its constant parameters.
-
-    Raises UnsupportedActivationError when a parameter is computed at run time, or the call has
-    more positional arguments than the form knows."""
-    if module is not None:
-        return activation(form.name, **{p: getattr(module, p) for p in form.params})
-    assert node is not None
-    if len(node.args) > 1 + len(form.params):
-        raise UnsupportedActivationError(f"{len(node.args) - 1} positional parameters, the form knows {len(form.params)}")
-    params = dict(zip(form.params, node.args[1:]))
-    params.update(node.kwargs)
-    params.pop("inplace", None)
-    for key, value in params.items():
-        if isinstance(value, fx.Node):
-            raise UnsupportedActivationError(f"parameter {key} is computed at run time, not a constant")
-    return activation(form.name, **params)

@@ -1,4 +1,4 @@
-"""Pass 2b: BatchNorms inside modules torch.fx keeps opaque are replaced in place.
+"""Pass 8: BatchNorms inside modules torch.fx keeps opaque are replaced in place.
 
 A leaf module (timm's not-traceable registry, ``leaf_modules``) is one node of the graph, so the
 pattern passes never see the BatchNorms inside it. Each one becomes an
@@ -20,6 +20,7 @@ from normprop_fx.moments import activation_constants
 from normprop_fx.opaque_affine import OpaqueNormPropAffine
 from normprop_fx.records import LayerInit, LeftBatchNorm, Rewrite
 
+from .graph_utils import set_submodule
 from .patterns import PLAIN_BATCH_NORMS, lookup_by_type, norm_act_units
 
 #: LeftBatchNorm reasons (passes.inventory) of a BatchNorm inside an opaque module.
@@ -54,8 +55,7 @@ def replace_opaque_batchnorms(
             affine.keep_batchnorm_function(state)
         follow_requires_grad(affine, state, None)
         replacement = OpaqueNormPropAffine(affine, after, calibrate=not choice.trained)
-        parent, _, name = record.path.rpartition(".")
-        setattr(gm.get_submodule(parent), name, replacement)
+        set_submodule(gm, record.path, replacement)
         constants = activation_constants(affine.activation.spec)
         how = ("it keeps its trained function (running statistics and affine)" if choice.trained
                else "its input correction is measured on the Gaussian sample")

@@ -1,4 +1,4 @@
-"""Pass 3: replace each matched BatchNorm by its NormProp form.
+"""Pass 7: replace each matched BatchNorm by its NormProp form.
 
 - Conv/Linear -> BN [-> act]: one NormProp layer at the producer's qualified name; the BN and
   activation nodes go.
@@ -26,12 +26,8 @@ from normprop_fx.moments import activation_constants
 from normprop_fx.records import LayerInit, Rewrite
 
 from .describe import describe_node
+from .graph_utils import set_submodule
 from .match import PatternMatch
-
-
-def set_submodule(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    setattr(gm.get_submodule(parent_path), name, module)
 
 
 def rewrite_patterns(

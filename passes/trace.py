@@ -1,4 +1,4 @@
-"""Pass 1: trace a model into a torch.fx GraphModule.
+"""Passes 1 and 3: trace a model into a torch.fx GraphModule; find the ``training=`` flags it froze.
 
 NormProp layers and frozen BatchNorms are always leaves; user-supplied leaf modules (types or
 qualified names) are too. When tracing fails, the error names the innermost module whose forward could not be
@@ -13,14 +13,11 @@ from typing import Any
 
 from torch import fx, nn
 
-from normprop_fx.affine import NormPropAffine
 from normprop_fx.batchnorm_state import frozen_batchnorm_types
 from normprop_fx.errors import InvalidOptionError, UntraceableModelError
-from normprop_fx.layers import NormPropLayer
-from normprop_fx.normalized_activation import NormalizedActivation
-from normprop_fx.standardize import Standardize
 
 from .describe import owner_module_path
+from .graph_utils import NORMPROP_MODULES
 
 LeafSpec = type | str
 
@@ -76,7 +73,7 @@ class NormPropTracer(fx.Tracer):
         self.failed_module: str | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, (NormPropLayer, NormalizedActivation, NormPropAffine, Standardize)):
+        if isinstance(m, NORMPROP_MODULES):
             return True
         if module_qualified_name in self.leaf_names or isinstance(m, self.leaf_types):
             return True

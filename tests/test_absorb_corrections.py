@@ -1,4 +1,4 @@
-"""Pass 5 (passes/absorb_corrections.py): a scalar correction that reads only a normalized
+"""Pass 12 (passes/absorb_corrections.py): a scalar correction that reads only a normalized
 activation's output is merged into that activation's affine; everything else stays a Standardize."""
 
 from __future__ import annotations

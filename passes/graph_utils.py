@@ -1,0 +1,125 @@
+"""Small graph helpers shared by every pass (and by ``fold``): the bottom of ``passes``.
+
+This module imports only torch and normprop_fx's core modules, never another pass, so any pass
+can use it (the layering is in ``passes/__init__.py``).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import TYPE_CHECKING
+
+from torch import fx, nn
+
+from normprop_fx.activation_functions import ActivationSpec, activation
+from normprop_fx.errors import UnsupportedActivationError
+from normprop_fx.module_types import NORMPROP_CONSUMERS, NORMPROP_MODULES
+from normprop_fx.moments import activation_constants
+
+if TYPE_CHECKING:
+    from .patterns import ActivationForm
+
+__all__ = [
+    "NORMPROP_CONSUMERS",
+    "NORMPROP_MODULES",
+    "activation_spec",
+    "channel_reduce_dims",
+    "free_module_name",
+    "has_submodule",
+    "module_calls",
+    "module_uses",
+    "normalizable_activation",
+    "set_submodule",
+]
+
+
+def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Put ``module`` at the qualified name ``path`` of ``root``, replacing the module there
+    (torch's ``nn.Module.set_submodule``: the parent must exist)."""
+    root.set_submodule(path, module)
+
+
+def has_submodule(root: nn.Module, path: str) -> bool:
+    try:
+        root.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def free_module_name(root: nn.Module, path: str, *, first_suffix: int = 2) -> str:
+    """``path``, else ``path_<k>`` for k = ``first_suffix``, ``first_suffix + 1``, ...: the first
+    that names no submodule of ``root`` yet.
+
+    The conversion passes count from 2 (``x``, ``x_2``, ``x_3``: the audit shows these names);
+    ``fold`` counts from 1 (``x``, ``x_1``, ``x_2``: the names of folded models' modules). The
+    two schemes stay as they are so that no name a user may already rely on changes.
+    """
+    candidate, k = path, first_suffix
+    while has_submodule(root, candidate):
+        candidate, k = f"{path}_{k}", k + 1
+    return candidate
+
+
+def module_calls(gm: fx.GraphModule) -> Counter[str]:
+    """How many ``call_module`` nodes call each module path."""
+    return Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
+
+
+def module_uses(gm: fx.GraphModule, *, nested: bool = True) -> Counter[str]:
+    """Uses of each module path: a ``call_module`` of it, or a ``get_attr`` of one of its
+    attributes. With ``nested`` (the default) a use of anything under a path counts for the path
+    too (``a.b.w`` counts for ``a`` and ``a.b``): a module used once can be rewritten for that one
+    use without changing any other. Without it, a call counts for its module and an attribute
+    read for the module that owns the attribute only."""
+    uses: Counter[str] = Counter()
+    for node in gm.graph.nodes:
+        if node.op not in ("call_module", "get_attr"):
+            continue
+        target = str(node.target)
+        if not nested:
+            uses[target if node.op == "call_module" else target.rpartition(".")[0]] += 1
+            continue
+        parts = target.split(".")
+        for i in range(1, len(parts) + 1):
+            uses[".".join(parts[:i])] += 1
+    return uses
+
+
+def channel_reduce_dims(rank: int) -> list[int]:
+    """The dims a per-channel statistic reduces over: every dim but 1 (the channels), or all
+    dims of a tensor of rank below 2."""
+    return [d for d in range(rank) if d != 1] if rank >= 2 else list(range(rank))
+
+
+def activation_spec(form: ActivationForm, node: fx.Node | None, module: nn.Module | None) -> ActivationSpec:
+    """The activation a node (or activation module) computes, with its constant parameters.
+
+    Raises UnsupportedActivationError when a parameter is computed at run time, or the call has
+    more positional arguments than the form knows."""
+    if module is not None:
+        return activation(form.name, **{p: getattr(module, p) for p in form.params})
+    assert node is not None
+    if len(node.args) > 1 + len(form.params):
+        raise UnsupportedActivationError(f"{len(node.args) - 1} positional parameters, the form knows {len(form.params)}")
+    params = dict(zip(form.params, node.args[1:]))
+    params.update(node.kwargs)
+    params.pop("inplace", None)
+    for key, value in params.items():
+        if isinstance(value, fx.Node):
+            raise UnsupportedActivationError(f"parameter {key} is computed at run time, not a constant")
+    return activation(form.name, **params)
+
+
+def normalizable_activation(
+    form: ActivationForm, node: fx.Node | None, module: nn.Module | None
+) -> tuple[ActivationSpec | None, str | None]:
+    """``(spec, None)`` when the activation ``node`` / ``module`` computes has constant
+    parameters and known normalization constants (NormProp can normalize it), else
+    ``(None, why not)``."""
+    try:
+        spec = activation_spec(form, node, module)
+        activation_constants(spec)
+    except UnsupportedActivationError as err:
+        return None, str(err)
+    return spec, None
