@@ -1,4 +1,4 @@
-"""``check_model``: convert one model and check what the issue's targets ask of it.
+"""``check_model``: convert one model and check what a conversion must deliver (the project targets docs/zoo.md reports).
 
 One call answers, for one model and one input shape: did it trace, how many BatchNorms were
 found / converted / left, do forward and backward run (gradient reaching every parameter the
@@ -33,7 +33,7 @@ from .statistics import measure_layer_statistics
 
 logger = logging.getLogger(__name__)
 
-#: The issue's per-layer target at gamma_init=1 on N(0, I) input: std in this closed range...
+#: The project's per-layer target at gamma_init=1 on N(0, I) input: std in this closed range...
 STD_TARGET = (0.7, 1.4)
 #: ... and |mean| below this.
 MEAN_TARGET = 0.3
@@ -81,7 +81,7 @@ class ModelCheck:
 
     @property
     def passed(self) -> bool:
-        """The issue's target: BN found, none left, forward, backward and batch independence OK."""
+        """The pass criterion: BN found, none left, forward, backward and batch independence OK."""
         return bool(
             self.batchnorms_found
             and self.left == 0
@@ -141,7 +141,7 @@ def check_model(
     if converted is None:
         return check
     x = torch.randn(batch_size, *shape)
-    outputs = _run(check, "forward", lambda: _floating_outputs(dropout_off(converted.train())(x)))
+    outputs = _run(check, "forward", lambda: floating_outputs(dropout_off(converted.train())(x)))
     if outputs is None:
         return check
     check.forward_ok = all(bool(torch.isfinite(t).all()) for t in outputs)
@@ -220,22 +220,43 @@ def _convert(model: nn.Module, check: ModelCheck, gamma_init: float, options: di
     return converted
 
 
-def _floating_outputs(out: Any) -> list[torch.Tensor]:
+def floating_outputs(out: Any) -> list[torch.Tensor]:
+    """Every floating-point tensor in a model's output (a tensor, a tuple, a dict...)."""
     return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+@dataclass(frozen=True)
+class GradientCoverage:
+    """Which trainable parameters a backward reached, in parameter order."""
+
+    trainable: list[str]
+    missing: list[str]  #: no gradient at all
+    nonfinite: list[str]  #: a gradient with inf or NaN
+
+
+def backward_coverage(model: nn.Module, outputs: list[torch.Tensor]) -> GradientCoverage:
+    """Backward of the mean square of every output in ``outputs`` (``model``'s, with a graph), and
+    which of ``model``'s trainable parameters got a gradient, and a finite one."""
+    sum(t.float().square().mean() for t in outputs).backward()
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return GradientCoverage(
+        trainable=[n for n, _ in params],
+        missing=[n for n, p in params if p.grad is None],
+        nonfinite=[n for n, p in params if p.grad is not None and not bool(torch.isfinite(p.grad).all())],
+    )
 
 
 def _check_backward(converted: nn.Module, original: nn.Module, x: torch.Tensor,
                     outputs: list[torch.Tensor], check: ModelCheck) -> None:
-    sum(t.float().square().mean() for t in outputs).backward()
-    params = {n: p for n, p in converted.named_parameters() if p.requires_grad}
-    missing = {n for n, p in params.items() if p.grad is None}
+    coverage = backward_coverage(converted, outputs)
+    missing = set(coverage.missing)
     if missing:
         missing -= _parameters_without_gradient(original, x)
-    nonfinite = sorted(n for n, p in params.items() if p.grad is not None and not torch.isfinite(p.grad).all())
+    nonfinite = sorted(coverage.nonfinite)
     check.backward_ok = not missing and not nonfinite
     if missing:
         names = sorted(missing)
-        check.failures.append(f"backward: no gradient for {len(names)} of {len(params)} parameters, "
+        check.failures.append(f"backward: no gradient for {len(names)} of {len(coverage.trainable)} parameters, "
                               f"e.g. {', '.join(names[:3])}")
     if nonfinite:
         check.failures.append(f"backward: non-finite gradient in {len(nonfinite)} parameters, e.g. {nonfinite[0]}")
@@ -246,11 +267,9 @@ def _parameters_without_gradient(model: nn.Module, x: torch.Tensor) -> set[str]:
     empty when the original cannot run in train mode (then every missing gradient counts)."""
     model = copy.deepcopy(model)
     try:
-        outputs = _floating_outputs(dropout_off(model.train())(x))
-        sum(t.float().square().mean() for t in outputs).backward()
+        return set(backward_coverage(model, floating_outputs(dropout_off(model.train())(x))).missing)
     except Exception:  # noqa: BLE001 - documented: then every missing gradient counts
         return set()
-    return {n for n, p in model.named_parameters() if p.requires_grad and p.grad is None}
 
 
 def _check_statistics(converted: nn.Module, shape: tuple[int, ...], batch: int, check: ModelCheck) -> None:
@@ -280,11 +299,11 @@ def _check_batch_independence(converted: nn.Module, x: torch.Tensor, check: Mode
     model = dropout_off(converted.train()).double()
     x = x.double()
     with torch.no_grad():
-        batched = _floating_outputs(model(x))
+        batched = floating_outputs(model(x))
         scale = max(max(t.abs().max().item() for t in batched), 1.0)
         worst = 0.0
         for i in range(x.shape[0]):
-            alone = _floating_outputs(model(x[i : i + 1]))
+            alone = floating_outputs(model(x[i : i + 1]))
             for a, b in zip(alone, batched, strict=True):
                 if a.shape[1:] != b.shape[1:]:
                     raise ValueError(f"output shape {tuple(a.shape)} alone vs {tuple(b.shape)} in the batch")
@@ -379,7 +398,7 @@ def randomize_batchnorms(model: nn.Module, example_input: torch.Tensor, seed: in
 
 def relative_l2(actual: Any, expected: Any) -> float:
     """||actual - expected|| / ||expected|| over every floating output tensor together."""
-    a, b = _floating_outputs(actual), _floating_outputs(expected)
+    a, b = floating_outputs(actual), floating_outputs(expected)
     if len(a) != len(b) or not b:
         raise ValueError(f"{len(a)} floating outputs vs {len(b)}")
     diff = sum(float((x.double() - y.double()).square().sum()) for x, y in zip(a, b, strict=True))

@@ -31,7 +31,7 @@ Code: the command line becomes a frozen BenchConfig once (parse_args); tune_envi
 threads, allocator and compiler options for every variant alike; measure_model times one model;
 tools/bench_report.py renders the page from the results files.
 
-GPU: pass --device cuda; the defaults then are the issue's targets: batch 128, 224x224,
+GPU: pass --device cuda; the defaults then are the GPU target's setting (docs/bench.md): batch 128, 224x224,
 bf16 autocast, channels_last. For example, on a CUDA machine:
 
     python tools/bench.py --device cuda --json docs/bench_gpu.json docs/bench_targets_torch2.14.json \

@@ -17,7 +17,7 @@ from tabulate import tabulate
 #: Text from this line on in an existing --write file is kept when the file is re-rendered
 #: (the hand-written analysis of the numbers above it).
 NOTES_MARKER = "<!-- notes: kept by tools/bench.py when it rewrites this file -->"
-#: The issue's targets for compiled ratios, per device. The GPU train target holds for one setting
+#: The project's targets (docs/bench.md) for compiled ratios, per device. The GPU train target holds for one setting
 #: only (GPU_TARGET_SETTING); the others hold for every model and input.
 TARGETS = {
     "train normprop/bn": {"cpu": 1.00, "cuda": 0.85},
@@ -29,7 +29,7 @@ GPU_TARGET_SETTING = {"model": "resnet50", "batch_size": 128, "amp": "bf16"}
 
 def target_for(key: str | None, device: str, model: str, machine_info: dict[str, Any]) -> float | None:
     """The target of a compiled ratio (a TARGETS key) in a run on ``device`` ("cpu" or "cuda"),
-    or None where the issue sets none (the GPU NormProp/BN target outside its setting)."""
+    or None where none is set (the GPU NormProp/BN target outside its setting)."""
     if key is None:
         return None
     if key == "train normprop/bn" and device == "cuda":

@@ -25,7 +25,6 @@ from typing import NoReturn
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_leaves
 
 import common
 
@@ -76,13 +75,12 @@ def _exactness_line(original: nn.Module, converted: nn.Module, x: torch.Tensor) 
 
 def _forward_backward_check(model: nn.Module, x: torch.Tensor) -> tuple[list[str], bool]:
     """Train-mode forward and backward on ``x``; lines to print and whether all was finite."""
+    from normprop_fx.model_check import backward_coverage, floating_outputs
+
     model.train()
-    outputs = [t for t in tree_leaves(model(x)) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    loss = sum(t.float().square().mean() for t in outputs)
-    loss.backward()
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    missing = [n for n, p in params if p.grad is None]
-    nonfinite = [n for n, p in params if p.grad is not None and not torch.isfinite(p.grad).all()]
+    outputs = floating_outputs(model(x))
+    coverage = backward_coverage(model, outputs)
+    params, missing, nonfinite = coverage.trainable, coverage.missing, coverage.nonfinite
     out = outputs[0].detach().float()
     lines = [
         f"forward + backward in train mode on N(0, I) input of shape {tuple(x.shape)}:",

@@ -40,7 +40,7 @@ from typing import Any
 import common
 
 SOURCES = ("torchvision", "timm")
-#: The issue's targets: share of BN models that pass every check, per source.
+#: The project's targets (docs/zoo.md): share of BN models that pass every check, per source.
 TARGETS = {"torchvision": 1.00, "timm": 0.98}
 #: Seconds a new worker may take to import torch, torchvision and timm.
 STARTUP_TIMEOUT = 300
