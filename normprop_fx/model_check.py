@@ -468,12 +468,19 @@ def check_trained_conversion(
         calibration = torch.randn(CALIBRATION_BATCH, *shape, generator=generator)
         original32 = randomize_batchnorms(copy.deepcopy(model).float(), calibration, seed)
         original64 = copy.deepcopy(original32).double()  # the same values, computed in float64
+        x64 = torch.randn(batch_size, *shape, generator=generator, dtype=torch.float64)
+        x32 = x64.float()
+        stage = "forward"
+        with torch.no_grad():  # the originals' outputs first: each copy is then converted in place
+            expected64, expected32 = original64(x64), original32(x32)
         stage = "convert"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            options = convert_options or {}
+            options = {"inplace": True, **(convert_options or {})}  # a copy already: one copy of the weights less
             converted64 = convert(original64, example_inputs=torch.empty(batch_size, *shape, dtype=torch.float64), **options)
+            del original64
             converted32 = convert(original32, example_inputs=torch.empty(batch_size, *shape), **options)
+            del original32
         report = conversion_report(converted32)
         check.batchnorms_found = report.batchnorms_found
         check.kept_trained = sum(i.trained for i in report.initializations)
@@ -489,12 +496,10 @@ def check_trained_conversion(
             check.failures.append(f"not kept: {len(fresh)} BatchNorms got the paper's initialization, e.g. "
                                   f"{fresh[0].path}: {fresh[0].reason}")
         stage = "forward"
-        x64 = torch.randn(batch_size, *shape, generator=generator, dtype=torch.float64)
-        x32 = x64.float()
         with torch.no_grad():
-            expected64, expected32 = original64(x64), original32(x32)
-            evaluated32 = converted32.eval()(x32)
             check.error_float64 = relative_l2(converted64.eval()(x64), expected64)
+            del converted64
+            evaluated32 = converted32.eval()(x32)
             check.error_float32 = relative_l2(evaluated32, expected32)
             check.original_rounding = relative_l2(expected32, expected64)
             check.converted_rounding = relative_l2(evaluated32, expected64)
