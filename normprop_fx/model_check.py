@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_leaves
 
 from .convert import conversion_report, convert
 from .errors import InvalidOptionError, UntraceableModelError
+from .passes.graph_utils import channel_reduce_dims
 from .passes.inventory import NEVER_CALLED
 from .passes.trace import mode_dependent_modules
 from .statistics import measure_layer_statistics
@@ -368,7 +369,7 @@ def randomize_batchnorms(model: nn.Module, example_input: torch.Tensor, seed: in
 
     def measure(module: nn.Module, args: tuple[Any, ...]) -> None:
         x = args[0].detach().double()
-        dims = [d for d in range(x.dim()) if d != 1]
+        dims = channel_reduce_dims(x.dim())
         mean, var = x.mean(dims), x.var(dims, unbiased=False)
         var = var * draw(var, lambda t: t.uniform_(math.log(0.7), math.log(1.4), generator=generator).exp())
         mean = mean + var.sqrt() * draw(mean, lambda t: t.normal_(0.0, 0.1, generator=generator))
