@@ -368,6 +368,21 @@ def _error(value: Any) -> str:
     return f"{value:.1e}" if isinstance(value, (int, float)) else "-"
 
 
+def _over_tolerance(row: dict[str, Any]) -> str:
+    """Which of the trained check's tolerances a row misses, with its numbers."""
+    from normprop_fx.model_check import ROUNDING_FLOOR_FACTOR, TRAINED_RTOL_FLOAT32, TRAINED_RTOL_FLOAT64
+
+    misses = []
+    if row.get("error_float64") is not None and row["error_float64"] > TRAINED_RTOL_FLOAT64:
+        misses.append(f"float64 {row['error_float64']:.1e} > {TRAINED_RTOL_FLOAT64:g}")
+    if row.get("error_float32") is not None and row["error_float32"] > TRAINED_RTOL_FLOAT32 and not row.get("at_rounding_floor"):
+        misses.append(f"float32 {row['error_float32']:.1e} > {TRAINED_RTOL_FLOAT32:g} and its rounding over "
+                      f"{ROUNDING_FLOOR_FACTOR:g}x the original's")
+    if row.get("train_eval_difference") is not None and row["train_eval_difference"] > TRAINED_RTOL_FLOAT32:
+        misses.append(f"train vs eval {row['train_eval_difference']:.1e}")
+    return "; ".join(misses) or "over the tolerance"
+
+
 def _trained_section(trained: dict[str, dict[str, Any]], keys: list[str], command: str | None) -> list[str]:
     """The trained-weights check (docs/method.md section 8): summary per source, failures, the command."""
     from normprop_fx.model_check import ROUNDING_FLOOR_FACTOR, TRAINED_RTOL_FLOAT32, TRAINED_RTOL_FLOAT64
@@ -397,7 +412,7 @@ def _trained_section(trained: dict[str, dict[str, Any]], keys: list[str], comman
         f64 = [r["error_float64"] for r in mine if r.get("error_float64") is not None]
         ratios = [r["converted_rounding"] / r["original_rounding"] for r in mine
                   if r.get("converted_rounding") is not None and r.get("original_rounding")]
-        lines.append(f"| {source} | {n} | {_pct(passed, n)} (target {TARGETS[source]:.0%}: {verdict}) | "
+        lines.append(f"| {source} | {n} | {passed} ({100 * passed / n:.2f}%) (target {TARGETS[source]:.0%}: {verdict}) | "
                      f"{_pct(strict, n)} | {floor} | {_pct(sum(e <= TRAINED_RTOL_FLOAT64 for e in f64), n)} | "
                      f"{_error(max(f64, default=None))} | {max(ratios, default=0):.2f}x |")
     failed = [r for r in rows if not r.get("passed")]
@@ -410,7 +425,7 @@ def _trained_section(trained: dict[str, dict[str, Any]], keys: list[str], comman
         for r in sorted(failed, key=lambda r: r["model"]):
             ratio = (f"{r['converted_rounding'] / r['original_rounding']:.2f}x"
                      if r.get("converted_rounding") is not None and r.get("original_rounding") else "-")
-            reason = (r.get("failures") or ["over the tolerance"])[0].replace("|", "\\|")
+            reason = (r.get("failures") or [_over_tolerance(r)])[0].replace("|", "\\|")
             lines.append(f"| {r['model']} | {_error(r.get('error_float32'))} | {_error(r.get('error_float64'))} | "
                          f"{_error(r.get('original_rounding'))} | {ratio} | {reason} |")
         lines.append("")
