@@ -96,10 +96,16 @@ class ModelCheck:
         return self.failures[0] if self.failures else ""
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["input_shape"] = list(self.input_shape)
-        data["passed"] = self.passed
-        return data
+        return _as_row(self)
+
+
+def _as_row(check: Any, **extra: Any) -> dict[str, Any]:
+    """A check's fields as one JSON row (tools/zoo.py writes one a model), with its verdict."""
+    data = asdict(check)
+    data["input_shape"] = list(check.input_shape)
+    data["passed"] = check.passed
+    data.update(extra)
+    return data
 
 
 def check_model(
@@ -440,11 +446,7 @@ class TrainedCheck:
         return float32_ok and self.error_float64 <= TRAINED_RTOL_FLOAT64 and self.train_eval_difference <= TRAINED_RTOL_FLOAT32
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["input_shape"] = list(self.input_shape)
-        data["passed"] = self.passed
-        data["at_rounding_floor"] = self.at_rounding_floor
-        return data
+        return _as_row(self, at_rounding_floor=self.at_rounding_floor)
 
 
 def check_trained_conversion(
