@@ -1,6 +1,7 @@
 """Pass 2: functional dropout whose ``training=`` flag the trace froze becomes a module again.
 
-``F.dropout(x, p, training=self.training)`` in a traced forward records ``training`` as the
+``F.dropout(x, p, training=self.training)`` (or ``torch.dropout(x, p, self.training)``, the flag
+positional) in a traced forward records ``training`` as the
 constant it had at trace time, so the converted model would keep dropping out in ``eval()``
 (and a model traced in eval mode would never drop out in ``train()``). Each such call becomes the
 matching ``nn.Dropout*`` module, in the trace-time mode, registered under the module that made the
@@ -10,20 +11,35 @@ and is a warning in the report (``trace.frozen_training_flags``).
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
 from .describe import owner_module_path
 from .graph_utils import free_module_name
+from .patterns import training_flag
 
-#: functional dropout -> (module class, positional index of ``p``, positional index of ``training``)
-_DROPOUTS: dict[object, tuple[type[nn.Module], int, int]] = {
-    F.dropout: (nn.Dropout, 1, 2),
-    F.dropout1d: (nn.Dropout1d, 1, 2),
-    F.dropout2d: (nn.Dropout2d, 1, 2),
-    F.dropout3d: (nn.Dropout3d, 1, 2),
-    F.alpha_dropout: (nn.AlphaDropout, 1, 2),
-    F.feature_alpha_dropout: (nn.FeatureAlphaDropout, 1, 2),
+class FeatureDropout(nn.modules.dropout._DropoutNd):
+    """``torch.feature_dropout`` as a module: zeroes whole channels (dim 1) of an input of any rank,
+    as ``nn.Dropout2d`` does on 4-D input, and follows ``train()``/``eval()``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.feature_dropout(x, self.p, self.training)
+
+
+#: functional dropout -> (module class, positional index of ``p``); where each takes its
+#: train/eval flag is patterns.TRAINING_FLAGS.
+_DROPOUTS: dict[object, tuple[type[nn.Module], int]] = {
+    F.dropout: (nn.Dropout, 1),
+    F.dropout1d: (nn.Dropout1d, 1),
+    F.dropout2d: (nn.Dropout2d, 1),
+    F.dropout3d: (nn.Dropout3d, 1),
+    F.alpha_dropout: (nn.AlphaDropout, 1),
+    F.feature_alpha_dropout: (nn.FeatureAlphaDropout, 1),
+    torch.dropout: (nn.Dropout, 1),
+    torch.feature_dropout: (FeatureDropout, 1),
+    torch.alpha_dropout: (nn.AlphaDropout, 1),
+    torch.feature_alpha_dropout: (nn.FeatureAlphaDropout, 1),
 }
 
 
@@ -35,9 +51,11 @@ def restore_dropout_modes(gm: fx.GraphModule) -> list[str]:
         row = _DROPOUTS.get(node.target) if node.op == "call_function" else None
         if row is None:
             continue
-        cls, p_index, training_index = row
+        cls, p_index = row
         p = node.kwargs.get("p", node.args[p_index] if len(node.args) > p_index else 0.5)
-        training = node.kwargs.get("training", node.args[training_index] if len(node.args) > training_index else True)
+        training = training_flag(node)
+        if training is None:
+            training = True  # F.dropout's default; torch.dropout has none
         if not isinstance(training, bool) or not isinstance(p, (int, float)):
             continue  # a traced flag (a Proxy) already follows the mode
         owner = owner_module_path(node)

@@ -220,3 +220,37 @@ FUNCTION_ACTIVATION_FORMS: dict[tuple[str, Any], ActivationForm] = {
     (f.op, f.target): f for f in ACTIVATION_FORMS if f.op != "call_module"
 }
 PRODUCER_PATTERNS: dict[type, ProducerPattern] = {p.producer: p for p in PRODUCERS}
+
+
+@dataclass(frozen=True)
+class TrainingFlag:
+    """Where a function takes its train/eval flag: the trace records that flag as the constant it
+    had at trace time, so the call no longer follows ``train()``/``eval()``."""
+
+    index: int  #: positional index
+    keyword: str  #: keyword name
+
+
+#: Functions with a train/eval flag, torch.nn.functional's and torch's own (``torch.dropout(x, p,
+#: train)``: the flag is positional, and named ``train``).
+TRAINING_FLAGS: dict[Any, TrainingFlag] = {
+    **{fn: TrainingFlag(2, "training") for fn in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+                                                  F.feature_alpha_dropout)},
+    **{fn: TrainingFlag(2, "train") for fn in (torch.dropout, torch.feature_dropout, torch.alpha_dropout,
+                                               torch.feature_alpha_dropout)},
+    F.batch_norm: TrainingFlag(5, "training"),
+    torch.batch_norm: TrainingFlag(5, "training"),
+    F.rrelu: TrainingFlag(3, "training"),
+}
+
+
+def training_flag(node: Any) -> Any:
+    """The train/eval flag a call node passes (a bool when the trace froze it), or None."""
+    if node.op == "call_function" and node.target in TRAINING_FLAGS:
+        where = TRAINING_FLAGS[node.target]
+        if where.keyword in node.kwargs:
+            return node.kwargs[where.keyword]
+        return node.args[where.index] if len(node.args) > where.index else None
+    if node.op in ("call_function", "call_method"):
+        return node.kwargs.get("training")
+    return None

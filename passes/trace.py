@@ -17,6 +17,7 @@ from normprop_fx.batchnorm_state import frozen_batchnorm_types
 from normprop_fx.errors import InvalidOptionError, UntraceableModelError
 
 from .describe import owner_module_path
+from .patterns import training_flag
 from .graph_utils import NORMPROP_MODULES
 
 LeafSpec = type | str
@@ -143,11 +144,13 @@ def trace(
 
 
 def frozen_training_flags(gm: fx.GraphModule) -> list[str]:
-    """Calls in ``gm`` whose ``training=`` argument the trace fixed to a constant, e.g. an
-    ``F.dropout`` inside a traced custom module: they no longer follow train()/eval()."""
+    """Calls in ``gm`` whose train/eval flag the trace fixed to a constant, e.g. an
+    ``F.rrelu(x, training=self.training)`` or ``F.batch_norm(x, ..., self.training)`` inside a
+    traced custom module: they no longer follow train()/eval(). The flag is found as a
+    ``training=`` keyword, or where patterns.TRAINING_FLAGS says a function takes it."""
     found = []
     for node in gm.graph.nodes:
-        flag = node.kwargs.get("training") if node.op in ("call_function", "call_method") else None
+        flag = training_flag(node)
         if isinstance(flag, bool):
             owner = owner_module_path(node)
             where = f" in module '{owner}'" if owner else ""

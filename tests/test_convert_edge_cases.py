@@ -201,3 +201,50 @@ def test_functional_dropout_follows_train_and_eval_after_conversion():
     gm.eval()
     torch.testing.assert_close(gm(x), gm(x))
     assert not normprop_fx.conversion_report(gm).warnings
+
+
+class _TorchDropoutHead(nn.Module):
+    """``torch.dropout``/``torch.feature_dropout`` with the flag positional (and named ``train``)."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.body = ConvNormAct(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(self.body(x), 0.5, self.training)
+
+
+@pytest.mark.parametrize("fn", [torch.dropout, torch.feature_dropout], ids=["dropout", "feature_dropout"])
+@pytest.mark.parametrize("traced_in", ["train", "eval"])
+def test_torch_dropout_with_a_positional_flag_follows_train_and_eval(fn, traced_in):
+    model = _TorchDropoutHead(fn)
+    model.train(traced_in == "train")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", normprop_fx.NormPropWarning)
+        gm = normprop_fx.convert(model, example_inputs=torch.empty(2, 3, 8, 8))
+    dropouts = [m for m in gm.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+    assert len(dropouts) == 1 and dropouts[0].p == 0.5
+    x = torch.randn(8, 3, 8, 8)
+    gm.eval()
+    reference = gm(x)
+    torch.testing.assert_close(gm(x), reference)  # eval: no dropout, whatever mode it was traced in
+    out = gm.train()(x)
+    dropped = (out == 0) & (reference != 0)
+    torch.testing.assert_close(out[~dropped], 2 * reference[~dropped])  # kept values scaled by 1/(1-p)
+    assert 0.3 < dropped.sum() / (reference != 0).sum() < 0.7
+    channel_dropped = (out.flatten(2) == 0).all(2) & (reference.flatten(2) != 0).any(2)
+    if fn is torch.feature_dropout:  # whole channels, each sample its own
+        assert torch.equal(dropped.flatten(2).any(2), channel_dropped)
+    else:  # single values
+        assert not channel_dropped.any()
+
+
+def test_a_positional_frozen_training_flag_is_warned():
+    class InstanceStandardize(nn.Module):  # a hand-written norm: torch.batch_norm, the flag positional
+        def forward(self, x):
+            return torch.batch_norm(x, None, None, None, None, self.training, 0.1, 1e-5, False)
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), InstanceStandardize())
+    with pytest.warns(normprop_fx.NormPropWarning, match="training=True"):
+        normprop_fx.convert(model)
