@@ -139,10 +139,13 @@ def convert(
             gm, corrections, standalone = insert_corrections(gm, analysis)
             estimated, unknown = analysis.estimated, analysis.unknown
         except Exception as err:
+            # A NormPropError from a converted layer already says what is wrong and what to do
+            # (a Linear -> BatchNorm1d layer given 3-D input: keep it out of the conversion); the
+            # input-shape advice fits the other errors, which the model itself raised on the shape.
+            advice = "" if isinstance(err, NormPropError) else " Pass example_inputs= with a shape the model accepts."
             raise NormPropError(
                 f"moment propagation failed on {type(model).__name__} for input shapes "
-                f"{[tuple(x.shape) for x in inputs]}: {type(err).__name__}: {err}. "
-                "Pass example_inputs= with a shape the model accepts."
+                f"{[tuple(x.shape) for x in inputs]}: {type(err).__name__}: {err}.{advice}"
             ) from err
         gm, corrections = absorb_corrections(gm, corrections)
     for message in init_warnings:

@@ -248,3 +248,25 @@ def test_a_positional_frozen_training_flag_is_warned():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), InstanceStandardize())
     with pytest.warns(normprop_fx.NormPropWarning, match="training=True"):
         normprop_fx.convert(model)
+
+
+def test_a_layer_refusing_its_input_rank_is_not_blamed_on_the_example_shape():
+    """Linear over the last axis of (N, C, L) with out_features == C, then BatchNorm1d(C): matched on
+    the feature count, then the NormProp layer refuses 3-D input while moments propagate. The error
+    says so and what to do, without the contradicting advice to pass another input shape (the
+    shape was right). Issue 20, finding 4: the conversion itself still refuses this model."""
+
+    class LastAxisLinear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 4)
+            self.bn = nn.BatchNorm1d(4)
+
+        def forward(self, x):  # x: (N, 4, 6)
+            return self.bn(self.fc(x))
+
+    with pytest.raises(normprop_fx.NormPropError) as caught:
+        normprop_fx.convert(LastAxisLinear(), example_inputs=torch.empty(2, 4, 6))
+    message = str(caught.value)
+    assert "only for 2-D input" in message and "leaf_modules" in message
+    assert "Pass example_inputs=" not in message
