@@ -28,6 +28,8 @@ from functools import cache
 import torch
 from torch import nn
 
+from .errors import NormPropError
+
 
 @cache
 def plain_frozen_batchnorm_types() -> tuple[type[nn.Module], ...]:
@@ -80,11 +82,6 @@ class BatchNormState:
     weight: torch.Tensor | None  #: None when affine is False
     bias: torch.Tensor | None
     num_batches_tracked: int | None
-
-    @property
-    def trainable_affine(self) -> bool:
-        """Its affine is a pair of Parameters that require gradients (a frozen BN's never does)."""
-        return isinstance(self.weight, nn.Parameter) and self.weight.requires_grad
 
 
 def batchnorm_state(module: nn.Module) -> BatchNormState:
@@ -179,12 +176,12 @@ def normprop_gamma_beta(
 
 
 def check_finite_in(values: dict[str, torch.Tensor], dtype: torch.dtype, where: str) -> None:
-    """Raise ValueError naming ``where`` when a value is not finite once cast to ``dtype``
+    """Raise NormPropError naming ``where`` when a value is not finite once cast to ``dtype``
     (fp16 overflows at 65504: a tiny running variance can give a huge gamma)."""
     for name, value in values.items():
         if not bool(torch.isfinite(value.to(dtype)).all()):
             worst = float(value.abs().max())
-            raise ValueError(
+            raise NormPropError(
                 f"{where}: the exact {name} reaches {worst:.3g}, which {dtype} cannot hold "
                 f"(largest finite value {torch.finfo(dtype).max:.3g}); convert the model in float32 "
                 "and cast it afterwards"

@@ -201,7 +201,7 @@ def _initialization_warnings(init: str, inits: list[LayerInit]) -> list[str]:
     """What the user should know about the initialization choices: a trained function discarded,
     a model that mixes trained and untrained BatchNorms, statistics that may come from shape checks."""
     lines = []
-    lost = discarded({i.path: i for i in inits})
+    lost = discarded(inits)
     if lost:
         lines.append(
             f"init='normprop' discards the trained function of {len(lost)} of {len(inits)} BatchNorms (e.g. "

@@ -214,7 +214,7 @@ def _normalized_activation_ops(gm: fx.GraphModule, base: str, act: NormalizedAct
     the output is not standardized (a layer that keeps a trained BatchNorm's function)."""
     if act.spec.is_identity:
         return []
-    if (act._scale, act._shift) == (1.0, 0.0):
+    if act.is_plain:
         return [_activation_op(act.spec)]
     affine = ConstantAffine(torch.tensor(act._scale, dtype=torch.float64), torch.tensor(act._shift, dtype=torch.float64))
     return [_activation_op(act.spec), _module_op(gm, f"{base}_normalize", affine)]

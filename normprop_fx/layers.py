@@ -133,10 +133,7 @@ class NormPropLayer(nn.Module):
         the raw values. Raises NormPropError when the exact gamma/beta do not fit the layer's
         dtype (fp16)."""
         gamma, beta = normprop_gamma_beta(state, self.weight, conv_bias, self.eps)
-        try:
-            check_finite_in({"gamma": gamma, "beta": beta}, self.gamma.dtype, where or type(self).__name__)
-        except ValueError as err:
-            raise NormPropError(str(err)) from None
+        check_finite_in({"gamma": gamma, "beta": beta}, self.gamma.dtype, where or type(self).__name__)
         with torch.no_grad():
             self.gamma.copy_(gamma.to(self.gamma.device))
             self.beta.copy_(beta.to(self.beta.device))

@@ -72,10 +72,15 @@ class NormalizedActivation(nn.Module):
             scale, shift = scale * factor, (shift - mean) * factor
         self._scale, self._shift = scale, shift
 
+    @property
+    def is_plain(self) -> bool:
+        """Its output is ``f(u)`` itself: no standardization and no correction to apply."""
+        return (self._scale, self._shift) == (1.0, 0.0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.is_identity:
             return x
-        if self._scale == 1.0 and self._shift == 0.0:
+        if self.is_plain:
             return self.spec(x)  # not standardized: the plain activation (ReLU's backward reads its output too)
         if self.spec.name in PIECEWISE_LINEAR:
             return normalized_piecewise_linear(x, self.spec, self._scale, self._shift)

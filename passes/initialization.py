@@ -17,6 +17,8 @@ was chosen and why; every later pass reads them.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from torch import nn
 
 from normprop_fx.batchnorm_state import affine_at_initial_values, batchnorm_state, trained_evidence
@@ -50,7 +52,7 @@ def _choose(path: str, bn: nn.Module, init: str) -> LayerInit:
                   "no eval-mode function to keep")
         if init == "trained":
             reason += " (init='trained' cannot apply)"
-        if state.affine and (bool((state.weight.detach() != 1).any()) or bool((state.bias.detach() != 0).any())):
+        if state.affine and not affine_at_initial_values(state):
             reason += "; its learned affine is not kept"
         return LayerInit(path, kind, NORMPROP_INIT, reason)
     if init == "normprop":
@@ -73,6 +75,6 @@ def _choose(path: str, bn: nn.Module, init: str) -> LayerInit:
     return LayerInit(path, kind, TRAINED_INIT, evidence, evidence, statistics_only=affine_at_initial_values(state))
 
 
-def discarded(inits: dict[str, LayerInit]) -> list[LayerInit]:
+def discarded(inits: Iterable[LayerInit]) -> list[LayerInit]:
     """The BatchNorms that show they were trained but get the paper's initialization."""
-    return [i for i in inits.values() if not i.trained and i.evidence is not None]
+    return [i for i in inits if not i.trained and i.evidence is not None]

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 import common
+from normprop_fx.passes.initialization import INIT_OPTIONS
 
 
 def _fail(message: str, status: int) -> NoReturn:
@@ -97,7 +98,7 @@ def _forward_backward_check(model: nn.Module, x: torch.Tensor) -> tuple[list[str
 def main(argv: list[str] | None = None) -> int:
     parser = common.ArgumentParser(prog="convert.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="torchvision or timm model name; prefix torchvision: or timm: to choose")
-    parser.add_argument("--init", choices=("auto", "trained", "normprop"), default="auto",
+    parser.add_argument("--init", choices=INIT_OPTIONS, default="auto",
                         help="keep trained BatchNorms' functions (auto: per BatchNorm, as trained or not), or not")
     parser.add_argument("--pretrained", action="store_true", help="build the model with its pretrained weights (downloads them)")
     parser.add_argument("--randomize-bn", action="store_true",
