@@ -85,9 +85,9 @@ def convert(
         leaf_modules: module classes or qualified names that torch.fx must not trace into
             (their BatchNorms are left and reported).
         inplace: when False (the default) ``model`` is deep-copied first and never changed.
-            When True ``model`` itself is converted and returned (its modules swapped in place;
-            only when its own forward must be rebuilt is the result a new GraphModule that
-            shares its submodules, and a warning says so).
+            When True ``model`` itself is converted and returned (its modules swapped in place);
+            only when its own forward must be rebuilt is the result a new GraphModule, holding
+            ``model``'s weights, and a warning says so.
             Either way each NormProp layer keeps the conv's weight Parameter itself, so weights
             tied between layers stay tied.
         eps: added to each filter's squared norm in the weight normalization.
@@ -173,8 +173,8 @@ def convert(
         if inplace and result is not model:
             warnings.warn(
                 f"inplace=True: the forward of {type(model).__name__} itself had to be rebuilt "
-                f"({tree.rebuilt[0].reason if tree.rebuilt else 'see the report'}): use the returned GraphModule, "
-                "which shares its submodules with the model you passed",
+                f"({tree.rebuilt[0].reason if tree.rebuilt else 'see the report'}): use the returned GraphModule; "
+                "it holds the weights of the model you passed, whose own modules are not swapped",
                 NormPropWarning,
                 stacklevel=2,
             )

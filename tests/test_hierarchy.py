@@ -231,3 +231,24 @@ def test_state_dict_keys_stay_at_the_users_names(init):
     keys = set(converted.state_dict())
     assert "first.conv.weight" in keys and "first.conv.gamma" in keys and "head.weight" in keys
     flat.load_state_dict(converted.state_dict(), strict=False)
+
+
+class FunctionalRoot(nn.Module):
+    """The root's own forward has the functional activation: only the root can change."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = conv_bn()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn(self.conv(x)))
+
+
+def test_a_root_whose_own_forward_changes_is_rebuilt_and_inplace_says_so():
+    model = FunctionalRoot()
+    with pytest.warns(normprop_fx.NormPropWarning, match="inplace=True: the forward of FunctionalRoot itself had to be rebuilt"):
+        converted = normprop_fx.convert(model, example_inputs=X, inplace=True)
+    assert converted is not model and isinstance(converted, fx.GraphModule)
+    assert type(converted).__name__ == "FunctionalRoot" and not tree(converted).class_kept
+    assert isinstance(converted.conv, NormPropConv2d) and isinstance(converted.bn, nn.Identity)
+    assert converted.conv.weight is model.conv.weight, "the rebuilt root holds the model's weights"
