@@ -312,7 +312,8 @@ class _Tree:
             env[node] = new
         graph.output(pytree.tree_map(lambda v: lookup(v) if isinstance(v, fx.Node) else v, call.output))
         _drop_dead_getitems(graph)
-        module = fx.GraphModule(attrs, graph, class_name=type(call.module).__name__)
+        indexed = isinstance(call.module, (nn.Sequential, nn.ModuleList))
+        module = (_IndexedGraphModule if indexed else fx.GraphModule)(attrs, graph, class_name=type(call.module).__name__)
         # pickle/torch.load rebuild a GraphModule's class under this name (else "GraphModule")
         module._graphmodule_cls_name = type(call.module).__name__
         self._identities_for_removed_children(call, module)
@@ -423,6 +424,25 @@ def _shallow(module: nn.Module) -> nn.Module:
 
 
 # --- helpers ------------------------------------------------------------------------------------
+
+
+class _IndexedGraphModule(fx.GraphModule):
+    """A rebuilt ``nn.Sequential`` / ``nn.ModuleList``: ``rebuilt[i]``, ``len(rebuilt)`` and
+    iteration over its numbered children keep working (``block[0]``). A pickled copy comes back
+    as a plain GraphModule of that class name, without them (torch.fx rebuilds the class)."""
+
+    def _numbered(self) -> list[nn.Module]:
+        children = self._modules  # type: ignore[attr-defined]
+        return [children[k] for k in sorted((k for k in children if k.isdigit()), key=int)]
+
+    def __getitem__(self, index: int | slice) -> Any:
+        return self._numbered()[index]
+
+    def __len__(self) -> int:
+        return len(self._numbered())
+
+    def __iter__(self) -> Any:
+        return iter(self._numbered())
 
 
 def _bind(call: ModuleCall) -> list[tuple[str, Any, Any]]:

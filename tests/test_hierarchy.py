@@ -252,3 +252,22 @@ def test_a_root_whose_own_forward_changes_is_rebuilt_and_inplace_says_so():
     assert type(converted).__name__ == "FunctionalRoot" and not tree(converted).class_kept
     assert isinstance(converted.conv, NormPropConv2d) and isinstance(converted.bn, nn.Identity)
     assert converted.conv.weight is model.conv.weight, "the rebuilt root holds the model's weights"
+
+
+class ScaledInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seq = nn.Sequential(*conv_bn(), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.seq(x * 3.0)  # seq.0's input needs a correction, which seq's forward must run
+
+
+def test_a_rebuilt_sequential_still_indexes_its_children():
+    converted, flat = convert_both(ScaledInput())
+    seq = converted.seq
+    assert isinstance(seq, fx.GraphModule) and type(seq).__name__ == "Sequential"
+    assert isinstance(seq[0], NormPropConv2d) and len(seq) == 3 and isinstance(seq[1], nn.Identity)
+    assert [type(m) for m in seq] == [NormPropConv2d, nn.Identity, nn.Identity]
+    assert type(converted) is ScaledInput
+    assert_same_function(converted, flat)
