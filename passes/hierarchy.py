@@ -49,6 +49,8 @@ from .graph_utils import TAKES_OVER, owner_stack
 from .trace import MODULE_CALLS, ModuleCall, NormPropTracer
 
 ROOT = ""
+#: The name prefix under which torch.fx keeps, on the root, a tensor a forward created while traced.
+_FX_CONSTANT = "_tensor_constant"
 
 
 @dataclass(frozen=True)
@@ -306,7 +308,10 @@ class _Tree:
                     self._call_child(graph, unit, built, root, lookup, relative, env, attrs)
                 continue
             new = graph.node_copy(node, lookup)
-            if node.op in ("call_module", "get_attr"):
+            if node.op == "get_attr" and str(node.target).startswith(_FX_CONSTANT) and not str(node.target).startswith(prefix):
+                new.target = str(node.target)  # a tensor the trace made (torch.tensor(...) in a forward)
+                attrs[new.target] = _fetch(self.gm, str(node.target))
+            elif node.op in ("call_module", "get_attr"):
                 new.target = relative(str(node.target))
                 attrs[new.target] = _fetch(self.gm, str(node.target))
             env[node] = new

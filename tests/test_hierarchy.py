@@ -271,3 +271,17 @@ def test_a_rebuilt_sequential_still_indexes_its_children():
     assert [type(m) for m in seq] == [NormPropConv2d, nn.Identity, nn.Identity]
     assert type(converted) is ScaledInput
     assert_same_function(converted, flat)
+
+
+class ConstantBlock(ModuleBlock):
+    """A forward that makes a tensor while traced: torch.fx keeps it on the root as _tensor_constant0."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn(self.conv(x))) * torch.tensor([2.0])
+
+
+def test_a_rebuilt_block_keeps_the_tensors_its_forward_made():
+    converted, flat = convert_both(Net(ConstantBlock()))
+    assert type(converted) is Net and isinstance(converted.first, fx.GraphModule)
+    assert any(name.startswith("_tensor_constant") for name, _ in converted.first.named_buffers())
+    assert_same_function(converted, flat)
