@@ -581,12 +581,24 @@ def _first_mismatch(candidate: nn.Module, gm: fx.GraphModule, tracer: NormPropTr
                 return blame(c, f"is input {r.target} there")
         elif r.target != c.target:
             return blame(c, f"is {_target_name(r.target)} there")
-        r_leaves, r_spec = pytree.tree_flatten((r.args, dict(r.kwargs)))
-        c_leaves, c_spec = pytree.tree_flatten((c.args, dict(c.kwargs)))
+        r_leaves, r_spec = pytree.tree_flatten(_open_slices((r.args, dict(r.kwargs))))
+        c_leaves, c_spec = pytree.tree_flatten(_open_slices((c.args, dict(c.kwargs))))
         if r_spec != c_spec:
             return blame(c, "takes other arguments")
         pairs.extend(zip(r_leaves, c_leaves))
     return None
+
+
+def _open_slices(value: Any) -> Any:
+    """``value`` with every slice as a tuple ``("slice", start, stop, step)``: a slice may hold
+    graph nodes (``x[:, n:]``), which pytree would not look into."""
+    if isinstance(value, slice):
+        return ("slice", *(_open_slices(v) for v in (value.start, value.stop, value.step)))
+    if isinstance(value, (tuple, list)):
+        return tuple(_open_slices(v) for v in value) if isinstance(value, tuple) else [_open_slices(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _open_slices(v) for k, v in value.items()}
+    return value
 
 
 def _same_constant(a: Any, b: Any) -> bool:

@@ -310,3 +310,17 @@ def test_functional_dropout_in_a_kept_forward_keeps_the_class_and_follows_the_mo
     torch.manual_seed(1)
     assert torch.equal(a, flat(X)), "the same dropout mask: the kept forward drops out as the flat graph's module"
     assert not torch.equal(converted.eval()(X), a)
+
+
+class SlicedHead(DropoutHead):
+    """A slice bound computed in the graph (x[:, :n] with n from the shape): its node is inside the slice."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.first(x).mean((2, 3))
+        return self.head(torch.cat([y[:, : y.shape[1] // 2], y[:, y.shape[1] // 2 :]], 1))
+
+
+def test_a_slice_that_holds_a_graph_value_is_compared_by_what_it_holds():
+    converted, flat = convert_both(SlicedHead())
+    assert type(converted) is SlicedHead and tree(converted).class_kept
+    assert_same_function(converted, flat)
