@@ -113,6 +113,9 @@ def _input_shape(key: str, model: Any, small: int) -> tuple[tuple[int, ...], lis
 
     tried = []
     training = model.training
+    # A train-mode forward updates the BatchNorms' running statistics, and init="auto" would then
+    # count them as trained (docs/method.md section 8): the probe leaves every buffer as it was.
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
     for shape in _candidate_shapes(key, model, small):
         try:
             with torch.no_grad():
@@ -124,6 +127,9 @@ def _input_shape(key: str, model: Any, small: int) -> tuple[tuple[int, ...], lis
             tried.append(f"{shape}: {type(err).__name__}: {' '.join(str(err).split())[:200]}")
         finally:
             model.train(training)  # convert traces in the mode the model was built in
+            with torch.no_grad():
+                for name, b in model.named_buffers():
+                    b.copy_(buffers[name])
     raise RuntimeError("the original model runs on none of the input sizes tried: " + " | ".join(tried))
 
 
