@@ -3,11 +3,9 @@ tools/train.py on synthetic data (the real dataset is never needed here)."""
 
 from __future__ import annotations
 
-import gzip
-import importlib.util
+import importlib
 import json
 import math
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from helpers import fake_fashion_mnist as _fake_fashion_mnist
 
 import normprop_fx
 from normprop_fx.datasets import (
@@ -29,11 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    """tools/NAME.py as ``import NAME`` gives it (tools/ is on pytest's pythonpath): one copy shared by every
+    test module, so classes pickle and compare as the same classes (tests/test_finetune.py imports them too)."""
+    return importlib.import_module(name)
 
 
 train_tool = _load_tool("train")
@@ -176,21 +173,6 @@ def test_agc_leaves_small_gradients_and_matches_timm_on_plain_weights():
 
 
 # ----------------------------------------------------------------------------- data
-
-
-def _write_idx(path: Path, array: torch.Tensor) -> None:
-    header = bytes([0, 0, 0x08, array.dim()]) + struct.pack(f">{array.dim()}I", *array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + bytes(array.to(torch.uint8).flatten().tolist()))
-
-
-def _fake_fashion_mnist(folder: Path, n_train: int = 96, n_test: int = 48) -> None:
-    g = torch.Generator().manual_seed(0)
-    for split, n in (("train", n_train), ("t10k", n_test)):
-        labels = torch.randint(0, 10, (n,), generator=g)
-        images = (labels.reshape(-1, 1, 1) * 20 + torch.randint(0, 60, (n, 28, 28), generator=g)).clamp(0, 255)
-        _write_idx(folder / f"{split}-images-idx3-ubyte.gz", images)
-        _write_idx(folder / f"{split}-labels-idx1-ubyte.gz", labels)
 
 
 def test_idx_files_round_trip(tmp_path):

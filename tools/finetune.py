@@ -13,7 +13,8 @@ BN, FrozenBN and GroupNorm on Fashion-MNIST.
    checkpoint's statistics and affine), gn (Opacus' ModuleValidator.fix: GroupNorm with gcd(32, C)
    groups, the BatchNorm's affine copied in), np (normprop_fx.convert(init="trained"): the same
    function), np+stab and np_keepgb+stab (np with the library's stabilizers: param_groups with and
-   without weight decay on gamma/beta, adaptive_clip_grad_), np_recal (np, then
+   without weight decay on gamma/beta, adaptive_clip_grad_), np_fixedgb+stab (gamma/beta frozen,
+   stabilizers), np_recal (np, then
    normprop_fx.recalibrate on the fine-tuning images), np_scratch+stab (NormProp from the paper's
    initialization, no pretraining, with stabilizers). Each variant runs a learning-rate grid at
    seed 0, then more seeds at its best rate.
@@ -61,8 +62,6 @@ TARGET_CLASSES = (5, 6, 7, 8, 9)
 #: Fine-tuning variants, in the order the page lists them (their labels: finetune_report.VARIANT_LABELS).
 VARIANTS = tuple(VARIANT_LABELS)
 DP_VARIANTS = ("np", "gn", "frozen_bn")
-#: Variants whose step-0 function is the checkpoint's (FrozenBN and the exact conversion).
-EXACT_VARIANTS = ("frozen_bn", "np", "np+stab", "np_keepgb+stab")
 
 
 # ----------------------------------------------------------------------------- data
@@ -194,6 +193,11 @@ def make_model(checkpoint: nn.Module, variant: str, seed: int, args: argparse.Na
     if variant == "gn":
         return opacus_groupnorm(base)
     model = normprop_fx.convert(base, init="trained")
+    if variant == "np_fixedgb+stab":
+        for layer in model.modules():
+            if isinstance(layer, normprop_fx.NormPropLayer):
+                layer.gamma.requires_grad_(False)
+                layer.beta.requires_grad_(False)
     if variant == "np_recal":
         model.train()
         normprop_fx.recalibrate(model, target.train_x.split(args.eval_batch))
@@ -349,7 +353,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pretrain-lr", type=float, default=0.1)
     p.add_argument("--finetune-size", type=int, default=512, help="fine-tuning images of classes 5-9")
     p.add_argument("--epochs", type=int, default=3, help="passes over the fine-tuning images (every batch size)")
-    p.add_argument("--test-size", type=int, default=2000, help="test images of each task")
+    p.add_argument("--test-size", type=int, default=1500, help="test images of each task")
     p.add_argument("--batch-sizes", type=common.positive_numbers(int), default=[1, 2, 4, 32])
     p.add_argument("--lrs", type=common.positive_numbers(float), default=[0.003, 0.01, 0.03, 0.1, 0.3],
                    help="learning-rate grid at batch 32, scaled by (batch/32)^1/2 (--lr-scaling)")
@@ -456,6 +460,21 @@ def main(argv: list[str] | None = None) -> int:
     log(f"checkpoint: source test accuracy {payload['pretrain']['final_accuracy']:.4f}; exactness "
         f"{json.dumps(payload['exactness'])}")
 
+    if args.dp:
+        dp_done = {(r["variant"], r["lr"], r["seed"]) for r in payload["dp_runs"]}
+        for variant in args.dp_variants:
+            for lr in args.dp_lrs:
+                if (variant, lr, 0) not in dp_done:
+                    payload["dp_runs"].append(dp_run(checkpoint, variant, lr, 0, "grid", domains, args, log))
+                    save()
+            best = training_report.best_run([r for r in payload["dp_runs"]
+                                             if r["variant"] == variant and r["seed"] == 0 and r["lr"] in args.dp_lrs])
+            if best is None:
+                continue
+            for seed in range(1, args.seeds):
+                if (variant, best["lr"], seed) not in dp_done:
+                    payload["dp_runs"].append(dp_run(checkpoint, variant, best["lr"], seed, "seeds", domains, args, log))
+                    save()
     done = {(r["variant"], r["batch_size"], r["lr"], r["seed"]) for r in payload["runs"]}
     for batch_size in args.batch_sizes:
         for variant in args.variants:
@@ -474,21 +493,6 @@ def main(argv: list[str] | None = None) -> int:
                 if (variant, batch_size, best["lr"], seed) not in done:
                     payload["runs"].append(finetune_run(checkpoint, variant, batch_size, best["lr"], seed, "seeds",
                                                         domains, args, payload["step0"], log))
-                    save()
-    if args.dp:
-        dp_done = {(r["variant"], r["lr"], r["seed"]) for r in payload["dp_runs"]}
-        for variant in args.dp_variants:
-            for lr in args.dp_lrs:
-                if (variant, lr, 0) not in dp_done:
-                    payload["dp_runs"].append(dp_run(checkpoint, variant, lr, 0, "grid", domains, args, log))
-                    save()
-            best = training_report.best_run([r for r in payload["dp_runs"]
-                                             if r["variant"] == variant and r["seed"] == 0 and r["lr"] in args.dp_lrs])
-            if best is None:
-                continue
-            for seed in range(1, args.seeds):
-                if (variant, best["lr"], seed) not in dp_done:
-                    payload["dp_runs"].append(dp_run(checkpoint, variant, best["lr"], seed, "seeds", domains, args, log))
                     save()
     meta["wall_seconds"] = time.perf_counter() - start
     meta["loadavg_end"] = os.getloadavg()
