@@ -95,3 +95,16 @@ def fake_fashion_mnist(folder: Path, n_train: int = 96, n_test: int = 48) -> Non
         images = (labels.reshape(-1, 1, 1) * 20 + torch.randint(0, 60, (n, 28, 28), generator=g)).clamp(0, 255)
         _write_idx(folder / f"{split}-images-idx3-ubyte.gz", images)
         _write_idx(folder / f"{split}-labels-idx1-ubyte.gz", labels)
+
+
+def check_page_rebuilds(doc: Path, tool: str, plots: list[Path], rebuild: Callable[[], int]) -> None:
+    """A tool's page (``doc``) names its command (tools/``tool`` --data-dir ...) near the top and has
+    targets, its ``plots`` are real images, and ``rebuild()`` (its report's main) rewrites the page
+    keeping the hand-written notes."""
+    text = doc.read_text()
+    command = next(line for line in text.splitlines()[:8] if f"tools/{tool}" in line)
+    assert command.startswith(f".venv/bin/python tools/{tool} --data-dir") and "## Targets" in text
+    assert all(p.stat().st_size > 1000 for p in plots)
+    doc.write_text(text.replace("(No notes yet", "KEEP ME (No notes yet"))
+    assert rebuild() == 0
+    assert "KEEP ME" in doc.read_text()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import fake_fashion_mnist
+from helpers import check_page_rebuilds, fake_fashion_mnist
 from torch import nn
 
 import finetune  # tools/ is on pytest's pythonpath
@@ -102,14 +102,11 @@ def test_tool_end_to_end_on_fake_idx_files(tmp_path, capsys) -> None:
     assert np_dp["grad_sample_modes"] == {"NormPropConv2d": "functorch", "Linear": "hooks"}
     assert 0 < np_dp["epsilon"] <= 8.0 + 1e-6 and np_dp["noise_multiplier"] > 0
     rows = finetune_report.targets(payload)
-    assert rows[0][2] is True and len(rows) == 1 + 2 + 1  # step 0, batch 2 and 4, DP
-    text = doc.read_text()
-    command = next(line for line in text.splitlines()[:8] if "tools/finetune.py" in line)
-    assert command.startswith(".venv/bin/python tools/finetune.py --data-dir") and "## Targets" in text
-    assert (out / "curves.png").stat().st_size > 1000 and (out / "lr_grid.png").stat().st_size > 1000
-    doc.write_text(text.replace("(No notes yet", "KEEP ME (No notes yet"))
-    assert finetune_report.main([str(out / "results.json"), "--doc", str(doc)]) == 0
-    assert "KEEP ME" in doc.read_text()
+    # step 0; at batch 2 and 4 NormProp exact and the best exact configuration; DP
+    assert rows[0][2] is True and len(rows) == 1 + 2 * 2 + 1
+    assert rows[1][0].startswith("batch 2: NormProp exact >=") and "best NormProp exact configuration" in rows[2][0]
+    check_page_rebuilds(doc, "finetune.py", [out / "curves.png", out / "lr_grid.png"],
+                        lambda: finetune_report.main([str(out / "results.json"), "--doc", str(doc)]))
 
 
 def test_tool_refuses_bad_arguments_and_a_missing_dataset(tmp_path, capsys) -> None:

@@ -340,6 +340,67 @@ def dp_run(checkpoint: nn.Module, variant: str, lr: float, seed: int, phase: str
     return run
 
 
+# ----------------------------------------------------------------------------- the tasks
+
+
+def _task_path(args: argparse.Namespace, task: str) -> Path:
+    return args.out / f"results.partial.{task.replace(' ', '')}.json"
+
+
+def run_task(task: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One batch size's sweep ("batch B": every variant's grid at seed 0, then the other seeds at its
+    best lr) or the DP-SGD part ("dp"), from the saved checkpoint; run in a worker process of its own
+    with --workers > 1. Saves its runs after each one (--resume continues from them)."""
+    torch.set_num_threads(args.threads)
+    domains = load_domains(args)
+    checkpoint = with_new_head(train.build_model(args.model), len(SOURCE_CLASSES), args.seed)
+    checkpoint.load_state_dict(torch.load(args.out / "checkpoint.pt"))
+    checkpoint.eval()
+    path = _task_path(args, task)
+    state: dict[str, Any] = {"runs": [], "dp_runs": [], "step0": {}}
+    if args.resume and path.is_file():
+        state.update(json.loads(path.read_text()))
+
+    def log(text: str) -> None:
+        print(f"[{task}] {text}", flush=True)
+
+    def save() -> None:
+        path.write_text(json.dumps(state))
+
+    if task == "dp":
+        done = {(r["variant"], r["lr"], r["seed"]) for r in state["dp_runs"]}
+        for variant in args.dp_variants:
+            for lr in args.dp_lrs:
+                if (variant, lr, 0) not in done:
+                    state["dp_runs"].append(dp_run(checkpoint, variant, lr, 0, "grid", domains, args, log))
+                    save()
+            best = training_report.best_run([r for r in state["dp_runs"]
+                                             if r["variant"] == variant and r["seed"] == 0 and r["lr"] in args.dp_lrs])
+            for seed in range(1, args.seeds if best is not None else 1):
+                if (variant, best["lr"], seed) not in done:
+                    state["dp_runs"].append(dp_run(checkpoint, variant, best["lr"], seed, "seeds", domains, args, log))
+                    save()
+        return state
+    batch_size = int(task.split()[1])
+    grid = grid_for(args, batch_size)
+    done = {(r["variant"], r["lr"], r["seed"]) for r in state["runs"]}
+    for variant in args.variants:
+        for lr in grid:
+            if (variant, lr, 0) not in done:
+                state["runs"].append(finetune_run(checkpoint, variant, batch_size, lr, 0, "grid", domains, args,
+                                                  state["step0"], log))
+                save()
+        best = training_report.best_run([r for r in state["runs"]
+                                         if r["variant"] == variant and r["seed"] == 0 and r["lr"] in grid])
+        for seed in range(1, args.seeds if best is not None else 1):
+            if (variant, best["lr"], seed) not in done:
+                state["runs"].append(finetune_run(checkpoint, variant, batch_size, best["lr"], seed, "seeds", domains,
+                                                  args, state["step0"], log))
+                save()
+    return state
+
+
+
 # ----------------------------------------------------------------------------- command line
 
 
@@ -351,17 +412,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pretrain-epochs", type=int, default=4)
     p.add_argument("--pretrain-batch", type=int, default=128)
     p.add_argument("--pretrain-lr", type=float, default=0.1)
-    p.add_argument("--finetune-size", type=int, default=512, help="fine-tuning images of classes 5-9")
-    p.add_argument("--epochs", type=int, default=3, help="passes over the fine-tuning images (every batch size)")
-    p.add_argument("--test-size", type=int, default=1500, help="test images of each task")
+    p.add_argument("--finetune-size", type=int, default=256, help="fine-tuning images of classes 5-9")
+    p.add_argument("--epochs", type=int, default=4, help="passes over the fine-tuning images (every batch size)")
+    p.add_argument("--test-size", type=int, default=1000, help="test images of each task")
     p.add_argument("--batch-sizes", type=common.positive_numbers(int), default=[1, 2, 4, 32])
-    p.add_argument("--lrs", type=common.positive_numbers(float), default=[0.003, 0.01, 0.03, 0.1, 0.3],
+    p.add_argument("--lrs", type=common.positive_numbers(float), default=[0.003, 0.01, 0.03, 0.1],
                    help="learning-rate grid at batch 32, scaled by (batch/32)^1/2 (--lr-scaling)")
     p.add_argument("--lr-scaling", choices=("sqrt", "linear", "none"), default="sqrt")
     p.add_argument("--small-batch-sizes", type=common.positive_numbers(int), default=[1, 2],
                    help="batch sizes that run only the top --small-batch-grid values of the grid (the cut that sizes the run)")
-    p.add_argument("--small-batch-grid", type=int, default=4)
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {','.join(VARIANTS)}")
+    p.add_argument("--small-batch-grid", type=int, default=4,
+                   help="how many of the grid's values those batch sizes run: the largest ones (default 4: all)")
+    p.add_argument("--variants", default=",".join(v for v in VARIANTS if v not in ("np_keepgb+stab", "np_fixedgb+stab")), help=f"subset of {','.join(VARIANTS)}")
     p.add_argument("--seeds", type=int, default=3, help="seeds at each variant's best learning rate (seed 0 is the grid's)")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=5e-4)
@@ -369,7 +431,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--collapse-below", type=float, default=0.3, help="collapsed below this final accuracy (chance 0.2)")
     p.add_argument("--dp", action=argparse.BooleanOptionalAction, default=True, help="the DP-SGD part (needs opacus)")
     p.add_argument("--dp-variants", default=",".join(DP_VARIANTS))
-    p.add_argument("--dp-size", type=int, default=2560, help="DP-SGD training images of classes 5-9")
+    p.add_argument("--dp-size", type=int, default=1024, help="DP-SGD training images of classes 5-9")
     p.add_argument("--dp-batch", type=int, default=256, help="expected Poisson batch size")
     p.add_argument("--dp-epochs", type=int, default=5)
     p.add_argument("--dp-epsilon", type=float, default=8.0)
@@ -377,7 +439,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dp-clip", type=float, default=1.0, help="per-sample gradient norm bound")
     p.add_argument("--dp-lrs", type=common.positive_numbers(float), default=[0.03, 0.1, 0.3, 1.0])
     p.add_argument("--seed", type=int, default=0, help="data subsets and pretraining")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--workers", type=int, default=3,
+                   help="processes running the tasks (one per batch size, one for DP-SGD) side by side (default 3)")
     p.add_argument("--eval-batch", type=int, default=500)
     p.add_argument("--stats-batch", type=int, default=64, help="test images in the fixed layer-statistics batch")
     p.add_argument("--out", type=Path, default=Path("finetune_out"))
@@ -388,7 +452,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         quick = {"model": "small_resnet:8,16", "pretrain_size": 1000, "pretrain_epochs": 1, "finetune_size": 64,
                  "epochs": 1, "test_size": 200, "batch_sizes": [1, 32], "lrs": [0.01, 0.1], "small_batch_grid": 2,
-                 "seeds": 2, "dp_size": 512, "dp_epochs": 1, "dp_lrs": [0.1], "eval_batch": 200}
+                 "seeds": 2, "dp_size": 512, "dp_epochs": 1, "dp_lrs": [0.1], "eval_batch": 200, "workers": 1}
         for name, value in quick.items():
             if getattr(args, name) == p.get_default(name):
                 setattr(args, name, value)
@@ -399,7 +463,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if unknown:
             p.error(f"unknown --{name.replace('_', '-')} {', '.join(unknown)}; choose from {', '.join(allowed)}")
     for name in ("pretrain_size", "pretrain_epochs", "pretrain_batch", "finetune_size", "epochs", "test_size",
-                 "small_batch_grid", "seeds", "dp_size", "dp_batch", "dp_epochs", "threads", "eval_batch",
+                 "small_batch_grid", "seeds", "dp_size", "dp_batch", "dp_epochs", "threads", "workers", "eval_batch",
                  "stats_batch"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
@@ -460,52 +524,27 @@ def main(argv: list[str] | None = None) -> int:
     log(f"checkpoint: source test accuracy {payload['pretrain']['final_accuracy']:.4f}; exactness "
         f"{json.dumps(payload['exactness'])}")
 
-    if args.dp:
-        dp_done = {(r["variant"], r["lr"], r["seed"]) for r in payload["dp_runs"]}
-        for variant in args.dp_variants:
-            for lr in args.dp_lrs:
-                if (variant, lr, 0) not in dp_done:
-                    payload["dp_runs"].append(dp_run(checkpoint, variant, lr, 0, "grid", domains, args, log))
-                    save()
-            best = training_report.best_run([r for r in payload["dp_runs"]
-                                             if r["variant"] == variant and r["seed"] == 0 and r["lr"] in args.dp_lrs])
-            if best is None:
-                continue
-            for seed in range(1, args.seeds):
-                if (variant, best["lr"], seed) not in dp_done:
-                    payload["dp_runs"].append(dp_run(checkpoint, variant, best["lr"], seed, "seeds", domains, args, log))
-                    save()
-    done = {(r["variant"], r["batch_size"], r["lr"], r["seed"]) for r in payload["runs"]}
-    for batch_size in args.batch_sizes:
-        for variant in args.variants:
-            grid = grid_for(args, batch_size)
-            for lr in grid:
-                if (variant, batch_size, lr, 0) not in done:
-                    payload["runs"].append(finetune_run(checkpoint, variant, batch_size, lr, 0, "grid", domains, args,
-                                                        payload["step0"], log))
-                    save()
-            grid_runs = [r for r in payload["runs"]
-                         if (r["variant"], r["batch_size"], r["seed"]) == (variant, batch_size, 0) and r["lr"] in grid]
-            best = training_report.best_run(grid_runs)
-            if best is None:
-                continue
-            for seed in range(1, args.seeds):
-                if (variant, batch_size, best["lr"], seed) not in done:
-                    payload["runs"].append(finetune_run(checkpoint, variant, batch_size, best["lr"], seed, "seeds",
-                                                        domains, args, payload["step0"], log))
-                    save()
+    tasks = (["dp"] if args.dp else []) + [f"batch {b}" for b in args.batch_sizes]
+    tasks.sort(key=lambda t: 0 if t == "batch 1" else 1 if t == "dp" else 2)  # the longest first
+    if args.workers == 1:
+        results = [run_task(task, args) for task in tasks]
+    else:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(min(args.workers, len(tasks))) as pool:
+            results = pool.starmap(run_task, [(task, args) for task in tasks])
+    by_task = dict(zip(tasks, results))
+    payload["dp_runs"] = by_task.get("dp", {}).get("dp_runs", [])
+    payload["runs"] = [r for b in args.batch_sizes for r in by_task[f"batch {b}"]["runs"]]
+    for result in results:
+        payload["step0"].update(result.get("step0", {}))
     meta["wall_seconds"] = time.perf_counter() - start
     meta["loadavg_end"] = os.getloadavg()
     meta["lr_grids"] = {str(b): grid_for(args, b) for b in args.batch_sizes}
     partial_path.unlink(missing_ok=True)
-    (args.out / "results.json").write_text(json.dumps(payload, indent=1))
-    print(finetune_report.results_tables(payload))
-    print(finetune_report.targets_text(payload))
-    plots = finetune_report.write_plots(payload, args.out)
-    if args.doc is not None:
-        finetune_report.write_doc(payload, args.doc, plots)
-        print(f"wrote {args.doc}")
-    print(f"wrote {args.out / 'results.json'} and {', '.join(str(p) for p in plots)}")
+    for task in tasks:
+        _task_path(args, task).unlink(missing_ok=True)
+    training_report.write_outputs(payload, args.out, args.doc, finetune_report)
     return 0
 
 

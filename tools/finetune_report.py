@@ -20,7 +20,6 @@ from typing import Any
 from tabulate import tabulate
 
 import training_report
-from common import NOTES_END, NOTES_START
 from training_report import _cell, _finish_axis, _save, best_run
 
 #: tools/finetune.py's variant labels (finetune.py imports torch; the report reads them from here)
@@ -217,7 +216,8 @@ def targets_text(payload: dict[str, Any]) -> str:
     return tabulate(rows, ["target", "measured", "result"], tablefmt="github", disable_numparse=True)
 
 
-def results_tables(payload: dict[str, Any]) -> str:
+def accuracy_tables(payload: dict[str, Any]) -> str:
+    """Every table of the page but the targets (the name training_report.write_outputs calls)."""
     return "\n\n".join([exactness_table(payload), summary_table(payload), grid_tables(payload), dp_table(payload)])
 
 
@@ -364,26 +364,14 @@ records are in `{os.path.relpath(Path(s['out']) / 'results.json', doc.parent)}`,
 
 ## Notes
 
-{NOTES_START}
-{training_report._preserved_notes(doc)}
-{NOTES_END}
+{training_report.notes_block(doc)}
 """
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:
-    import json
-
-    p = argparse.ArgumentParser(description="Rebuild the tools/finetune.py page from results.json")
-    p.add_argument("results", type=Path)
-    p.add_argument("--doc", type=Path, required=True)
-    args = p.parse_args(argv)
-    payload = json.loads(args.results.read_text())
-    plots = write_plots(payload, args.results.parent)
-    write_doc(payload, args.doc, plots)
-    print(f"wrote {args.doc}")
-    return 0
+    return training_report.rebuild_main(argv, "tools/finetune.py", sys.modules[__name__])
 
 
 if __name__ == "__main__":

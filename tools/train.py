@@ -600,14 +600,7 @@ def _train(args: argparse.Namespace, data: Data, env: dict[str, Any] | None, dev
     meta["corrections"] = training_report.count_corrections(normprop_fx.convert(build_model(args.model)))
     (args.out / "results.partial.json").unlink(missing_ok=True)
     payload = {"meta": meta, "runs": [asdict(r) for r in results]}
-    (args.out / "results.json").write_text(json.dumps(payload, indent=1))
-    print(training_report.accuracy_tables(payload))
-    print(training_report.targets_text(payload))
-    plots = training_report.write_plots(payload, args.out)
-    if args.doc is not None:
-        training_report.write_doc(payload, args.doc, plots)
-        print(f"wrote {args.doc}")
-    print(f"wrote {args.out / 'results.json'} and {', '.join(str(p) for p in plots)}")
+    training_report.write_outputs(payload, args.out, args.doc, training_report)
     return 0
 
 
