@@ -358,8 +358,16 @@ def run_task(task: str, args: argparse.Namespace) -> dict[str, Any]:
     checkpoint.eval()
     path = _task_path(args, task)
     state: dict[str, Any] = {"runs": [], "dp_runs": [], "step0": {}}
+    finished = args.out / "results.json"
     if args.resume and path.is_file():
         state.update(json.loads(path.read_text()))
+    elif args.resume and finished.is_file():  # a finished run: this task's part of it
+        previous = json.loads(finished.read_text())
+        state["step0"] = previous.get("step0", {})
+        if task == "dp":
+            state["dp_runs"] = previous.get("dp_runs", [])
+        else:
+            state["runs"] = [r for r in previous.get("runs", []) if r["batch_size"] == int(task.split()[1])]
 
     def log(text: str) -> None:
         print(f"[{task}] {text}", flush=True)
@@ -446,7 +454,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stats-batch", type=int, default=64, help="test images in the fixed layer-statistics batch")
     p.add_argument("--out", type=Path, default=Path("finetune_out"))
     p.add_argument("--doc", type=Path, default=None)
-    p.add_argument("--resume", action="store_true", help="continue from --out/results.partial.json")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the runs already in --out (an unfinished run's partial files, or a finished "
+                        "results.json, e.g. to add --variants); every run is seeded, so the results are those of "
+                        "one invocation")
     p.add_argument("--quick", action="store_true", help="smoke run: small_resnet:8,16, few images, 2 lrs, 2 seeds")
     args = p.parse_args(argv)
     if args.quick:
@@ -500,10 +511,15 @@ def main(argv: list[str] | None = None) -> int:
     meta = training_report.run_metadata(args, domains.description)
     meta["command"] = " ".join([".venv/bin/python", "tools/finetune.py", *(argv if argv is not None else sys.argv[1:])])
     payload: dict[str, Any] = {"meta": meta, "runs": [], "dp_runs": [], "step0": {}}
-    if args.resume and partial_path.is_file():
-        previous = json.loads(partial_path.read_text())
+    results_path = args.out / "results.json"
+    resume_from = partial_path if partial_path.is_file() else results_path
+    if args.resume and resume_from.is_file():  # an unfinished run, or a finished one to add runs to
+        previous = json.loads(resume_from.read_text())
         payload.update({k: previous[k] for k in ("runs", "dp_runs", "step0", "pretrain", "exactness") if k in previous})
-        meta["resumed_after_seconds"] = previous["meta"].get("elapsed_seconds", 0.0)
+        before = previous["meta"]
+        meta["resumed_after_seconds"] = before.get("wall_seconds", before.get("elapsed_seconds", 0.0))
+        meta["resumed_from"] = {k: before.get(k) for k in ("command", "commit", "date")}
+        meta["resumed_from"]["seconds"] = meta["resumed_after_seconds"]
     start = time.perf_counter() - meta.get("resumed_after_seconds", 0.0)
     print(f"{domains.description}\n{meta['machine']}")
 

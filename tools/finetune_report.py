@@ -288,6 +288,15 @@ def write_plots(payload: dict[str, Any], out: Path) -> list[Path]:
 # ----------------------------------------------------------------------------- the page
 
 
+def _resumed_text(meta: dict[str, Any]) -> str:
+    before = meta.get("resumed_from")
+    if not before:
+        return ""
+    return (f"It reused (`--resume`) the {before['seconds'] / 60:.1f} min of runs of an earlier invocation "
+            f"(`{before['command']}`, {before['date']}, commit {before['commit'] or 'unknown'}) and added the "
+            "rest; every run is seeded on its own, so one invocation of the command gives the same runs.\n\n")
+
+
 def write_doc(payload: dict[str, Any], doc: Path, plots: list[Path]) -> None:
     meta, s = payload["meta"], payload["meta"]["settings"]
     pre = payload["pretrain"]
@@ -296,13 +305,13 @@ def write_doc(payload: dict[str, Any], doc: Path, plots: list[Path]) -> None:
     budget = s["finetune_size"] * s["epochs"]
     text = f"""# Fine-tuning a trained BatchNorm network: NormProp against BN, FrozenBN and GroupNorm
 
-Produced by this command (from the repository root; it took {meta.get('wall_seconds', meta.get('elapsed_seconds', 0.0)) / 60:.1f} min on one thread):
+Produced by this command (from the repository root; it took {meta.get('wall_seconds', meta.get('elapsed_seconds', 0.0)) / 60:.1f} min, in {s.get('workers', 1)} worker processes of {s['threads']} torch thread each):
 
 ```
 {meta['command']}
 ```
 
-Every number below comes from that run ({meta['date']}, commit {meta['commit'] or 'unknown'}); the raw
+{_resumed_text(meta)}Every number below comes from that run ({meta['date']}, commit {meta['commit'] or 'unknown'}); the raw
 records are in `{os.path.relpath(Path(s['out']) / 'results.json', doc.parent)}`, and
 `.venv/bin/python tools/finetune_report.py {s['out']}/results.json --doc {doc}` rebuilds this page from them.
 
