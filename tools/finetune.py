@@ -179,13 +179,16 @@ def opacus_groupnorm(model: nn.Module) -> nn.Module:
 
 
 def make_model(checkpoint: nn.Module, variant: str, seed: int, args: argparse.Namespace,
-               target: Data) -> nn.Module:
-    """The model ``variant`` fine-tunes, with the new head of ``seed``; ``checkpoint`` is left as it is."""
+               target: Data, new_head: bool = True) -> nn.Module:
+    """The model ``variant`` fine-tunes, with the new head of ``seed`` (``new_head=False``: the
+    checkpoint's own head, for the source task); ``checkpoint`` is left as it is."""
     if variant == "np_scratch+stab":
         torch.manual_seed(seed)
         base = with_new_head(train.build_model(args.model), len(TARGET_CLASSES), seed)
         return normprop_fx.convert(base, init="normprop")
-    base = with_new_head(copy.deepcopy(checkpoint), len(TARGET_CLASSES), seed)
+    base = copy.deepcopy(checkpoint)
+    if new_head:
+        base = with_new_head(base, len(TARGET_CLASSES), seed)
     if variant == "bn":
         return base
     if variant == "frozen_bn":
@@ -253,6 +256,19 @@ def exactness(checkpoint: nn.Module, domains: Domains, args: argparse.Namespace)
                        "np_accuracy": (b == data.test_y).float().mean().item(),
                        "predictions_differing": int((a != b).sum()), "max_logit_difference": max_logit_diff}
     return rows
+
+
+def source_accuracies(checkpoint: nn.Module, domains: Domains, args: argparse.Namespace) -> dict[str, float]:
+    """What each variant's starting point computes on the source task (the checkpoint's head, the
+    source test images): the same as the checkpoint when it keeps its function, less when not
+    (GroupNorm), and what recalibration on the target images does to it."""
+    accuracies = {}
+    for variant in ("bn", "frozen_bn", "gn", "np", "np_recal"):
+        if variant == "gn" and "gn" not in args.variants:
+            continue
+        model = make_model(checkpoint, variant, 0, args, domains.target, new_head=False)
+        accuracies[variant] = train.evaluate(model, domains.source.test_x, domains.source.test_y, args.eval_batch)
+    return accuracies
 
 
 def finetune_run(checkpoint: nn.Module, variant: str, batch_size: int, lr: float, seed: int, phase: str,
@@ -515,7 +531,8 @@ def main(argv: list[str] | None = None) -> int:
     resume_from = partial_path if partial_path.is_file() else results_path
     if args.resume and resume_from.is_file():  # an unfinished run, or a finished one to add runs to
         previous = json.loads(resume_from.read_text())
-        payload.update({k: previous[k] for k in ("runs", "dp_runs", "step0", "pretrain", "exactness") if k in previous})
+        payload.update({k: previous[k] for k in ("runs", "dp_runs", "step0", "pretrain", "exactness", "source_accuracies")
+                        if k in previous})
         before = previous["meta"]
         meta["resumed_after_seconds"] = before.get("wall_seconds", before.get("elapsed_seconds", 0.0))
         meta["resumed_from"] = {k: before.get(k) for k in ("command", "commit", "date")}
@@ -536,6 +553,9 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint, payload["pretrain"] = pretrain(args, domains.source, log)
         torch.save(checkpoint.state_dict(), checkpoint_path)
         payload["exactness"] = exactness(checkpoint, domains, args)
+        save()
+    if "source_accuracies" not in payload:
+        payload["source_accuracies"] = source_accuracies(checkpoint, domains, args)
         save()
     log(f"checkpoint: source test accuracy {payload['pretrain']['final_accuracy']:.4f}; exactness "
         f"{json.dumps(payload['exactness'])}")

@@ -90,6 +90,16 @@ def exactness_table(payload: dict[str, Any]) -> str:
     return tabulate(rows, headers, tablefmt="github", disable_numparse=True)
 
 
+def source_table(payload: dict[str, Any]) -> str:
+    """Each variant's starting point on the source task (the checkpoint's head)."""
+    accuracies = payload.get("source_accuracies")
+    if not accuracies:
+        return "(not measured in this run)"
+    rows = [[_label(v), _pct(a)] for v, a in accuracies.items()]
+    return tabulate(rows, ["starting point (before fine-tuning)", "source-task test accuracy %"], tablefmt="github",
+                    disable_numparse=True)
+
+
 def summary_table(payload: dict[str, Any]) -> str:
     """Variants x batch sizes: mean ± sd of the final test accuracy over the seeds at the best lr."""
     groups = _by(payload["runs"], "variant", "batch_size")
@@ -218,7 +228,8 @@ def targets_text(payload: dict[str, Any]) -> str:
 
 def accuracy_tables(payload: dict[str, Any]) -> str:
     """Every table of the page but the targets (the name training_report.write_outputs calls)."""
-    return "\n\n".join([exactness_table(payload), summary_table(payload), grid_tables(payload), dp_table(payload)])
+    return "\n\n".join([exactness_table(payload), source_table(payload), summary_table(payload), grid_tables(payload),
+                        dp_table(payload)])
 
 
 # ----------------------------------------------------------------------------- plots
@@ -350,6 +361,11 @@ records are in `{os.path.relpath(Path(s['out']) / 'results.json', doc.parent)}`,
 ## Step 0: the conversion is exact
 
 {exactness_table(payload)}
+
+Each variant's starting point on the source task (classes 0-4, the checkpoint's head; the recalibrated
+one after `recalibrate` on the {s['finetune_size']} target images): what of the checkpoint's function it keeps.
+
+{source_table(payload)}
 
 ## Final test accuracy, mean ± sd over seeds at each variant's best learning rate (%)
 
