@@ -14,15 +14,17 @@ BN, FrozenBN and GroupNorm on Fashion-MNIST.
    groups, the BatchNorm's affine copied in), np (normprop_fx.convert(init="trained"): the same
    function), np+stab and np_keepgb+stab (np with the library's stabilizers: param_groups with and
    without weight decay on gamma/beta, adaptive_clip_grad_), np_fixedgb+stab (gamma/beta frozen,
-   stabilizers), np_recal (np, then
-   normprop_fx.recalibrate on the fine-tuning images), np_scratch+stab (NormProp from the paper's
-   initialization, no pretraining, with stabilizers). Each variant runs a learning-rate grid at
-   seed 0, then more seeds at its best rate.
+   stabilizers), np_recal (np, then normprop_fx.recalibrate on the fine-tuning images),
+   np_scratch+stab (NormProp from the paper's initialization, no pretraining, with stabilizers).
+   np_keepgb+stab and np_fixedgb+stab run only when --variants names them. Each variant runs a
+   learning-rate grid at seed 0, then more seeds at its best rate.
 3. DP-SGD (Opacus, ``pip install normprop-fx[dp]``): np, gn and frozen_bn fine-tuned under
    PrivacyEngine.make_private_with_epsilon (Poisson sampling) at --dp-epsilon / --dp-delta.
 
-Writes results.json (results.partial.json while it runs; --resume continues from it), PNG curves
-and, with --doc, the markdown page (tools/finetune_report.py, which rebuilds it from results.json).
+Steps 2 and 3 run as tasks (one per batch size, one for DP-SGD) in --workers processes. Writes
+results.json (partial files while it runs; --resume continues from them, or adds runs to a finished
+results.json), PNG curves and, with --doc, the markdown page (tools/finetune_report.py, which
+rebuilds it from results.json).
 
 Exit status: 0 on success, 1 when the dataset or opacus is missing, 2 on a bad argument.
 """
