@@ -314,9 +314,9 @@ def dp_run(checkpoint: nn.Module, variant: str, lr: float, seed: int, phase: str
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(domains.dp_x, domains.dp_y),
                                          batch_size=args.dp_batch)
-    engine = PrivacyEngine(accountant="rdp")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # secure_mode and full-backward-hook notices
+        engine = PrivacyEngine(accountant="rdp")
         private, optimizer, loader = engine.make_private_with_epsilon(
             module=model, optimizer=optimizer, data_loader=loader, target_epsilon=args.dp_epsilon,
             target_delta=args.dp_delta, epochs=args.dp_epochs, max_grad_norm=args.dp_clip, poisson_sampling=True,
