@@ -18,6 +18,19 @@ def same_padding(size: int, kernel: int, stride: int, dilation: int) -> int:
     return max((math.ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
 
 
+@torch.fx.wrap
+def pad_same(x: torch.Tensor, kernel_size: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...]) -> torch.Tensor:
+    """``x`` zero-padded as TensorFlow's 'SAME' does on its last two axes.
+
+    A leaf function of torch.fx (``torch.fx.wrap``): the padding depends on the input size,
+    which a symbolic trace does not know, so a traced graph calls this function as it is
+    (as timm's ``pad_same`` is kept). Eager, compiled or exported, it is an ordinary function."""
+    ih, iw = x.shape[-2:]
+    pad_h = same_padding(ih, kernel_size[0], stride[0], dilation[0])
+    pad_w = same_padding(iw, kernel_size[1], stride[1], dilation[1])
+    return F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+
+
 class NormPropConv2dSame(NormPropConv2d):
     """NormPropConv2d with TensorFlow 'SAME' padding, as ``timm.layers.Conv2dSame``."""
 
@@ -27,8 +40,4 @@ class NormPropConv2dSame(NormPropConv2d):
         return cls._from_weighted_module(conv, args, share_weight, options)  # type: ignore[return-value]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ih, iw = x.shape[-2:]
-        pad_h = same_padding(ih, self.kernel_size[0], self.stride[0], self.dilation[0])
-        pad_w = same_padding(iw, self.kernel_size[1], self.stride[1], self.dilation[1])
-        x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
-        return super().forward(x)
+        return super().forward(pad_same(x, self.kernel_size, self.stride, self.dilation))

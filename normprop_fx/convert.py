@@ -1,4 +1,4 @@
-"""``normprop_fx.convert``: a batch-normalized model in, a NormProp GraphModule out."""
+"""``normprop_fx.convert``: a batch-normalized model in, the same model with NormProp layers out."""
 
 from __future__ import annotations
 
@@ -22,17 +22,17 @@ from .passes.input_shape import resolve_example_inputs
 from .passes.inventory import batchnorm_modules, batchnorms_outside_graph
 from .passes.match import match_patterns
 from .passes.dropout_modes import restore_dropout_modes
+from .passes.graph_utils import TAKES_OVER
+from .passes.hierarchy import Snapshot, restore_hierarchy
 from .passes.insert_corrections import insert_corrections
 from .passes.opaque import replace_opaque_batchnorms
 from .passes.propagate import propagate_moments
 from .passes.rewrite import rewrite_patterns
-from .passes.trace import LeafSpec, frozen_training_flags, trace
-from .records import TRAINED_INIT, ConversionReport, LayerInit
+from .passes.trace import MODULE_CALLS, LeafSpec, NormPropTracer, frozen_training_flags, split_leaf_modules, trace
+from .records import REPORT_ATTRIBUTE, TRAINED_INIT, ConversionReport, LayerInit, ModuleTree
 
 logger = logging.getLogger(__name__)
 
-#: Attribute of the returned GraphModule that holds its :class:`ConversionReport`.
-REPORT_ATTRIBUTE = "normprop_report"
 
 INPUT_ASSUMPTION = (
     "the model input is standardized per channel (zero mean, unit variance), as torchvision "
@@ -58,8 +58,17 @@ def convert(
     eps: float = DEFAULT_EPS,
     concrete_args: dict[str, Any] | None = None,
     example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
-) -> fx.GraphModule:
+    flat: bool = False,
+) -> nn.Module:
     """Trace ``model`` and replace every Conv/Linear -> BatchNorm [-> activation] with a NormProp layer.
+
+    The result is the user's model: of its class, with its module tree, methods and attributes
+    (timm's ``forward_features``, ``reset_classifier``, ``pretrained_cfg``...). Each Conv/Linear
+    becomes its NormProp layer at its own qualified name, each BatchNorm ``nn.Identity``, each
+    activation its normalized form; a block whose own forward needs an operation it does not have
+    (a scale correction, a normalized activation for one of two calls of one module) is replaced,
+    at its own name, by a GraphModule of its forward rewritten, and its parents keep theirs
+    (docs/method.md section 9). ``result.normprop_report.module_tree`` lists those.
 
     Args:
         model: any traceable ``nn.Module``.
@@ -76,7 +85,9 @@ def convert(
         leaf_modules: module classes or qualified names that torch.fx must not trace into
             (their BatchNorms are left and reported).
         inplace: when False (the default) ``model`` is deep-copied first and never changed.
-            When True the result shares submodules and weights with ``model`` (no copy).
+            When True ``model`` itself is converted and returned (its modules swapped in place);
+            only when its own forward must be rebuilt is the result a new GraphModule, holding
+            ``model``'s weights, and a warning says so.
             Either way each NormProp layer keeps the conv's weight Parameter itself, so weights
             tied between layers stay tied.
         eps: added to each filter's squared norm in the weight normalization.
@@ -86,10 +97,13 @@ def convert(
             depend on the resolution). When omitted the shape is inferred from the model (timm's
             ``pretrained_cfg["input_size"]``, else the first layer with 224 pixels a side)
             and the report says so.
+        flat: return the one flat ``torch.fx.GraphModule`` the passes worked on instead (every
+            module inlined, the class and the blocks' forwards gone).
 
     Returns:
-        A ``torch.fx.GraphModule``; ``result.normprop_report`` is the
-        :class:`~normprop_fx.records.ConversionReport` that :func:`normprop_fx.summary` prints.
+        The converted model (``flat=True``: a ``torch.fx.GraphModule``);
+        ``result.normprop_report`` is the :class:`~normprop_fx.records.ConversionReport` that
+        :func:`normprop_fx.summary` prints.
 
     Raises:
         UntraceableModelError: torch.fx cannot trace the model; the message names the module.
@@ -117,6 +131,7 @@ def convert(
             ) from err
 
     gm, leaf_paths = trace(model, leaf_modules, concrete_args)
+    snapshot = Snapshot.of(gm)
     restore_dropout_modes(gm)
     frozen = frozen_training_flags(gm)
     for message in frozen:
@@ -150,6 +165,19 @@ def convert(
         gm, corrections = absorb_corrections(gm, corrections)
     for message in init_warnings:
         warnings.warn(message, NormPropWarning, stacklevel=2)
+    if flat:
+        result, tree = gm, _flat_tree(model, gm)
+    else:
+        leaves = split_leaf_modules(model, leaf_modules)
+        result, tree = restore_hierarchy(model, gm, snapshot, lambda: NormPropTracer(*leaves), concrete_args)
+        if inplace and result is not model:
+            warnings.warn(
+                f"inplace=True: the forward of {type(model).__name__} itself had to be rebuilt "
+                f"({tree.rebuilt[0].reason if tree.rebuilt else 'see the report'}): use the returned GraphModule; "
+                "it holds the weights of the model you passed, whose own modules are not swapped",
+                NormPropWarning,
+                stacklevel=2,
+            )
 
     report = ConversionReport(
         model=type(model).__name__,
@@ -167,10 +195,12 @@ def convert(
         estimated_ops=tuple(estimated),
         unknown_moments=tuple(unknown),
         input_shapes=tuple(tuple(x.shape) for x in inputs),
+        module_tree=tree,
     )
-    setattr(gm, REPORT_ATTRIBUTE, report)
-    # GraphModule.__deepcopy__ restores these (EMA copies, copy.deepcopy(converted)).
-    gm.meta.setdefault("_user_preserved_attributes", {})[REPORT_ATTRIBUTE] = report
+    setattr(result, REPORT_ATTRIBUTE, report)
+    if isinstance(result, fx.GraphModule):
+        # GraphModule.__deepcopy__ restores these (EMA copies, copy.deepcopy(converted)).
+        result.meta.setdefault("_user_preserved_attributes", {})[REPORT_ATTRIBUTE] = report
     if not found:
         warnings.warn(
             f"{type(model).__name__} has no BatchNorm module: nothing was converted",
@@ -181,7 +211,16 @@ def convert(
         "converted %s: %d BatchNorm found, %d converted, %d left",
         report.model, report.batchnorms_found, report.converted, len(report.left),
     )
-    return gm
+    return result
+
+
+def _flat_tree(model: nn.Module, gm: fx.GraphModule) -> ModuleTree:
+    """The record of a flat result; the trace's bookkeeping for the module tree is dropped (it
+    refers to nodes the passes erased)."""
+    gm.meta.pop(MODULE_CALLS, None)
+    for node in gm.graph.nodes:
+        node.meta.pop(TAKES_OVER, None)
+    return ModuleTree(root_type=type(model).__name__, class_kept=False, flat=True)
 
 
 def _example_inputs_if_known(

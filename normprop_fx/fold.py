@@ -48,7 +48,9 @@ from .errors import NormPropError
 from .layers import NormPropLayer, NormPropLinear, _NormPropConvNd
 from .normalized_activation import NormalizedActivation
 from .module_types import NORMPROP_MODULES
-from .passes.graph_utils import free_module_name, module_uses, set_submodule
+from .passes.graph_utils import free_module_name, has_submodule, module_uses, set_submodule
+from .passes.trace import trace
+from .records import REPORT_ATTRIBUTE, ConversionReport
 from .standardize import Standardize
 
 logger = logging.getLogger(__name__)
@@ -109,18 +111,24 @@ def _cache_scalars_after_load(module: ConstantAffine, _incompatible_keys: object
 
 
 def fold(converted: nn.Module) -> fx.GraphModule:
-    """The inference form of ``converted`` (the GraphModule :func:`normprop_fx.convert`
-    returned), in eval mode, with no NormProp module left. ``converted`` is not modified.
+    """The inference form of ``converted`` (a model :func:`normprop_fx.convert` returned), in
+    eval mode, with no NormProp module left: one flat GraphModule of plain layers (the module
+    tree of a converted model is traced flat first, with the conversion's leaf modules kept).
+    ``converted`` is not modified.
 
     Its eval outputs equal ``converted.eval()``'s up to floating-point rounding. Raises
-    NormPropError when ``converted`` is not a ``torch.fx.GraphModule``.
+    NormPropError when ``converted`` is neither a GraphModule nor a model convert() returned.
     """
-    if not isinstance(converted, fx.GraphModule):
-        raise NormPropError(
-            f"fold() takes the torch.fx.GraphModule that normprop_fx.convert() returned, got "
-            f"{type(converted).__name__}"
-        )
-    gm = copy.deepcopy(converted)
+    if isinstance(converted, fx.GraphModule):
+        gm = copy.deepcopy(converted)
+    else:
+        report = getattr(converted, REPORT_ATTRIBUTE, None)
+        if not isinstance(report, ConversionReport):
+            raise NormPropError(
+                f"fold() takes a model that normprop_fx.convert() returned (or a torch.fx.GraphModule), got "
+                f"{type(converted).__name__}"
+            )
+        gm, _ = trace(copy.deepcopy(converted), [p for p in report.leaf_modules if has_submodule(converted, p)])
     gm.eval()
     with torch.no_grad():
         expanded = _expand_normprop_modules(gm)

@@ -70,17 +70,24 @@ def init_gamma_beta_activation(
     module.activation = NormalizedActivation(spec)
 
 
-def normalized_weight(weight: torch.Tensor, gamma: torch.Tensor, eps: float = DEFAULT_EPS) -> torch.Tensor:
+def normalized_weight(
+    weight: torch.Tensor, gamma: torch.Tensor, eps: float = DEFAULT_EPS, *, weight_dim: int | None = None
+) -> torch.Tensor:
     """``gamma_i * W_i / ||W_i||`` for every output row i of ``weight`` (dim 0).
 
     The norm is taken in at least float32, so fp16/bf16 weights neither overflow nor underflow
     in the sum of squares, and float64 weights keep float64 precision.
+
+    ``weight_dim``: the rank of ``weight`` when the caller knows it (a layer does, from its
+    class), so that the shape arithmetic needs no ``weight.dim()``: under a plain torch.fx trace
+    ``weight`` is a Proxy, whose ``dim()`` is no Python int.
     """
-    reduce_dims = tuple(range(1, weight.dim()))
+    ndim = weight.dim() if weight_dim is None else weight_dim
+    reduce_dims = tuple(range(1, ndim))
     compute = torch.promote_types(weight.dtype, torch.float32)
     w = weight.to(compute)
     inv_norm = torch.rsqrt(w.pow(2).sum(reduce_dims, keepdim=True) + eps)
-    scale = gamma.to(compute).reshape(-1, *([1] * (weight.dim() - 1))) * inv_norm
+    scale = gamma.to(compute).reshape(-1, *([1] * (ndim - 1))) * inv_norm
     return (w * scale).to(weight.dtype)
 
 
@@ -97,19 +104,30 @@ class NormPropLayer(nn.Module):
     #: When set, inputs of any other rank are refused: the pattern this layer replaced only
     #: normalized its output features for that rank (Linear -> BatchNorm1d needs (N, C)).
     required_input_dim: int | None = None
+    #: The rank of ``weight``, known from the class (see :func:`normalized_weight`).
+    _weight_dim: int
     #: After keep_batchnorm_function: the replaced BatchNorm's affine ``(g, t)``, float64 on the
     #: CPU: its output had per-channel mean t and std |g| on the data its statistics describe,
     #: which normprop_fx.recalibrate restores on new data (docs/method.md section 8). None otherwise.
     batchnorm_affine: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if self.required_input_dim is not None and x.dim() != self.required_input_dim:
-            raise NormPropError(
-                f"{type(self).__name__}({self.extra_repr()}) replaced a pattern that normalizes its "
-                f"output features only for {self.required_input_dim}-D input, but got shape "
-                f"{tuple(x.shape)}: on such input the original BatchNorm normalized another axis. "
-                "Keep that part of the model out of the conversion (leaf_modules=...)."
-            )
+        if self.required_input_dim is None:
+            return
+        if isinstance(x, torch.fx.Proxy):
+            # Traced by another tool (torch.fx, torchvision feature extraction): the rank is not
+            # known yet, so the graph checks it when it runs.
+            torch._assert(x.dim() == self.required_input_dim, self._wrong_rank_message("another rank"))
+        elif x.dim() != self.required_input_dim:
+            raise NormPropError(self._wrong_rank_message(f"shape {tuple(x.shape)}"))
+
+    def _wrong_rank_message(self, got: str) -> str:
+        return (
+            f"{type(self).__name__}({self.extra_repr()}) replaced a pattern that normalizes its "
+            f"output features only for {self.required_input_dim}-D input, but got {got}: on such "
+            "input the original BatchNorm normalized another axis. "
+            "Keep that part of the model out of the conversion (leaf_modules=...)."
+        )
 
     def _init_normprop(
         self,
@@ -125,7 +143,7 @@ class NormPropLayer(nn.Module):
         init_gamma_beta_activation(self, out_channels, spec, gamma_init, affine, factory)
 
     def normalized_weight(self) -> torch.Tensor:
-        return normalized_weight(self.weight, self.gamma, self.eps)
+        return normalized_weight(self.weight, self.gamma, self.eps, weight_dim=self._weight_dim)
 
     def keep_batchnorm_function(
         self, state: BatchNormState, conv_bias: torch.Tensor | None, *, where: str = ""
@@ -181,6 +199,8 @@ class NormPropLayer(nn.Module):
 class NormPropLinear(NormPropLayer):
     """Linear layer with NormProp weight normalization and normalized activation."""
 
+    _weight_dim = 2
+
     def __init__(
         self,
         in_features: int,
@@ -218,6 +238,10 @@ class NormPropLinear(NormPropLayer):
 class _NormPropConvNd(NormPropLayer):
     _dims: ClassVar[int]
     _conv: ClassVar[Any]
+
+    @property
+    def _weight_dim(self) -> int:
+        return self._dims + 2
 
     def __init__(
         self,

@@ -77,6 +77,8 @@ class ModelCheck:
     worst_mean_layer: str | None = None
     #: every NormProp layer within STD_TARGET and MEAN_TARGET (None: nothing measured)
     within_std_target: bool | None = None
+    #: the converted model is of the user's class with its own forward (docs/method.md section 9)
+    class_kept: bool | None = None
     #: "category: detail" lines, in the order found; the first is the reason of the row
     failures: list[str] = field(default_factory=list)
 
@@ -220,11 +222,18 @@ def _convert(model: nn.Module, check: ModelCheck, gamma_init: float, options: di
     check.converted = report.converted
     check.left = len(report.left)
     check.left_reasons = dict(Counter(b.reason for b in report.left))
+    check.class_kept = kept_class(model, converted)
     if report.left:
         first = report.left[0]
         check.failures.append(f"BN left: {len(report.left)} of {report.batchnorms_found}, e.g. {first.path} "
                               f"({first.type}): {first.reason}")
     return converted
+
+
+def kept_class(model: nn.Module, converted: nn.Module) -> bool:
+    """The conversion of ``model`` is of its class, with its own forward (its root not rebuilt)."""
+    tree = conversion_report(converted).module_tree
+    return type(converted) is type(model) and tree is not None and tree.class_kept
 
 
 def floating_outputs(out: Any) -> list[torch.Tensor]:
@@ -432,6 +441,7 @@ class TrainedCheck:
     train_eval_difference: float | None = None  #: converted (float32), train mode (dropout off) vs eval
     #: BatchNorms left because the eval-mode forward (which the check traces) never calls them
     never_called: list[str] = field(default_factory=list)
+    class_kept: bool | None = None  #: as ModelCheck.class_kept, for the float32 conversion
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -487,6 +497,7 @@ def check_trained_conversion(
             converted32 = convert(original32, example_inputs=torch.empty(batch_size, *shape), **options)
             del original32
         report = conversion_report(converted32)
+        check.class_kept = kept_class(model, converted32)
         check.batchnorms_found = report.batchnorms_found
         check.kept_trained = sum(i.trained for i in report.initializations)
         # A BatchNorm the eval-mode forward never calls (an auxiliary head that runs in training

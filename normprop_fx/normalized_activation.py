@@ -9,6 +9,12 @@ from .activation_functions import ActivationSpec, activation
 from .moments import activation_constants
 from .piecewise_linear import PIECEWISE_LINEAR, normalized_piecewise_linear
 
+# A leaf function of torch.fx: a plain symbolic trace of this module would otherwise trace into
+# the autograd.Function's forward and record ``f(u) * scale + shift`` with plain autograd, whose
+# gradient is not the one taken from the output (piecewise_linear.py). (``wrap`` patches this
+# module's global name, the one forward calls.)
+torch.fx.wrap("normalized_piecewise_linear")
+
 
 class NormalizedActivation(nn.Module):
     """Applies an activation, then subtracts and divides by its N(0, 1) mean and std.

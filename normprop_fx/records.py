@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+#: Attribute of a converted model that holds its :class:`ConversionReport`.
+REPORT_ATTRIBUTE = "normprop_report"
+
 
 @dataclass(frozen=True)
 class Rewrite:
@@ -45,6 +48,28 @@ class LayerInit:
     @property
     def trained(self) -> bool:
         return self.init == TRAINED_INIT
+
+
+@dataclass(frozen=True)
+class RebuiltModule:
+    """A module of the user's tree whose forward was replaced, at its own qualified name, by a
+    GraphModule of that forward rewritten (or inlined into its caller's), and why."""
+
+    path: str  #: qualified name ('' for the root)
+    type: str  #: the original class name (the GraphModule keeps it as its own)
+    reason: str
+
+
+@dataclass(frozen=True)
+class ModuleTree:
+    """How the converted graph was written back into the user's model (``passes.hierarchy``)."""
+
+    root_type: str
+    class_kept: bool  #: the returned model is of the user's class, with its own forward
+    swapped: int = 0  #: modules replaced at their own qualified names (NormProp layers, nn.Identity...)
+    rebuilt: tuple[RebuiltModule, ...] = ()
+    inlined: tuple[RebuiltModule, ...] = ()  #: module calls inlined into their caller's rebuilt forward
+    flat: bool = False  #: the result is the one flat GraphModule (asked for, or the last resort)
 
 
 @dataclass(frozen=True)
@@ -100,6 +125,8 @@ class ConversionReport:
     #: ops whose moments could not be computed (with the error): nothing downstream is corrected
     unknown_moments: tuple[str, ...] = ()
     input_shapes: tuple[tuple[int, ...], ...] = ()  #: the shapes the nominal moments were computed for
+    #: how the result carries the user's module tree (None: not recorded)
+    module_tree: ModuleTree | None = None
 
     @property
     def converted(self) -> int:

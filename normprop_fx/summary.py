@@ -33,6 +33,27 @@ def _initialization_lines(report: ConversionReport, tablefmt: str) -> list[str]:
     return lines
 
 
+def _module_tree_lines(report: ConversionReport, tablefmt: str) -> list[str]:
+    """Where the conversion lives in the user's module tree (docs/method.md section 9)."""
+    tree = report.module_tree
+    if tree is None:
+        return []
+    if tree.flat and not tree.rebuilt:
+        return [f"Module tree: one flat GraphModule (flat=True): {tree.root_type}'s class and its modules' forwards are not kept."]
+    if tree.flat:
+        return [f"Module tree: one flat GraphModule, as a last resort: {tree.rebuilt[0].reason}."]
+    head = (f"Module tree: {tree.root_type} keeps its class and forward" if tree.class_kept
+            else f"Module tree: the forward of {tree.root_type} itself is rebuilt as a GraphModule")
+    lines = [f"{head}; {tree.swapped} modules replaced at their own names, {len(tree.rebuilt)} rebuilt as GraphModules"
+             + (f", {len(tree.inlined)} module calls inlined into their caller's" if tree.inlined else "")
+             + (":" if tree.rebuilt or tree.inlined else ".")]
+    rows = [[r.path or "(root)", r.type, "rebuilt", r.reason] for r in tree.rebuilt]
+    rows += [[r.path, r.type, "inlined", r.reason] for r in tree.inlined]
+    if rows:
+        lines.append(tabulate(rows, headers=["module", "class", "how", "why"], tablefmt=tablefmt, disable_numparse=True))
+    return lines
+
+
 def summary(
     converted: nn.Module,
     *,
@@ -123,6 +144,7 @@ def summary(
     if report.unknown_moments:
         parts.append("Moments unknown (values computed from these get no correction):")
         parts.extend(f"  {op}" for op in report.unknown_moments)
+    parts.extend(_module_tree_lines(report, tablefmt))
     if report.leaf_modules:
         parts.append(f"Leaf modules (not traced): {', '.join(report.leaf_modules)}")
     parts.extend(f"Assumed: {a}." for a in report.assumptions)

@@ -32,8 +32,8 @@ from normprop_fx.normalized_activation import NormalizedActivation
 from normprop_fx.records import Correction
 from normprop_fx.standardize import Standardize
 
-from .describe import describe_node
-from .graph_utils import free_module_name, module_uses
+from .describe import describe_node, owner_module_path
+from .graph_utils import adopt_owner, free_module_name, hand_over, module_uses
 
 
 #: Readers that can take the uncorrected value back as ``z / scale + mean`` inside their own
@@ -78,7 +78,7 @@ def absorb_corrections(gm: fx.GraphModule, corrections: list[Correction]) -> tup
             continue
         mean, scale = float(correction.mean), float(correction.scale)
         act.absorb_correction(correction.mean, correction.scale, correction.reason)
-        node.replace_all_uses_with(source)
+        hand_over(node, source)
         gm.graph.erase_node(node)
         removed.add(node)
         moved = f"{source.target}'s correction for {records[node.target].consumer} moved into {path}"
@@ -92,7 +92,7 @@ def absorb_corrections(gm: fx.GraphModule, corrections: list[Correction]) -> tup
                 composed_mean, composed_scale = (m2 - mean) * scale, s2 / scale
                 record = records.pop(reader.target)
                 if math.isclose(composed_scale, 1.0, rel_tol=1e-6) and abs(composed_mean) < 1e-7:
-                    reader.replace_all_uses_with(source)
+                    hand_over(reader, source)
                     gm.graph.erase_node(reader)
                     removed.add(reader)
                     records[reader.target] = dataclasses.replace(record, path=path, reason=f"{record.reason}; the same correction: applied by {path}'s output affine")
@@ -101,11 +101,11 @@ def absorb_corrections(gm: fx.GraphModule, corrections: list[Correction]) -> tup
                 gm.add_submodule(reader.target, Standardize(torch.tensor(composed_mean), torch.tensor(composed_scale), reason=reason))
                 records[reader.target] = dataclasses.replace(record, reason=reason, mean=f"{composed_mean:.4g}", scale=f"{composed_scale:.4g}")
             else:
-                target = free_module_name(gm, f"{path}_uncorrected")
+                target = free_module_name(gm, _uncorrected_name(path, owner_module_path(reader)))
                 reason = f"restores the uncorrected output of {source.target} for {describe_node(reader, gm)}: {moved}"
                 gm.add_submodule(target, Standardize(torch.tensor(-mean * scale), torch.tensor(1.0 / scale), reason=reason))
                 with gm.graph.inserting_before(reader):
-                    restored = gm.graph.call_module(target, (source,))
+                    restored = adopt_owner(gm.graph.call_module(target, (source,)), reader)
                 reader.replace_input_with(source, restored)
                 records[target] = Correction(
                     path=target, consumer=describe_node(reader, gm), source=path, reason=reason,
@@ -129,6 +129,14 @@ def _scalar_correction(gm: fx.GraphModule, node: fx.Node, uses: Counter[str], re
     if not isinstance(module, Standardize) or module.mean.numel() != 1 or module.scale.numel() != 1:
         return None
     return module
+
+
+def _uncorrected_name(path: str, owner: str) -> str:
+    """``<activation>_uncorrected``, under the module whose forward reads it (the next block's
+    residual add), so that the block that runs it can hold it: ``layer1.1.layer1_0_relu_uncorrected``."""
+    if not owner or path.startswith(f"{owner}."):
+        return f"{path}_uncorrected"
+    return f"{owner}.{path.replace('.', '_')}_uncorrected"
 
 
 def _takes_uncorrected(gm: fx.GraphModule, reader: fx.Node, uses: Counter[str], records: dict[str, Correction]) -> bool:

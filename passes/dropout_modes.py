@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .describe import owner_module_path
-from .graph_utils import free_module_name
+from .graph_utils import adopt_owner, free_module_name, hand_over
 from .patterns import training_flag
 
 class FeatureDropout(nn.modules.dropout._DropoutNd):
@@ -64,8 +64,8 @@ def restore_dropout_modes(gm: fx.GraphModule) -> list[str]:
         module.train(training)
         gm.add_submodule(target, module)
         with gm.graph.inserting_before(node):
-            replacement = gm.graph.call_module(target, (node.args[0],))
-        node.replace_all_uses_with(replacement)
+            replacement = adopt_owner(gm.graph.call_module(target, (node.args[0],)), node)
+        hand_over(node, replacement)
         gm.graph.erase_node(node)
         added.append(target)
     if added:

@@ -22,15 +22,56 @@ if TYPE_CHECKING:
 __all__ = [
     "NORMPROP_CONSUMERS",
     "NORMPROP_MODULES",
+    "TAKES_OVER",
     "activation_spec",
+    "adopt_owner",
     "channel_reduce_dims",
     "free_module_name",
+    "hand_over",
     "has_submodule",
     "module_calls",
     "module_uses",
     "normalizable_activation",
+    "owner_stack",
     "set_submodule",
+    "take_over",
 ]
+
+#: torch.fx's record, in ``node.meta``, of the module calls a node was traced in.
+MODULE_STACK = "nn_module_stack"
+#: ``node.meta`` key: the nodes whose role this node took over (:func:`hand_over`).
+TAKES_OVER = "normprop_takes_over"
+
+
+def owner_stack(node: fx.Node) -> dict[str, tuple[str, type]]:
+    """The module calls whose forward made ``node``, outermost first, as torch.fx records them
+    (``{key: (qualified name, type)}``; the key has ``@k`` for the k-th repeated call). A
+    ``call_module`` node's own call is not part of it."""
+    stack = dict(node.meta.get(MODULE_STACK) or {})
+    if node.op == "call_module" and stack:
+        key = next(reversed(stack))
+        if stack[key][0] == node.target:
+            del stack[key]
+    return stack
+
+
+def adopt_owner(node: fx.Node, anchor: fx.Node) -> fx.Node:
+    """Give the new ``node`` the owner of ``anchor`` (the node it is inserted for): in the
+    user's module tree it belongs to the forward that ``anchor`` belongs to."""
+    node.meta[MODULE_STACK] = owner_stack(anchor)
+    return node
+
+
+def hand_over(old: fx.Node, new: fx.Node, **kwargs: object) -> None:
+    """``old.replace_all_uses_with(new)``, remembering that ``new`` now plays ``old``'s role for
+    its readers (``new.meta[TAKES_OVER]``): where a module returned ``old``, it now returns ``new``."""
+    old.replace_all_uses_with(new, **kwargs)
+    take_over(new, old)
+
+
+def take_over(new: fx.Node, old: fx.Node) -> None:
+    """Record that ``new`` plays ``old``'s role (and that of every node ``old`` took over)."""
+    new.meta.setdefault(TAKES_OVER, []).extend([old, *old.meta.get(TAKES_OVER, ())])
 
 
 def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:

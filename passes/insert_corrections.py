@@ -26,7 +26,7 @@ from normprop_fx.records import Correction, NormalizedStandalone
 from normprop_fx.standardize import Standardize
 
 from .describe import correction_reason, describe_node, owner_module_path, value_range
-from .graph_utils import free_module_name, module_calls, set_submodule
+from .graph_utils import adopt_owner, free_module_name, hand_over, module_calls, set_submodule
 from .moment_rules import Moments
 from .propagate import CORRECTION, NORMALIZE, RECORDS, MomentAnalysis
 
@@ -74,7 +74,7 @@ def _insert_correction(
     target = free_module_name(gm, f"{name}_input_correction")
     gm.add_submodule(target, module)
     with gm.graph.inserting_before(consumer):
-        corrected = gm.graph.call_module(target, (source,))
+        corrected = adopt_owner(gm.graph.call_module(target, (source,)), consumer)
     consumer.replace_input_with(source, corrected)
     return Correction(
         path=target,
@@ -101,8 +101,8 @@ def _normalize_standalone(
         gm.add_submodule(target, module)
     source = node.args[0]
     with gm.graph.inserting_before(node):
-        new = gm.graph.call_module(target, (source,))
-    node.replace_all_uses_with(new)
+        new = adopt_owner(gm.graph.call_module(target, (source,)), node)
+    hand_over(node, new)
     gm.graph.erase_node(node)
     if not moments.is_standard():
         corrections.append(_insert_correction(gm, new, source, moments, target))

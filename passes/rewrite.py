@@ -26,7 +26,7 @@ from normprop_fx.moments import activation_constants
 from normprop_fx.records import LayerInit, Rewrite
 
 from .describe import describe_node
-from .graph_utils import set_submodule
+from .graph_utils import adopt_owner, hand_over, set_submodule, take_over
 from .match import PatternMatch
 
 
@@ -81,15 +81,17 @@ def rewrite_patterns(
         follow_requires_grad(layer, state, conv_weight)
         set_submodule(gm, path, layer)
 
-        first_kept, tail = _insert_kept(gm, str(match.norm.target), out, match.kept)
+        first_kept, tail = _insert_kept(gm, match.norm, out, match.kept)
         last = match.activation if match.activation is not None else match.norm
         if last is out:
             if tail is not out:
-                out.replace_all_uses_with(tail, delete_user_cb=lambda user, first=first_kept: user is not first)
+                hand_over(out, tail, delete_user_cb=lambda user, first=first_kept: user is not first)
         else:
-            last.replace_all_uses_with(tail)
+            hand_over(last, tail)
             for node in (match.activation, match.norm):
                 if node is not None and node is not out:
+                    if node is not last:  # a module that returned the BatchNorm's output now returns the layer's
+                        take_over(tail, node)
                     gm.graph.erase_node(node)
 
         records.append(
@@ -113,16 +115,17 @@ def rewrite_patterns(
 
 
 def _insert_kept(
-    gm: fx.GraphModule, norm_path: str, out: fx.Node, kept: tuple[tuple[str, nn.Module], ...]
+    gm: fx.GraphModule, norm: fx.Node, out: fx.Node, kept: tuple[tuple[str, nn.Module], ...]
 ) -> tuple[fx.Node | None, fx.Node]:
-    """Call ``kept`` modules in order after ``out``, each registered as ``<norm_path>_<attr>``.
+    """Call ``kept`` modules in order after ``out``, each registered as ``<norm path>_<attr>`` and
+    owned by the forward that called the BatchNorm ``norm``.
     Returns the first inserted node (or None) and the last node of the chain."""
     first: fx.Node | None = None
     tail = out
     for attribute, module in kept:
-        target = f"{norm_path}_{attribute}"
+        target = f"{norm.target}_{attribute}"
         gm.add_submodule(target, module)
         with gm.graph.inserting_after(tail):
-            tail = gm.graph.call_module(target, (tail,))
+            tail = adopt_owner(gm.graph.call_module(target, (tail,)), norm)
         first = first or tail
     return first, tail

@@ -3,15 +3,22 @@
 NormProp layers and frozen BatchNorms are always leaves; user-supplied leaf modules (types or
 qualified names) are too. When tracing fails, the error names the innermost module whose forward could not be
 traced and says how to make it a leaf.
+
+The trace is flat, but it remembers the module tree it flattened: every call of a module it
+traced into is a :class:`ModuleCall` (which module, the graph nodes it was given and returned),
+and every node's ``meta["nn_module_stack"]`` names the calls it was made in (torch.fx's own
+record). ``passes.hierarchy`` writes the converted graph back into the user's modules from these.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
 from torch import fx, nn
+from torch.utils import _pytree as pytree
 
 from normprop_fx.batchnorm_state import frozen_batchnorm_types
 from normprop_fx.errors import InvalidOptionError, UntraceableModelError
@@ -21,6 +28,45 @@ from .patterns import training_flag
 from .graph_utils import NORMPROP_MODULES
 
 LeafSpec = type | str
+
+#: Key of ``GraphModule.meta`` under which :func:`trace` leaves the :class:`ModuleCall` records.
+MODULE_CALLS = "normprop_module_calls"
+
+
+@dataclass
+class ModuleCall:
+    """One call of a module that the trace went into (not a leaf), as the graph saw it.
+
+    ``key`` is torch.fx's ``nn_module_stack`` key of the call: the qualified name, with ``@k``
+    for the k-th repeated call of the same module. ``args``, ``kwargs`` and ``output`` are the
+    call's values with every traced value as its graph node; ``opaque`` is set when one of them is
+    neither a node nor a plain constant (an object the graph cannot name), so the call's
+    boundary is unknown.
+    """
+
+    key: str
+    path: str
+    module: nn.Module
+    args: tuple
+    kwargs: dict
+    output: Any = None
+    opaque: bool = False
+
+
+def _as_nodes(value: Any) -> tuple[Any, bool]:
+    """``value`` with each Proxy replaced by its node; also whether every leaf was a node or a
+    plain constant."""
+    plain = True
+
+    def node_of(leaf: Any) -> Any:
+        nonlocal plain
+        if isinstance(leaf, fx.Proxy):
+            return leaf.node
+        if not isinstance(leaf, (int, float, bool, str, type(None), type(Ellipsis), slice)):
+            plain = False
+        return leaf
+
+    return pytree.tree_map(node_of, value), plain
 
 
 @cache
@@ -72,6 +118,7 @@ class NormPropTracer(fx.Tracer):
         self.leaf_types = leaf_types + mode_dependent_modules() + library_modules + frozen_batchnorm_types()
         self.leaf_names = frozenset(leaf_names)
         self.failed_module: str | None = None
+        self.module_calls: list[ModuleCall] = []
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, NORMPROP_MODULES):
@@ -82,7 +129,18 @@ class NormPropTracer(fx.Tracer):
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
         try:
-            return super().call_module(m, forward, args, kwargs)
+            path = self.path_of_module(m)
+            count = self.num_calls.get(path, 0)
+            record = None
+            if not self.is_leaf_module(m, path):
+                (node_args, node_kwargs), plain = _as_nodes((args, kwargs))
+                record = ModuleCall(f"{path}@{count}" if count else path, path, m, node_args, node_kwargs, opaque=not plain)
+                self.module_calls.append(record)
+            output = super().call_module(m, forward, args, kwargs)
+            if record is not None:
+                record.output, plain = _as_nodes(output)
+                record.opaque = record.opaque or not plain
+            return output
         except Exception:
             if self.failed_module is None:
                 try:
@@ -140,6 +198,7 @@ def trace(
         raise _untraceable(model, tracer.failed_module, err) from err
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     gm.training = model.training  # not gm.train(): that would reset every submodule's own mode
+    gm.meta[MODULE_CALLS] = tracer.module_calls
     return gm, leaf_module_paths(model, leaf_types, leaf_names)
 
 

@@ -23,7 +23,7 @@ def two_layers(act: type[nn.Module] = nn.ReLU) -> fx.GraphModule:
         nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), act(),
         nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), act(),
     )
-    return normprop_fx.convert(model)
+    return normprop_fx.convert(model, flat=True)  # the tests read the graph the passes made
 
 
 def with_correction(gm: fx.GraphModule, mean: torch.Tensor, scale: torch.Tensor, extra_reader: bool = False) -> tuple[fx.GraphModule, Correction]:
@@ -130,7 +130,7 @@ def test_absorb_correction_refuses_bad_constants_and_a_second_correction():
 def test_mobilenet_v3_large_merges_every_scalar_correction_after_a_layer():
     torch.manual_seed(0)
     model = torchvision.models.mobilenet_v3_large()
-    converted = normprop_fx.convert(model, example_inputs=torch.empty(2, 3, 64, 64))
+    converted = normprop_fx.convert(model, example_inputs=torch.empty(2, 3, 64, 64), flat=True)
     report = normprop_fx.conversion_report(converted)
     merged = [c for c in report.corrections if c.path.endswith(".activation")]
     assert len(merged) >= 5

@@ -63,7 +63,7 @@ def test_every_relu_form_is_fused_and_computes_normprop(form):
     torch.manual_seed(0)
     act, ref_act = RELU_FORMS[form]
     model = ConvNormAct(_conv2d(), nn.BatchNorm2d(8), act)
-    gm = normprop_fx.convert(model)
+    gm = normprop_fx.convert(model, flat=True)
     report = normprop_fx.conversion_report(gm)
     assert report.converted == 1 and not report.left
     assert report.rewrites[0].activation == "relu"
@@ -417,7 +417,7 @@ def test_stochastic_depth_keeps_its_train_eval_switch():
     from torchvision.ops import StochasticDepth
 
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), StochasticDepth(0.5, "row"))
-    gm = normprop_fx.convert(model)
+    gm = normprop_fx.convert(model, flat=True)
     assert "3" in {n.target for n in gm.graph.nodes if n.op == "call_module"}, "StochasticDepth must stay a module"
     x = torch.randn(64, 3, 6, 6)
     gm.eval()

@@ -95,8 +95,8 @@ def test_every_layer_gets_the_moments_its_batchnorm_intended_on_the_data_it_saw(
 
 
 def test_recalibrating_in_registration_order_would_miss_the_moments(monkeypatch) -> None:
-    """The test above can fail: recalibrate conv1 last, after the layers it feeds (as the user's
-    registration order would, once convert keeps the user's module tree), and the later layers'
+    """The test above can fail: recalibrate conv1 last, after the layers it feeds (as any order not
+    taken from a forward pass can, e.g. the user's registration order), and the later layers'
     moments are off."""
     _, converted = _trained_converted()
     x = _data(96, 1, shift=0.7, scale=1.8)

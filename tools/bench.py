@@ -7,7 +7,9 @@ eager and torch.compile'd, for
             floor_bias (every BatchNorm -> a learned per-channel bias: the floor plus what
             NormProp's beta costs on its own, to split NormProp's cost over the floor);
             on request (--train-variants): normprop_inductor_defaults, the conversion compiled
-            without the inductor options normprop_fx.compile adds on CPU (normprop_fx/compile.py)
+            without the inductor options normprop_fx.compile adds on CPU (normprop_fx/compile.py);
+            normprop_flat, the conversion as one flat GraphModule (convert(flat=True)): what
+            keeping the user's module tree costs
     infer:  bn, normprop, floor (eval mode, unfolded),
             bn_folded (torch.fx.experimental.optimization.fuse: conv-BN folded into the conv),
             normprop_folded (normprop_fx.fold)
@@ -316,6 +318,8 @@ TRAIN_VARIANTS: dict[str, Callable[[nn.Module, nn.Module], nn.Module]] = {
     # The conversion compiled with inductor's own settings for what normprop_fx.compile changes
     # on CPU (normprop_fx/compile.py): the same-run A/B of that choice. Only on request.
     "normprop_inductor_defaults": lambda original, converted: copy.deepcopy(converted),
+    # The same conversion as one flat GraphModule: the same-run A/B of the module tree.
+    "normprop_flat": lambda original, converted: normprop_fx.convert(original, flat=True),
 }
 DEFAULT_TRAIN_VARIANTS = ("bn", "normprop", "floor", "floor_bias")
 

@@ -23,6 +23,8 @@ TARGETS = {
     "train normprop/bn": {"cpu": 1.00, "cuda": 0.85},
     "train normprop/floor": {"cpu": 1.05, "cuda": 1.05},
     "infer normprop_folded/bn_folded": {"cpu": 1.01, "cuda": 1.01},
+    # the user's module tree (docs/method.md section 9) against the one flat GraphModule: free
+    "train normprop/normprop_flat": {"cpu": 1.02, "cuda": 1.02},
 }
 GPU_TARGET_SETTING = {"model": "resnet50", "batch_size": 128, "amp": "bf16"}
 
@@ -50,6 +52,8 @@ RATIOS = (
     ("train floor_bias / floor (a learned bias alone)", "train/floor_bias", "train/floor", None),
     ("train normprop / floor_bias", "train/normprop", "train/floor_bias", None),
     ("train normprop / normprop_inductor_defaults", "train/normprop", "train/normprop_inductor_defaults", None),
+    ("train normprop / normprop_flat (module tree vs flat graph)", "train/normprop", "train/normprop_flat",
+     "train normprop/normprop_flat"),
     ("infer normprop_folded / bn_folded", "infer/normprop_folded", "infer/bn_folded", "infer normprop_folded/bn_folded"),
     ("infer normprop / bn, unfolded", "infer/normprop", "infer/bn", None),
 )
