@@ -27,6 +27,7 @@ from .layers import (
 from .model_check import ModelCheck, check_model
 from .moments import ActivationConstants, activation_constants, gaussian_moments
 from .normalized_activation import NormalizedActivation
+from .recalibrate import LayerRecalibration, RecalibrationError, recalibrate
 from .records import ConversionReport, LayerInit, LeftBatchNorm, Rewrite
 from .standardize import Standardize
 from .statistics import LayerStatistics, measure_layer_statistics
@@ -43,6 +44,7 @@ __all__ = [
     "ConversionReport",
     "InvalidOptionError",
     "LayerInit",
+    "LayerRecalibration",
     "LayerStatistics",
     "LeftBatchNorm",
     "ModelCheck",
@@ -55,6 +57,7 @@ __all__ = [
     "NormPropLinear",
     "NormPropWarning",
     "NormalizedActivation",
+    "RecalibrationError",
     "Rewrite",
     "Standardize",
     "UnsupportedActivationError",
@@ -72,5 +75,6 @@ __all__ = [
     "measure_layer_statistics",
     "normalized_weight",
     "param_groups",
+    "recalibrate",
     "summary",
 ]

@@ -149,6 +149,18 @@ def _differs(t: torch.Tensor | None, initial: float) -> bool:
     return t is not None and bool((t.detach() != initial).any())
 
 
+def output_affine(state: BatchNormState) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(g, t)``, float64 vectors on the BatchNorm's device: its affine (1 and 0 without one).
+    A BatchNorm's output on the data its statistics describe has per-channel mean ``t`` and
+    standard deviation ``|g|``: the moments :func:`normprop_fx.recalibrate` restores on new data."""
+    reference = state.weight if state.weight is not None else state.running_mean
+    device = reference.device if reference is not None else None
+    ones = torch.ones(state.num_features, dtype=torch.float64, device=device)
+    g = state.weight.detach().double() if state.weight is not None else ones
+    t = state.bias.detach().double() if state.bias is not None else torch.zeros_like(ones)
+    return g, t
+
+
 def eval_affine(state: BatchNormState) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scale, shift)``, float64 vectors: the BatchNorm's eval-mode function is
     ``x * scale + shift`` per channel."""
@@ -156,8 +168,7 @@ def eval_affine(state: BatchNormState) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError("a BatchNorm without running statistics has no eval-mode affine")
     mean = state.running_mean.detach().double()
     inv_std = (state.running_var.detach().double() + state.eps).rsqrt()
-    g = state.weight.detach().double() if state.weight is not None else torch.ones_like(mean)
-    t = state.bias.detach().double() if state.bias is not None else torch.zeros_like(mean)
+    g, t = output_affine(state)
     scale = g * inv_std
     return scale, t - mean * scale
 

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.modules.utils import _ntuple, _reverse_repeat_tuple
 
 from .activation_functions import ActivationSpec, activation
-from .batchnorm_state import BatchNormState, check_finite_in, normprop_gamma_beta
+from .batchnorm_state import BatchNormState, check_finite_in, normprop_gamma_beta, output_affine
 from .errors import InvalidOptionError, NormPropError
 from .moments import activation_constants
 from .normalized_activation import NormalizedActivation
@@ -106,6 +106,10 @@ class NormPropLayer(nn.Module):
     required_input_dim: int | None = None
     #: The rank of ``weight``, known from the class (see :func:`normalized_weight`).
     _weight_dim: int
+    #: After keep_batchnorm_function: the replaced BatchNorm's affine ``(g, t)``, float64 on the
+    #: CPU: its output had per-channel mean t and std |g| on the data its statistics describe,
+    #: which normprop_fx.recalibrate restores on new data (docs/method.md section 8). None otherwise.
+    batchnorm_affine: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _check_input(self, x: torch.Tensor) -> None:
         if self.required_input_dim is None:
@@ -157,6 +161,7 @@ class NormPropLayer(nn.Module):
             self.beta.copy_(beta.to(self.beta.device))
         self.activation = NormalizedActivation(self.activation.spec, standardize=False)
         self.init = TRAINED_INIT
+        self.batchnorm_affine = tuple(v.detach().cpu().clone() for v in output_affine(state))
 
     def reset_parameters(self) -> None:
         """Kaiming-uniform weight (the direction is all that matters), gamma_init, beta 0."""

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
 import math
+import struct
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -72,3 +75,36 @@ def build_zoo_model(source: str, name: str) -> nn.Module:
 
     kwargs = {"aux_logits": False, "init_weights": True} if name == "inception_v3" else {}
     return torchvision.models.get_model(name, weights=None, **kwargs)
+
+
+# ----------------------------------------------------------------------------- fake Fashion-MNIST
+
+
+def _write_idx(path: Path, array: torch.Tensor) -> None:
+    header = bytes([0, 0, 0x08, array.dim()]) + struct.pack(f">{array.dim()}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + bytes(array.to(torch.uint8).flatten().tolist()))
+
+
+def fake_fashion_mnist(folder: Path, n_train: int = 96, n_test: int = 48) -> None:
+    """Gzipped idx files shaped like Fashion-MNIST's in ``folder``: random labels, images whose brightness
+    follows the label (learnable), ``n_train`` / ``n_test`` samples."""
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        labels = torch.randint(0, 10, (n,), generator=g)
+        images = (labels.reshape(-1, 1, 1) * 20 + torch.randint(0, 60, (n, 28, 28), generator=g)).clamp(0, 255)
+        _write_idx(folder / f"{split}-images-idx3-ubyte.gz", images)
+        _write_idx(folder / f"{split}-labels-idx1-ubyte.gz", labels)
+
+
+def check_page_rebuilds(doc: Path, tool: str, plots: list[Path], rebuild: Callable[[], int]) -> None:
+    """A tool's page (``doc``) names its command (tools/``tool`` --data-dir ...) near the top and has
+    targets, its ``plots`` are real images, and ``rebuild()`` (its report's main) rewrites the page
+    keeping the hand-written notes."""
+    text = doc.read_text()
+    command = next(line for line in text.splitlines()[:8] if f"tools/{tool}" in line)
+    assert command.startswith(f".venv/bin/python tools/{tool} --data-dir") and "## Targets" in text
+    assert all(p.stat().st_size > 1000 for p in plots)
+    doc.write_text(text.replace("(No notes yet", "KEEP ME (No notes yet"))
+    assert rebuild() == 0
+    assert "KEEP ME" in doc.read_text()

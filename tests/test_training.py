@@ -3,11 +3,9 @@ tools/train.py on synthetic data (the real dataset is never needed here)."""
 
 from __future__ import annotations
 
-import gzip
-import importlib.util
+import importlib
 import json
 import math
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from helpers import check_page_rebuilds
+from helpers import fake_fashion_mnist as _fake_fashion_mnist
 
 import normprop_fx
 from normprop_fx.datasets import (
@@ -29,11 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    """tools/NAME.py as ``import NAME`` gives it (tools/ is on pytest's pythonpath): one copy shared by every
+    test module, so classes pickle and compare as the same classes (tests/test_finetune.py imports them too)."""
+    return importlib.import_module(name)
 
 
 train_tool = _load_tool("train")
@@ -178,21 +176,6 @@ def test_agc_leaves_small_gradients_and_matches_timm_on_plain_weights():
 # ----------------------------------------------------------------------------- data
 
 
-def _write_idx(path: Path, array: torch.Tensor) -> None:
-    header = bytes([0, 0, 0x08, array.dim()]) + struct.pack(f">{array.dim()}I", *array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + bytes(array.to(torch.uint8).flatten().tolist()))
-
-
-def _fake_fashion_mnist(folder: Path, n_train: int = 96, n_test: int = 48) -> None:
-    g = torch.Generator().manual_seed(0)
-    for split, n in (("train", n_train), ("t10k", n_test)):
-        labels = torch.randint(0, 10, (n,), generator=g)
-        images = (labels.reshape(-1, 1, 1) * 20 + torch.randint(0, 60, (n, 28, 28), generator=g)).clamp(0, 255)
-        _write_idx(folder / f"{split}-images-idx3-ubyte.gz", images)
-        _write_idx(folder / f"{split}-labels-idx1-ubyte.gz", labels)
-
-
 def test_idx_files_round_trip(tmp_path):
     _fake_fashion_mnist(tmp_path)
     split = load_fashion_mnist("test", tmp_path)
@@ -239,13 +222,8 @@ def test_tool_end_to_end_on_fake_idx_files(tmp_path):
     assert len(runs) == 12 and {r["variant"] for r in runs} == {"bn", "np", "np+stab"}
     assert {r["lr"] for r in runs if r["batch_size"] == 1} == {0.000884, 0.00884}
     assert all(e["steps"] == 8 for r in runs if r["batch_size"] == 1 for e in r["epochs"])
-    text = doc.read_text()
-    command = next(line for line in text.splitlines()[:8] if "tools/train.py" in line)
-    assert command.startswith(".venv/bin/python tools/train.py --data-dir") and "## Targets" in text
-    assert (out / "accuracy.png").stat().st_size > 1000 and (out / "layer_statistics.png").stat().st_size > 1000
-    doc.write_text(text.replace("(No notes yet", "KEEP ME (No notes yet"))
-    assert report.main([str(out / "results.json"), "--doc", str(doc)]) == 0
-    assert "KEEP ME" in doc.read_text()
+    check_page_rebuilds(doc, "train.py", [out / "accuracy.png", out / "layer_statistics.png"],
+                        lambda: report.main([str(out / "results.json"), "--doc", str(doc)]))
 
 
 def test_stable_range_and_best_run():

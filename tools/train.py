@@ -330,8 +330,11 @@ def _batches(n: int, batch_size: int, epoch: int, settings: TrainSettings) -> li
 
 
 def train_run(base: nn.Module, variant: str, batch_size: int, lr: float, data: Data,
-              settings: TrainSettings, model_name: str = "", log: Any = print) -> RunResult:
+              settings: TrainSettings, model_name: str = "", log: Any = print,
+              model: nn.Module | None = None) -> RunResult:
     """Train ``variant`` of the BN model ``base`` (left unchanged) and return what happened.
+    ``model``: train this model in place instead of ``make_variant(base, variant)`` (tools/finetune.py's
+    variants); ``variant`` still chooses the optimizer and the clipping (its ``+stab`` suffix).
 
     Under a torch.distributed process group, every rank calls this with the same arguments: the
     model is wrapped in DistributedDataParallel and each rank trains on its ``rank_shard`` of every
@@ -344,7 +347,8 @@ def train_run(base: nn.Module, variant: str, batch_size: int, lr: float, data: D
         raise ValueError(f"batch size {batch_size} cannot be split evenly over {world} processes")
     result = RunResult(model_name, variant, batch_size, lr)
     torch.manual_seed(settings.seed)
-    model = make_variant(base, variant, settings.gamma_init)
+    if model is None:
+        model = make_variant(base, variant, settings.gamma_init)
     if settings.sync_bn and not variant.startswith("np"):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(settings.device).train()
@@ -497,9 +501,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def lr_grid(args: argparse.Namespace, batch_size: int) -> list[float]:
+def lr_grid(args: argparse.Namespace, batch_size: int, reference: int = 128) -> list[float]:
+    """``args.lrs`` (given at batch ``reference``) scaled to ``batch_size`` by ``args.lr_scaling``."""
     power = {"sqrt": 0.5, "linear": 1.0, "none": 0.0}[args.lr_scaling]
-    return [float(f"{lr * (batch_size / 128) ** power:.3g}") for lr in args.lrs]
+    return [float(f"{lr * (batch_size / reference) ** power:.3g}") for lr in args.lrs]
 
 
 def run_settings(args: argparse.Namespace, batch_size: int, device: str = "cpu") -> TrainSettings:
@@ -595,14 +600,7 @@ def _train(args: argparse.Namespace, data: Data, env: dict[str, Any] | None, dev
     meta["corrections"] = training_report.count_corrections(normprop_fx.convert(build_model(args.model)))
     (args.out / "results.partial.json").unlink(missing_ok=True)
     payload = {"meta": meta, "runs": [asdict(r) for r in results]}
-    (args.out / "results.json").write_text(json.dumps(payload, indent=1))
-    print(training_report.accuracy_tables(payload))
-    print(training_report.targets_text(payload))
-    plots = training_report.write_plots(payload, args.out)
-    if args.doc is not None:
-        training_report.write_doc(payload, args.doc, plots)
-        print(f"wrote {args.doc}")
-    print(f"wrote {args.out / 'results.json'} and {', '.join(str(p) for p in plots)}")
+    training_report.write_outputs(payload, args.out, args.doc, training_report)
     return 0
 
 

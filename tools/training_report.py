@@ -292,6 +292,42 @@ def _preserved_notes(doc: Path) -> str:
     return "(No notes yet: add them between the markers; a rerun keeps them.)" if notes is None else notes.strip("\n")
 
 
+def notes_block(doc: Path) -> str:
+    """The page's notes between their markers, as the page at ``doc`` has them (a rerun keeps them)."""
+    return f"{NOTES_START}\n{_preserved_notes(doc)}\n{NOTES_END}"
+
+
+def write_outputs(payload: dict[str, Any], out: Path, doc: Path | None, report: Any) -> None:
+    """Write a finished run: ``out``/results.json, the tables and targets on stdout, the plots and,
+    with ``doc``, the page; ``report`` is the module that renders them (this one for
+    tools/train.py, finetune_report for tools/finetune.py)."""
+    import json
+
+    (out / "results.json").write_text(json.dumps(payload, indent=1))
+    print(report.accuracy_tables(payload))
+    print(report.targets_text(payload))
+    plots = report.write_plots(payload, out)
+    if doc is not None:
+        report.write_doc(payload, doc, plots)
+        print(f"wrote {doc}")
+    print(f"wrote {out / 'results.json'} and {', '.join(str(p) for p in plots)}")
+
+
+def rebuild_main(argv: list[str] | None, tool: str, report: Any) -> int:
+    """The command line that rebuilds ``tool``'s page from its results.json with ``report``."""
+    import json
+
+    p = argparse.ArgumentParser(description=f"Rebuild the {tool} report from results.json")
+    p.add_argument("results", type=Path)
+    p.add_argument("--doc", type=Path, required=True)
+    args = p.parse_args(argv)
+    payload = json.loads(args.results.read_text())
+    plots = report.write_plots(payload, args.results.parent)
+    report.write_doc(payload, args.doc, plots)
+    print(f"wrote {args.doc}")
+    return 0
+
+
 def write_doc(payload: dict[str, Any], doc: Path, plots: list[Path]) -> None:
     meta, s = payload["meta"], payload["meta"]["settings"]
     grids = "; ".join(f"batch {b}: {', '.join(f'{lr:g}' for lr in g)}" for b, g in meta["lr_grids"].items())
@@ -364,26 +400,14 @@ output (after the normalized activation) at init and at the end of training
 
 ## Notes
 
-{NOTES_START}
-{_preserved_notes(doc)}
-{NOTES_END}
+{notes_block(doc)}
 """
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:
-    import json
-
-    p = argparse.ArgumentParser(description="Rebuild the tools/train.py report from results.json")
-    p.add_argument("results", type=Path)
-    p.add_argument("--doc", type=Path, required=True)
-    args = p.parse_args(argv)
-    payload = json.loads(args.results.read_text())
-    plots = write_plots(payload, args.results.parent)
-    write_doc(payload, args.doc, plots)
-    print(f"wrote {args.doc}")
-    return 0
+    return rebuild_main(argv, "tools/train.py", sys.modules[__name__])
 
 
 if __name__ == "__main__":
