@@ -344,7 +344,7 @@ class _Tree:
         if call.opaque:
             raise _Unbuildable(f"{call.path} takes or returns values the graph cannot name", key)
         target = relative(call.path)
-        attrs[target] = built.get(key) or self._kept_child(call.path, root)
+        attrs[target] = built[key] if key in built else self._kept_child(call.path, root)
         args, kwargs = pytree.tree_map(lambda v: lookup(v) if isinstance(v, fx.Node) else v, (call.args, call.kwargs))
         result = graph.call_module(target, tuple(args), dict(kwargs))
         _bind_value(graph, call.output, result, env, self.resolve)
@@ -448,6 +448,9 @@ class _IndexedGraphModule(fx.GraphModule):
 
     def __iter__(self) -> Any:
         return iter(self._numbered())
+
+    def __bool__(self) -> bool:  # a module is true, even one without numbered children
+        return True
 
 
 def _bind(call: ModuleCall) -> list[tuple[str, Any, Any]]:
