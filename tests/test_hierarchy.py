@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import warnings
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -303,4 +304,26 @@ class SlicedHead(nn.Module):
 def test_a_slice_that_holds_a_graph_value_is_compared_by_what_it_holds():
     converted, flat = convert_both(SlicedHead())
     assert type(converted) is SlicedHead and tree(converted).class_kept
+    assert_same_function(converted, flat)
+
+
+class NamedSequentialRoot(nn.Module):
+    """DenseNet's shape: a rebuilt Sequential with named (not numbered) children, called from a
+    root that is rebuilt too (its own functional relu is fused away)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        conv, bn = conv_bn()
+        self.features = nn.Sequential(OrderedDict(conv=conv, norm=bn, relu=nn.ReLU()))
+        self.conv2, self.bn2 = conv_bn(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn2(self.conv2(self.features(x * 3.0))))
+
+
+def test_a_rebuilt_sequential_with_named_children_is_called_by_its_rebuilt_caller():
+    converted, flat = convert_both(NamedSequentialRoot())
+    record = tree(converted)
+    assert {r.path for r in record.rebuilt} == {"", "features"} and not record.inlined
+    assert isinstance(converted.features, fx.GraphModule) and bool(converted.features)
     assert_same_function(converted, flat)
