@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .describe import owner_module_path
-from .graph_utils import adopt_owner, free_module_name, hand_over
+from .graph_utils import RESTORED_FUNCTION, adopt_owner, free_module_name, hand_over
 from .patterns import training_flag
 
 class FeatureDropout(nn.modules.dropout._DropoutNd):
@@ -65,6 +65,7 @@ def restore_dropout_modes(gm: fx.GraphModule) -> list[str]:
         gm.add_submodule(target, module)
         with gm.graph.inserting_before(node):
             replacement = adopt_owner(gm.graph.call_module(target, (node.args[0],)), node)
+        replacement.meta[RESTORED_FUNCTION] = node.target
         hand_over(node, replacement)
         gm.graph.erase_node(node)
         added.append(target)

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 __all__ = [
     "NORMPROP_CONSUMERS",
     "NORMPROP_MODULES",
+    "RESTORED_FUNCTION",
     "TAKES_OVER",
     "activation_spec",
     "adopt_owner",
@@ -41,6 +42,10 @@ __all__ = [
 MODULE_STACK = "nn_module_stack"
 #: ``node.meta`` key: the nodes whose role this node took over (:func:`hand_over`).
 TAKES_OVER = "normprop_takes_over"
+#: ``node.meta`` key of a dropout module call that stands for a functional dropout the trace froze
+#: (``passes.dropout_modes``): the function. A forward that is not rebuilt still makes that call,
+#: and follows train()/eval() by itself.
+RESTORED_FUNCTION = "normprop_restored_function"
 
 
 def owner_stack(node: fx.Node) -> dict[str, tuple[str, type]]:

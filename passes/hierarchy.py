@@ -45,7 +45,7 @@ from torch.utils import _pytree as pytree
 
 from normprop_fx.records import ModuleTree, RebuiltModule
 
-from .graph_utils import TAKES_OVER, owner_stack
+from .graph_utils import RESTORED_FUNCTION, TAKES_OVER, owner_stack
 from .trace import MODULE_CALLS, ModuleCall, NormPropTracer
 
 ROOT = ""
@@ -172,12 +172,14 @@ class _Tree:
         for n in self.nodes:
             if n in self.snapshot.nodes or n.op in ("placeholder", "output") or self._is_swap(n):
                 continue
+            if RESTORED_FUNCTION in n.meta:
+                continue  # the user's forward still calls the functional dropout, in the mode of the moment
             yield self.innermost(n), f"its forward gains {_describe(n, self.gm)}"
         for n in self.snapshot.nodes - current:
             if n.op == "call_module" and called_now[str(n.target)] == 0:
                 continue  # every call of it is gone: nn.Identity at its name
-            if self.resolve(n) is not n and self._is_swap(self.resolve(n)):
-                continue  # its module is swapped at its name
+            if self.resolve(n) is not n and (self._is_swap(self.resolve(n)) or RESTORED_FUNCTION in self.resolve(n).meta):
+                continue  # its module is swapped at its name, or its forward still makes the call
             what = "one of its calls of" if n.op == "call_module" else "its"
             yield self.innermost(n), f"{what} {n.name} ({n.op} {_target_name(n.target)}) is fused away"
 
@@ -569,6 +571,9 @@ def _first_mismatch(candidate: nn.Module, gm: fx.GraphModule, tracer: NormPropTr
                 return blame(c, "is computed differently")
             continue
         seen[r], seen_c[c] = c, r
+        if r.op == "call_function" and r.target is c.meta.get(RESTORED_FUNCTION):
+            pairs.append((r.args[0], c.args[0]))  # the user's own functional dropout, as the module stands for it
+            continue
         if r.op != c.op:
             return blame(c, f"is a {r.op} there")
         if r.op in ("call_module", "get_attr"):

@@ -288,13 +288,33 @@ def test_a_rebuilt_block_keeps_the_tensors_its_forward_made():
     assert_same_function(converted, flat)
 
 
-class SlicedHead(nn.Module):
-    """A slice bound computed in the graph (x[:, :n] with n from the shape): its node is inside the slice."""
+class DropoutHead(nn.Module):
+    """timm's heads: F.dropout(x, p, training=self.training) in the root's own forward."""
 
     def __init__(self) -> None:
         super().__init__()
         self.first = ModuleBlock()
         self.head = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.dropout(self.first(x).mean((2, 3)), 0.5, training=self.training)
+        return self.head(y)
+
+
+def test_functional_dropout_in_a_kept_forward_keeps_the_class_and_follows_the_mode():
+    converted, flat = convert_both(DropoutHead())
+    assert type(converted) is DropoutHead and tree(converted).class_kept
+    assert torch.equal(converted.eval()(X), flat.eval()(X))
+    converted.train(), flat.train()
+    torch.manual_seed(1)
+    a = converted(X)
+    torch.manual_seed(1)
+    assert torch.equal(a, flat(X)), "the same dropout mask: the kept forward drops out as the flat graph's module"
+    assert not torch.equal(converted.eval()(X), a)
+
+
+class SlicedHead(DropoutHead):
+    """A slice bound computed in the graph (x[:, :n] with n from the shape): its node is inside the slice."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.first(x).mean((2, 3))
