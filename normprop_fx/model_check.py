@@ -10,6 +10,7 @@ sweep gets a row per model and never a crash.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -17,11 +18,12 @@ import time
 import traceback
 import warnings
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
@@ -150,18 +152,19 @@ def check_model(
     if converted is None:
         return check
     x = torch.randn(batch_size, *shape)
-    outputs = _run(check, "forward", lambda: floating_outputs(dropout_off(converted.train())(x)))
-    if outputs is None:
-        return check
-    check.forward_ok = all(bool(torch.isfinite(t).all()) for t in outputs)
-    if not check.forward_ok:
-        check.failures.append("forward: non-finite output")
-    if outputs:
-        _run(check, "backward", lambda: _check_backward(converted, model, x, outputs, check))
-    else:
-        check.failures.append("forward: the model returns no floating-point tensor")
-    _run(check, "statistics", lambda: _check_statistics(converted, shape, statistics_batch_size, check))
-    _run(check, "batch dependence", lambda: _check_batch_independence(converted, x, check))
+    with functional_dropout_off():
+        outputs = _run(check, "forward", lambda: floating_outputs(dropout_off(converted.train())(x)))
+        if outputs is None:
+            return check
+        check.forward_ok = all(bool(torch.isfinite(t).all()) for t in outputs)
+        if not check.forward_ok:
+            check.failures.append("forward: non-finite output")
+        if outputs:
+            _run(check, "backward", lambda: _check_backward(converted, model, x, outputs, check))
+        else:
+            check.failures.append("forward: the model returns no floating-point tensor")
+        _run(check, "statistics", lambda: _check_statistics(converted, shape, statistics_batch_size, check))
+        _run(check, "batch dependence", lambda: _check_batch_independence(converted, x, check))
     return check
 
 
@@ -173,6 +176,32 @@ def dropout_off(model: nn.Module) -> nn.Module:
         if isinstance(m, stochastic):
             m.eval()
     return model
+
+
+#: torch.nn.functional's dropout functions, all ``(input, p=0.5, training=True, inplace=False)``
+_FUNCTIONAL_DROPOUTS = ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout")
+
+
+@contextlib.contextmanager
+def functional_dropout_off() -> Iterator[None]:
+    """While active, ``F.dropout(x, p, training=self.training)`` and its kin do nothing: a converted
+    model keeps the user's own forward (docs/method.md section 9), and a functional dropout there
+    (timm's heads) follows ``self.training``, which :func:`dropout_off` cannot reach. Calls that
+    name the function another way (``torch.dropout``, an imported name) are not switched."""
+    saved = {name: getattr(F, name) for name in _FUNCTIONAL_DROPOUTS}
+
+    def off(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        def without_dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
+            return fn(input, p, False, inplace)
+        return without_dropout
+
+    try:
+        for name, fn in saved.items():
+            setattr(F, name, off(fn))
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(F, name, fn)
 
 
 def _stochastic_types() -> tuple[type, ...]:
@@ -519,7 +548,8 @@ def check_trained_conversion(
             check.error_float32 = relative_l2(evaluated32, expected32)
             check.original_rounding = relative_l2(expected32, expected64)
             check.converted_rounding = relative_l2(evaluated32, expected64)
-            check.train_eval_difference = relative_l2(dropout_off(converted32.train())(x32), evaluated32)
+            with functional_dropout_off():
+                check.train_eval_difference = relative_l2(dropout_off(converted32.train())(x32), evaluated32)
     except Exception as err:  # noqa: BLE001 - a failing model is a row, never a crash
         check.failures.append(_failure_line(stage, err))
     return check

@@ -347,3 +347,14 @@ def test_a_rebuilt_sequential_with_named_children_is_called_by_its_rebuilt_calle
     assert {r.path for r in record.rebuilt} == {"", "features"} and not record.inlined
     assert isinstance(converted.features, fx.GraphModule) and bool(converted.features)
     assert_same_function(converted, flat)
+
+
+def test_check_model_switches_off_the_functional_dropout_a_kept_forward_calls():
+    from normprop_fx.model_check import check_model, functional_dropout_off
+
+    torch.manual_seed(0)
+    result = check_model(DropoutHead(), (3, 8, 8))
+    assert result.class_kept and result.batch_independent, result.failures
+    with functional_dropout_off():
+        assert torch.equal(F.dropout(X, 0.5, training=True), X)
+    assert not torch.equal(F.dropout(X, 0.5, training=True), X), "F.dropout is restored afterwards"
