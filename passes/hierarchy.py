@@ -539,6 +539,11 @@ def _first_mismatch(candidate: nn.Module, gm: fx.GraphModule, tracer: NormPropTr
     """None when ``candidate``, traced flat by ``tracer``, computes ``gm``'s graph (same
     operations on the same modules and tensors, up to nn.Identity); else the call key where they
     first differ (the innermost module call of the differing node of ``gm``) and why."""
+    # Every module the converted graph calls is one call, as in the graph: also one a pass added
+    # that the tracer would trace into (a timm activation class kept after its norm, GELUTanh).
+    called = {id(_fetch(gm, str(n.target))) for n in gm.graph.nodes if n.op == "call_module"}
+    own_rule = tracer.is_leaf_module
+    tracer.is_leaf_module = lambda m, name: id(m) in called or own_rule(m, name)  # type: ignore[method-assign]
     try:
         graph = tracer.trace(candidate, concrete_args=concrete_args)
     except Exception as err:  # noqa: BLE001 - any failure blames the module being traced
