@@ -81,7 +81,8 @@ def test_timm_batchnorm_act_with_drop_block_keeps_it_before_the_activation():
     from timm.layers import BatchNormAct2d, DropBlock2d
 
     bn = BatchNormAct2d(4, act_layer=nn.ReLU, drop_layer=lambda: DropBlock2d(0.1, 3))
-    gm = normprop_fx.convert(ConvNormAct(nn.Conv2d(3, 4, 3), bn, None), example_inputs=torch.empty(2, 3, 8, 8))
+    # flat: the test reads the modules the passes put in the graph, in graph order
+    gm = normprop_fx.convert(ConvNormAct(nn.Conv2d(3, 4, 3), bn, None), example_inputs=torch.empty(2, 3, 8, 8), flat=True)
     report = normprop_fx.conversion_report(gm)
     (rewrite,) = report.rewrites
     assert rewrite.activation == "identity" and any("DropBlock2d stays" in n for n in rewrite.notes)
