@@ -189,15 +189,20 @@ class _FunctionalDropoutHead(nn.Module):
         return self.fc(F.dropout(x, p=0.5, training=self.training))  # traced as training=True
 
 
-def test_functional_dropout_follows_train_and_eval_after_conversion():
-    """The trace freezes F.dropout's training flag; convert turns it back into a dropout module,
-    so eval() is deterministic and there is no frozen-flag warning."""
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "tree"])
+def test_functional_dropout_follows_train_and_eval_after_conversion(flat):
+    """The trace freezes F.dropout's training flag; the flat graph turns it back into a dropout
+    module, the module tree keeps the user's own call; either way eval() is deterministic and
+    there is no frozen-flag warning."""
     model = _FunctionalDropoutHead().train()
     with warnings.catch_warnings():
         warnings.simplefilter("error", normprop_fx.NormPropWarning)
-        gm = normprop_fx.convert(model, example_inputs=torch.empty(2, 3, 8, 8))
+        gm = normprop_fx.convert(model, example_inputs=torch.empty(2, 3, 8, 8), flat=flat)
     dropouts = [m for m in gm.modules() if isinstance(m, nn.Dropout)]
-    assert len(dropouts) == 1 and dropouts[0].p == 0.5 and dropouts[0].training
+    if flat:
+        assert len(dropouts) == 1 and dropouts[0].p == 0.5 and dropouts[0].training
+    else:
+        assert type(gm) is _FunctionalDropoutHead and not dropouts
     x = torch.randn(4, 3, 8, 8)
     gm.eval()
     torch.testing.assert_close(gm(x), gm(x))
@@ -216,16 +221,21 @@ class _TorchDropoutHead(nn.Module):
         return self.fn(self.body(x), 0.5, self.training)
 
 
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "tree"])
 @pytest.mark.parametrize("fn", [torch.dropout, torch.feature_dropout], ids=["dropout", "feature_dropout"])
 @pytest.mark.parametrize("traced_in", ["train", "eval"])
-def test_torch_dropout_with_a_positional_flag_follows_train_and_eval(fn, traced_in):
+def test_torch_dropout_with_a_positional_flag_follows_train_and_eval(fn, traced_in, flat):
+    torch.manual_seed(0)  # the dropped share is checked below
     model = _TorchDropoutHead(fn)
     model.train(traced_in == "train")
     with warnings.catch_warnings():
         warnings.simplefilter("error", normprop_fx.NormPropWarning)
-        gm = normprop_fx.convert(model, example_inputs=torch.empty(2, 3, 8, 8))
+        gm = normprop_fx.convert(model, example_inputs=torch.empty(2, 3, 8, 8), flat=flat)
     dropouts = [m for m in gm.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
-    assert len(dropouts) == 1 and dropouts[0].p == 0.5
+    if flat:  # the graph's module for the frozen call
+        assert len(dropouts) == 1 and dropouts[0].p == 0.5
+    else:  # the user's own call, in the user's forward
+        assert type(gm) is _TorchDropoutHead and not dropouts
     x = torch.randn(8, 3, 8, 8)
     gm.eval()
     reference = gm(x)
