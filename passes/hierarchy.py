@@ -154,6 +154,10 @@ class _Tree:
             node = self.image[node]
         return node
 
+    def removed(self, path: str) -> bool:
+        """The converted graph no longer calls the module at ``path``: it becomes nn.Identity."""
+        return path not in self.called_now
+
     def innermost(self, node: fx.Node) -> str:
         keys = self.keys.get(node) or []
         return keys[-1] if keys else ROOT
@@ -168,7 +172,6 @@ class _Tree:
     def dirty_calls(self) -> Iterable[tuple[str, str]]:
         """The calls whose own forward the passes changed in a way no swap expresses."""
         current = set(self.nodes)
-        called_now = Counter(str(n.target) for n in self.nodes if n.op == "call_module")
         for n in self.nodes:
             if n in self.snapshot.nodes or n.op in ("placeholder", "output") or self._is_swap(n):
                 continue
@@ -176,7 +179,7 @@ class _Tree:
                 continue  # the user's forward still calls the functional dropout, in the mode of the moment
             yield self.innermost(n), f"its forward gains {_describe(n, self.gm)}"
         for n in self.snapshot.nodes - current:
-            if n.op == "call_module" and called_now[str(n.target)] == 0:
+            if n.op == "call_module" and self.removed(str(n.target)):
                 continue  # every call of it is gone: nn.Identity at its name
             if self.resolve(n) is not n and (self._is_swap(self.resolve(n)) or RESTORED_FUNCTION in self.resolve(n).meta):
                 continue  # its module is swapped at its name, or its forward still makes the call
@@ -249,7 +252,7 @@ class _Tree:
             if node.op != "call_module" or self.writer(self.innermost(node), plan) in plan.rebuilt:
                 continue
             path = str(node.target)
-            replacement = self.gm.get_submodule(path) if path in self.called_now else nn.Identity()
+            replacement = nn.Identity() if self.removed(path) else self.gm.get_submodule(path)
             if root.get(path) is not replacement:
                 root.set(path, replacement)
                 swaps += 1
@@ -334,7 +337,7 @@ class _Tree:
         prefix = f"{call.path}." if call.path else ""
         for name, _child in call.module.named_children():
             path = prefix + name
-            if not hasattr(rebuilt, name) and self.snapshot.calls[path] and path not in self.called_now:
+            if not hasattr(rebuilt, name) and self.snapshot.calls[path] and self.removed(path):
                 rebuilt.add_module(name, nn.Identity())
 
     def _call_child(self, graph: fx.Graph, key: str, built: dict[str, nn.Module], root: _Root,
@@ -346,14 +349,11 @@ class _Tree:
         if call.opaque:
             raise _Unbuildable(f"{call.path} takes or returns values the graph cannot name", key)
         target = relative(call.path)
-        attrs[target] = built[key] if key in built else self._kept_child(call.path, root)
+        # a child that keeps its forward: the user's module there, with its swaps in
+        attrs[target] = built[key] if key in built else root.get(call.path)
         args, kwargs = pytree.tree_map(lambda v: lookup(v) if isinstance(v, fx.Node) else v, (call.args, call.kwargs))
         result = graph.call_module(target, tuple(args), dict(kwargs))
         _bind_value(graph, call.output, result, env, self.resolve)
-
-    def _kept_child(self, path: str, root: _Root) -> nn.Module:
-        """A child that keeps its forward: the user's module at ``path`` (its swaps go in there)."""
-        return root.get(path)
 
     # --- record ---------------------------------------------------------------------------------
 
