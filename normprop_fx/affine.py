@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .activation_functions import ActivationSpec, activation
+from .eager import is_compiling
 from .batchnorm_state import BatchNormState, batchnorm_state
 from .layers import GammaInit, init_gamma_beta_activation
 from .normalized_activation import NormalizedActivation
@@ -96,7 +97,13 @@ class NormPropAffine(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = (-1,) + (1,) * (x.dim() - 2)
         scale, shift = self.channel_affine()
-        return self.activation(torch.addcmul(shift.reshape(shape), x, scale.reshape(shape)))
+        if is_compiling():
+            return self.activation(torch.addcmul(shift.reshape(shape), x, scale.reshape(shape)))
+        # eager: the activation's input affine joins the per-channel one (normprop_fx/eager.py)
+        a, c = self.activation.eager_input_affine()
+        if (a, c) != (1.0, 0.0):
+            scale, shift = scale * a, shift * a + c
+        return self.activation.eager_from_input_affine(torch.addcmul(shift.reshape(shape), x, scale.reshape(shape)))
 
     def extra_repr(self) -> str:
         init = f"gamma_init={self.gamma_init:.6g}" if self.input_scale is None else "init=trained (running statistics kept)"

@@ -20,15 +20,20 @@ from torch.nn.modules.utils import _ntuple, _reverse_repeat_tuple
 
 from .activation_functions import ActivationSpec, activation
 from .batchnorm_state import BatchNormState, check_finite_in, normprop_gamma_beta, output_affine
+from .eager import is_compiling
 from .errors import InvalidOptionError, NormPropError
 from .moments import activation_constants
 from .normalized_activation import NormalizedActivation
 from .records import NORMPROP_INIT, TRAINED_INIT
+from .weight_norm import normalized_rows
 
 GammaInit = str | float
 
-#: True while torch.compile traces (torch.compiler.is_compiling from torch 2.3 on).
-_is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
+# A leaf of torch.fx: a plain symbolic trace of a NormProp layer records the call, so its graph
+# computes the layer's eager weight normalization, backward included (weight_norm.py). (``wrap``
+# patches this module's global name, the one normalized_weight calls.)
+torch.fx.wrap("normalized_rows")
+
 
 #: Added to the squared filter norm: a zero filter gives a zero output and finite gradients
 #: (the weight gradient of a zero row is scaled by 1/sqrt(eps) = 1e4, still finite in fp16),
@@ -86,6 +91,9 @@ def normalized_weight(
     reduce_dims = tuple(range(1, ndim))
     compute = torch.promote_types(weight.dtype, torch.float32)
     w = weight.to(compute)
+    if not is_compiling():
+        # eager: one autograd.Function with the fewest passes over the weights (weight_norm.py)
+        return normalized_rows(w, gamma.to(compute), eps).to(weight.dtype)
     inv_norm = torch.rsqrt(w.pow(2).sum(reduce_dims, keepdim=True) + eps)
     scale = gamma.to(compute).reshape(-1, *([1] * (ndim - 1))) * inv_norm
     return (w * scale).to(weight.dtype)
@@ -144,6 +152,17 @@ class NormPropLayer(nn.Module):
 
     def normalized_weight(self) -> torch.Tensor:
         return normalized_weight(self.weight, self.gamma, self.eps, weight_dim=self._weight_dim)
+
+    def _eager_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight and bias of the eager form (normprop_fx/eager.py): the activation's input
+        affine ``u * a + c`` is computed by the layer itself, ``gamma * a`` normalizing the weight
+        and ``beta * a + c`` the bias, O(channels) work instead of a pass over the output."""
+        # (weight read first: a torch.fx trace then lists the parameters in the layer's order)
+        weight, gamma, beta = self.weight, self.gamma, self.beta
+        scale, shift = self.activation.eager_input_affine()
+        if (scale, shift) != (1.0, 0.0):
+            gamma, beta = gamma * scale, beta * scale + shift
+        return normalized_weight(weight, gamma, self.eps, weight_dim=self._weight_dim), beta
 
     def keep_batchnorm_function(
         self, state: BatchNormState, conv_bias: torch.Tensor | None, *, where: str = ""
@@ -229,7 +248,10 @@ class NormPropLinear(NormPropLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        return self.activation(F.linear(x, self.normalized_weight(), self.beta))
+        if is_compiling():
+            return self.activation(F.linear(x, self.normalized_weight(), self.beta))
+        weight, bias = self._eager_weight_bias()
+        return self.activation.eager_from_input_affine(F.linear(x, weight, bias))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self._normprop_repr()}"
@@ -310,21 +332,22 @@ class _NormPropConvNd(NormPropLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        weight = self.normalized_weight()
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding: Any = 0
         else:
             padding = self.padding
-        # Compiled, beta is added after the conv, so it joins the pointwise kernel there (and its
-        # gradient is reduced by inductor): as the conv's bias, mkldnn's convolution backward
-        # reduced that gradient in a pass of its own. Eager, the conv bias is the cheaper form.
-        compiling = _is_compiling()
-        bias = None if compiling else self.beta
-        y = type(self)._conv(x, weight, bias, self.stride, padding, self.dilation, self.groups)
-        if compiling:
-            y = y + self.beta.reshape(-1, *([1] * self._dims))
-        return self.activation(y)
+        conv = type(self)._conv
+        if is_compiling():
+            # Compiled, beta is added after the conv, so it joins the pointwise kernel there (and
+            # its gradient is reduced by inductor): as the conv's bias, mkldnn's convolution
+            # backward reduced that gradient in a pass of its own.
+            y = conv(x, self.normalized_weight(), None, self.stride, padding, self.dilation, self.groups)
+            return self.activation(y + self.beta.reshape(-1, *([1] * self._dims)))
+        # Eager, the conv computes the activation's input affine too (normprop_fx/eager.py).
+        weight, bias = self._eager_weight_bias()
+        y = conv(x, weight, bias, self.stride, padding, self.dilation, self.groups)
+        return self.activation.eager_from_input_affine(y)
 
     def extra_repr(self) -> str:
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"

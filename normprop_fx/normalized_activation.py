@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .activation_functions import ActivationSpec, activation
+from .eager import is_compiling, scalar_affine
 from .moments import activation_constants
-from .piecewise_linear import PIECEWISE_LINEAR, normalized_piecewise_linear
+from .piecewise_linear import PIECEWISE_LINEAR, clamp_bounds, normalized_piecewise_linear, positively_homogeneous
 
 # A leaf function of torch.fx: a plain symbolic trace of this module would otherwise trace into
 # the autograd.Function's forward and record ``f(u) * scale + shift`` with plain autograd, whose
@@ -88,9 +92,58 @@ class NormalizedActivation(nn.Module):
             return x
         if self.is_plain:
             return self.spec(x)  # not standardized: the plain activation (ReLU's backward reads its output too)
-        if self.spec.name in PIECEWISE_LINEAR:
-            return normalized_piecewise_linear(x, self.spec, self._scale, self._shift)
-        return self.spec(x) * self._scale + self._shift
+        if is_compiling():
+            if self.spec.name in PIECEWISE_LINEAR:
+                return normalized_piecewise_linear(x, self.spec, self._scale, self._shift)
+            return self.spec(x) * self._scale + self._shift
+        scale, shift = self.eager_input_affine()
+        return self.eager_from_input_affine(scalar_affine(x, scale, shift))
+
+    # --- the eager form (normprop_fx/eager.py): the output as ``g(u * a + c)`` --------------------
+
+    def eager_input_affine(self) -> tuple[float, float]:
+        """``(a, c)``, ``a > 0``: the eager form computes the output from ``v = u * a + c``
+        (:meth:`eager_from_input_affine`), an affine that a weighted layer in front computes for
+        free, in its weight and bias. For the clamp family it is the whole output affine, for
+        LeakyReLU its scale (the activation commutes with it), else none."""
+        if self.spec.is_identity or self.is_plain:
+            return 1.0, 0.0
+        if clamp_bounds(self.spec) is not None:
+            return self._scale, self._shift
+        if positively_homogeneous(self.spec):
+            return self._scale, 0.0
+        return 1.0, 0.0
+
+    def output_clamp(self) -> tuple[float, float] | None:
+        """For a standardized clamp-family activation, the bounds ``(lo, hi)`` (``hi`` may be
+        inf) of ``f(u) * a + c = clamp(u * a + c, lo, hi)``; None otherwise."""
+        bounds = clamp_bounds(self.spec)
+        if bounds is None or self.is_plain:
+            return None
+        lo, hi = bounds
+        return lo * self._scale + self._shift, math.inf if hi is None else hi * self._scale + self._shift
+
+    def eager_from_input_affine(self, v: torch.Tensor) -> torch.Tensor:
+        """The output, from ``v = u * a + c`` with ``(a, c)`` = :meth:`eager_input_affine`: one
+        clamp for the clamp family, else the activation and what is left of the affine (one
+        ``addcmul`` or one add)."""
+        if self.spec.is_identity:
+            return v
+        if self.is_plain:
+            return self.spec(v)
+        clamp = self.output_clamp()
+        if clamp is not None:
+            # hardtanh is the clamp with the fast backward: torch.clamp's takes a mask and a
+            # where, 3-4x a ReLU's; F.threshold is as fast but has no ONNX export.
+            if not isinstance(v, torch.fx.Proxy) and v.dtype in (torch.float16, torch.bfloat16):
+                # the bounds in v's precision: the kernel compares in float32, so a value on the
+                # flat piece (a zero filter's output, the shift rounded to fp16) would otherwise
+                # sit just above the float32 bound and take the gradient of the sloped piece
+                clamp = tuple(float(torch.tensor(b, dtype=v.dtype)) for b in clamp)
+            return F.hardtanh(v, *clamp)
+        if positively_homogeneous(self.spec):
+            return scalar_affine(self.spec(v), 1.0, self._shift)
+        return scalar_affine(self.spec(v), self._scale, self._shift)
 
     def extra_repr(self) -> str:
         s = f"{self.spec}, mean={self.mean:.6g}, std={self.std:.6g}" if self.standardize else f"{self.spec}, not standardized"

@@ -42,6 +42,27 @@ def _pieces(spec: ActivationSpec) -> tuple[float | None, float | None, float, fl
     raise ValueError(f"{spec} is not one of {sorted(PIECEWISE_LINEAR)}")
 
 
+def clamp_bounds(spec: ActivationSpec) -> tuple[float, float | None] | None:
+    """``(lo, hi)`` when ``spec`` is a clamp, ``f(u) = clamp(u, lo, hi)`` (ReLU, ReLU6, Hardtanh;
+    ``hi`` None: unbounded), else None. Then for ``scale > 0``
+
+        f(u) * scale + shift = clamp(u * scale + shift, lo * scale + shift, hi * scale + shift)
+
+    so a normalized clamp is one clamp of an affine of its input (normprop_fx/eager.py, fold)."""
+    if spec.name not in PIECEWISE_LINEAR:
+        return None
+    lo, hi, inside, outside = _pieces(spec)
+    if (inside, outside) != (1.0, 0.0):
+        return None
+    return lo, hi
+
+
+def positively_homogeneous(spec: ActivationSpec) -> bool:
+    """``f(a * u) = a * f(u)`` for every ``a > 0`` (ReLU, LeakyReLU), so an output scale can be
+    moved in front of ``f``."""
+    return spec.name in ("relu", "leaky_relu")
+
+
 class _NormalizedPiecewiseLinear(torch.autograd.Function):
     generate_vmap_rule = True  # torch.func.vmap (per-sample gradients) works through it
 

@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
 from normprop_fx import NormalizedActivation
 from normprop_fx.activation_functions import activation
+from normprop_fx.eager import compiled_form
 from normprop_fx.piecewise_linear import PIECEWISE_LINEAR, normalized_piecewise_linear
 
 SPECS = [
@@ -39,11 +42,15 @@ def test_values_and_gradients_match_plain_autograd(spec):
     assert torch.autograd.gradcheck(lambda t: normalized_piecewise_linear(t, spec, scale, shift), (u,))
 
 
-def test_normalized_activation_uses_it_and_keeps_its_gradient():
+@pytest.mark.parametrize(("form", "backward"), [(compiled_form, "_NormalizedPiecewiseLinearBackward"),
+                                                 (contextlib.nullcontext, "HardtanhBackward0")])
+def test_normalized_activation_uses_it_compiled_and_keeps_its_gradient(form, backward):
+    # compiled, the output-gradient Function; eager, one native clamp (normprop_fx/eager.py)
     act = NormalizedActivation("relu")
     u = torch.randn(64, 16, dtype=torch.float64, requires_grad=True)
-    y = act(u)
-    assert type(y.grad_fn).__name__ == "_NormalizedPiecewiseLinearBackward"
+    with form():
+        y = act(u)
+    assert type(y.grad_fn).__name__ == backward
     (du,) = torch.autograd.grad(y.sum(), u)
     torch.testing.assert_close(du, (u > 0).to(u.dtype) / act.std)
 

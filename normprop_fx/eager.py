@@ -1,0 +1,64 @@
+"""Which form a NormProp module computes in: the compiled form or the eager one.
+
+Both compute the same function, to rounding; they differ in how many passes over the
+activations they take and in what the backward saves.
+
+- **Compiled** (torch.compile and torch.export trace the module): the forms inductor fuses
+  best, kept as they were measured (docs/bench.md): a piecewise-linear activation with its
+  standardization through the output-gradient autograd.Function of ``piecewise_linear.py``, so a
+  compiled training step saves no bool mask; beta added after the conv, so it joins the pointwise
+  kernel.
+- **Eager** (everything else: plain PyTorch, torch.jit.trace, the ONNX exporters' trace, a plain
+  torch.fx trace, torch.func): native ops only, and the fewest passes over the activations. A
+  positive scalar affine after an activation is moved in front of it where the activation allows
+  (``f(u) * a + b = clamp(u * a + b, ...)`` for the clamp family, ``leaky_relu(u * a) + b``), and
+  an affine in front of an activation goes into the weight and bias of the layer that computes
+  ``u``: a NormProp conv then costs one conv and one clamp, as a plain conv and ReLU do. Each
+  remaining affine is one ``torch.addcmul``. Being made of native ops, this form also gives
+  torch.func (``jvp``, ``hessian``, ``vmap``), ``torch.jit`` and the legacy ONNX exporter what they
+  need.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+#: True while torch.compile or torch.export traces (torch.compiler.is_compiling from torch 2.3 on).
+_torch_is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
+_forced_compiled_form = False
+
+
+def is_compiling() -> bool:
+    """Whether NormProp modules compute their compiled form: while torch.compile or
+    torch.export traces, or inside :func:`compiled_form`."""
+    return _forced_compiled_form or _torch_is_compiling()
+
+
+@contextlib.contextmanager
+def compiled_form() -> Iterator[None]:
+    """Run NormProp modules in their compiled form in eager mode too: the reference the eager
+    form is tested against (tests/test_eager.py), and a way to rule the eager form out when
+    debugging. Not thread-safe: it sets a module-level flag."""
+    global _forced_compiled_form
+    previous, _forced_compiled_form = _forced_compiled_form, True
+    try:
+        yield
+    finally:
+        _forced_compiled_form = previous
+
+
+def scalar_affine(x: torch.Tensor, scale: float, shift: float) -> torch.Tensor:
+    """``x * scale + shift`` for Python floats, in one pass over ``x`` (``x * scale + shift``
+    written out is two: a multiply, then an add that reads the product back)."""
+    if shift == 0.0:
+        return x if scale == 1.0 else x * scale
+    if scale == 1.0:
+        return x + shift
+    return torch.addcmul(_scalar(shift, x), x, _scalar(scale, x))
+
+
+def _scalar(value: float, like: torch.Tensor) -> torch.Tensor:
+    return torch.full((), value, dtype=like.dtype, device=like.device)

@@ -1,0 +1,97 @@
+"""Weight normalization ``gamma_i * W_i / sqrt(||W_i||^2 + eps)`` as one autograd.Function.
+
+The eager training step of a NormProp network normalizes every weight of the network at every
+step, and at the batch sizes NormProp is for (small ones) the weights are about as many numbers
+as the activations: resnet18 at batch 16 and 128 px has 11.2M conv weight elements and 13.0M
+BatchNorm input elements. Written with plain autograd ops, the normalization and its backward take
+about ten passes over the weights (the norm, the scaled copy, the product of the gradient with
+the weight and its sum, the norm's own backward, the sum of two weight gradients). Here the
+backward is written out, one pass for the per-row dot product ``<G_i, W_i>`` and one for
+
+    dL/dW_i = s_i * G_i - s_i * inv_i^2 * <G_i, W_i> * W_i,   s_i = gamma_i * inv_i,
+    dL/dgamma_i = inv_i * <G_i, W_i>,                         inv_i = (||W_i||^2 + eps)^-1/2
+
+(tools/bench.py, docs/bench.md: the eager train step). It is used in eager mode only
+(:func:`use_function`); torch.compile differentiates the plain ops itself, and the tracers that
+turn a model into a file (torch.jit.trace, the legacy ONNX exporter)
+get the same forward in plain ops, which they can record; a plain torch.fx trace records a
+call of :func:`normalized_rows`. torch.func works through it: it has a ``jvp`` (forward
+mode, so ``jvp`` and ``hessian``) and a generated vmap rule (per-sample gradients); its backward is
+made of differentiable ops, so double backward works too.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def use_function(weight: torch.Tensor) -> bool:
+    """Whether to normalize ``weight`` with :class:`NormalizedWeight` rather than plain ops:
+    outside torch.jit tracing (which cannot save a Python autograd.Function into a file)."""
+    return not torch.jit.is_tracing()
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1)
+
+
+def _column(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    return v.reshape(-1, *([1] * (ndim - 1)))
+
+
+def _inverse_norm(w: torch.Tensor, eps: float) -> torch.Tensor:
+    """``(||w_i||^2 + eps)^-1/2`` per row: vector_norm reads the weight once."""
+    return torch.rsqrt(torch.linalg.vector_norm(_rows(w), dim=1).square() + eps)
+
+
+class NormalizedWeight(torch.autograd.Function):
+    """``(w, gamma, eps) -> gamma_i * w_i / sqrt(||w_i||^2 + eps)`` for rows i of ``w`` (dim 0)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(w: torch.Tensor, gamma: torch.Tensor, eps: float) -> torch.Tensor:
+        return w * _column(gamma * _inverse_norm(w, eps), w.dim())
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001 (autograd's signature)
+        w, gamma, eps = inputs
+        ctx.eps = eps
+        ctx.save_for_backward(w, gamma)
+        ctx.save_for_forward(w, gamma)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        w, gamma = ctx.saved_tensors
+        # inv is recomputed from w (a read of the weights) rather than saved from the forward:
+        # computed here, it is differentiable, so a double backward sees how it depends on w
+        inv = _inverse_norm(w, ctx.eps)
+        dot = torch.linalg.vecdot(_rows(grad), _rows(w), dim=1)  # <G_i, W_i>
+        s = gamma * inv
+        grad_w = torch.addcmul(grad * _column(s, w.dim()), w, _column(-s * inv * inv * dot, w.dim()))
+        return grad_w, inv * dot, None
+
+    @staticmethod
+    def jvp(ctx, dw: torch.Tensor | None, dgamma: torch.Tensor | None, _deps: None):  # noqa: ANN001, ANN205
+        w, gamma = ctx.saved_tensors
+        inv, ndim = _inverse_norm(w, ctx.eps), w.dim()
+        # d(inv) = -inv^3 <W_i, dW_i>; d(gamma * inv) = dgamma * inv + gamma * d(inv)
+        ds = torch.zeros_like(gamma) if dgamma is None else dgamma * inv
+        out = torch.zeros_like(w)
+        if dw is not None:
+            ds = ds - gamma * inv.pow(3) * torch.linalg.vecdot(_rows(w), _rows(dw), dim=1)
+            out = dw * _column(gamma * inv, ndim)
+        return out + w * _column(ds, ndim)
+
+
+def normalized_rows(w: torch.Tensor, gamma: torch.Tensor, eps: float) -> torch.Tensor:
+    """``gamma_i * w_i / sqrt(||w_i||^2 + eps)``, the eager form: :class:`NormalizedWeight`, or
+    under torch.jit tracing the same forward in plain ops, which the tracer records.
+
+    A leaf of torch.fx (layers.py wraps it where it is called): a plain symbolic trace of a
+    NormProp layer (torchvision's feature extraction, ``torch.fx.symbolic_trace``) records a call
+    of this function, so the traced graph computes what the layer computes, forward and backward."""
+    if use_function(w):
+        return NormalizedWeight.apply(w, gamma, eps)
+    return w * _column(gamma * _inverse_norm(w, eps), w.dim())
+

@@ -1,0 +1,166 @@
+"""The eager form of NormProp modules (normprop_fx/eager.py): the same function as the compiled
+form, outputs and gradients, in fewer passes over the activations.
+
+The compiled form is what tests/test_compile.py checks under torch.compile; here it runs in eager
+mode too (``compiled_form()``) as the reference. Float64, so that "equal" means equal to rounding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import normprop_fx
+from normprop_fx import NormalizedActivation, NormPropAffine, NormPropConv1d, NormPropConv2d, NormPropConv3d, NormPropLinear, Standardize
+from normprop_fx.batchnorm_state import batchnorm_state
+from normprop_fx.eager import compiled_form, is_compiling
+
+ACTIVATIONS = ["relu", "relu6", "hardtanh", "leaky_relu", "silu", "hardswish", "gelu", "identity", "tanh"]
+
+
+def _corrected(act: NormalizedActivation) -> NormalizedActivation:
+    act.absorb_correction(torch.tensor(0.2), torch.tensor(1.3))
+    return act
+
+
+def _trained_conv() -> NormPropConv2d:
+    bn = nn.BatchNorm2d(5)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 2)
+        bn.bias.uniform_(-1, 1)
+    layer = NormPropConv2d(3, 5, 3, padding=1, activation="relu")
+    layer.keep_batchnorm_function(batchnorm_state(bn), None)
+    return layer
+
+
+def _trained_affine() -> NormPropAffine:
+    bn = nn.BatchNorm2d(3)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    affine = NormPropAffine(3, activation="relu6")
+    affine.keep_batchnorm_function(batchnorm_state(bn))
+    return affine
+
+
+#: (id, factory, input shape)
+MODULES = [
+    *[(f"conv2d-{a}", lambda a=a: NormPropConv2d(3, 5, 3, padding=1, activation=a), (2, 3, 7, 7)) for a in ACTIVATIONS],
+    *[(f"linear-{a}", lambda a=a: NormPropLinear(6, 4, activation=a), (5, 6)) for a in ("relu", "leaky_relu", "silu")],
+    ("conv1d-reflect-relu6", lambda: NormPropConv1d(3, 4, 3, padding=1, padding_mode="reflect", activation="relu6"), (2, 3, 9)),
+    ("conv3d-grouped-relu", lambda: NormPropConv3d(4, 4, 3, groups=2, activation="relu"), (1, 4, 5, 5, 5)),
+    ("conv2d-trained", _trained_conv, (2, 3, 6, 6)),
+    *[(f"activation-{a}", lambda a=a: NormalizedActivation(a), (4, 3, 5)) for a in ("relu", "relu6", "leaky_relu", "silu")],
+    ("activation-relu-corrected", lambda: _corrected(NormalizedActivation("relu")), (4, 7)),
+    ("activation-hardtanh-corrected", lambda: _corrected(NormalizedActivation("hardtanh")), (4, 7)),
+    ("activation-leaky-corrected", lambda: _corrected(NormalizedActivation("leaky_relu")), (4, 7)),
+    ("activation-plain", lambda: NormalizedActivation("relu", standardize=False), (4, 7)),
+    ("affine-relu", lambda: NormPropAffine(3, activation="relu"), (2, 3, 4, 4)),
+    ("affine-silu", lambda: NormPropAffine(3, activation="silu"), (2, 3, 4, 4)),
+    ("affine-trained-relu6", _trained_affine, (2, 3, 4, 4)),
+    ("standardize-scalar", lambda: Standardize(torch.tensor(0.4), torch.tensor(1.5)), (2, 3, 4)),
+    ("standardize-channels", lambda: Standardize(torch.rand(3, 1, 1) - 0.5, torch.rand(3, 1, 1) + 0.5), (2, 3, 4, 4)),
+]
+
+
+def _randomized(module: nn.Module) -> nn.Module:
+    """gamma and beta moved off their initial values (beta off zero, so the shift matters)."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith(("gamma", "beta")):
+                p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return module
+
+
+def _forward_backward(module: nn.Module, x: torch.Tensor, form: contextlib.AbstractContextManager) -> list[torch.Tensor]:
+    x = x.detach().requires_grad_()
+    with form:
+        y = module(x)
+    leaves = [x, *(p for p in module.parameters() if p.requires_grad)]
+    cotangent = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).reshape(y.shape)
+    return [y.detach(), *torch.autograd.grad(y, leaves, cotangent)]
+
+
+@pytest.mark.parametrize(("name", "make", "shape"), MODULES, ids=[m[0] for m in MODULES])
+def test_eager_form_equals_compiled_form(name, make, shape):
+    torch.manual_seed(0)
+    module = _randomized(make()).double()
+    x = torch.randn(shape, dtype=torch.float64)
+    eager = _forward_backward(module, x, contextlib.nullcontext())
+    compiled = _forward_backward(module, x, compiled_form())
+    for e, c in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(e, c, rtol=1e-12, atol=1e-12)
+
+
+def test_compiled_form_context_restores_the_flag():
+    assert not is_compiling()
+    with compiled_form():
+        assert is_compiling()
+        with compiled_form():
+            assert is_compiling()
+        assert is_compiling()
+    assert not is_compiling()
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_large"])
+def test_converted_zoo_model_eager_equals_compiled_form(name):
+    torch.manual_seed(0)
+    converted = _randomized(normprop_fx.convert(getattr(torchvision.models, name)(num_classes=10))).double().train()
+    for m in converted.modules():  # dropout would draw other masks in the two runs
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    eager = _forward_backward(converted, x, contextlib.nullcontext())
+    compiled = _forward_backward(converted, x, compiled_form())
+    for e, c in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(e, c, rtol=1e-9, atol=1e-11)
+
+
+class _ActivationSizedOps(TorchDispatchMode):
+    """Counts the aten ops that write a tensor of at least ``size`` elements: the passes over
+    the activations (weights here are far smaller)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size, self.ops = size, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ in ("detach", "view", "alias"):
+            return out  # no pass over the data
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.numel() >= self.size:
+                self.ops.append(func.overloadpacket.__name__)
+                break
+        return out
+
+
+def _activation_passes(module: nn.Module, x: torch.Tensor) -> list[str]:
+    x = x.detach().requires_grad_()
+    cotangent = torch.ones(x.shape[0], 8, *x.shape[2:])
+    counter = _ActivationSizedOps(x.numel())
+    with counter:
+        module(x).backward(cotangent)
+    return counter.ops
+
+
+@pytest.mark.parametrize("act", ["relu", "relu6", "hardtanh"])
+def test_eager_normprop_conv_makes_as_many_activation_passes_as_a_plain_conv_and_activation(act):
+    """A NormProp conv with a normalized clamp-family activation is one conv and one clamp,
+    forward and backward: the passes of the plain conv + activation it replaces (the compiled
+    form, in eager mode, adds the affine's passes)."""
+    x = torch.randn(4, 8, 16, 16)
+    plain = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), {"relu": nn.ReLU(), "relu6": nn.ReLU6(), "hardtanh": nn.Hardtanh()}[act])
+    normprop = NormPropConv2d(8, 8, 3, padding=1, activation=act)
+    expected = _activation_passes(plain, x)
+    assert len(_activation_passes(normprop, x)) == len(expected), (_activation_passes(normprop, x), expected)
+    with compiled_form():
+        assert len(_activation_passes(normprop, x)) > len(expected)
