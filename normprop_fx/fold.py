@@ -35,14 +35,16 @@ from __future__ import annotations
 
 import copy
 import logging
+import operator
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
-from .activation_functions import ActivationSpec
 from .affine import NormPropAffine
 from .errors import NormPropError
 from .layers import NormPropLayer, NormPropLinear, _NormPropConvNd
@@ -56,6 +58,11 @@ from .standardize import Standardize
 logger = logging.getLogger(__name__)
 
 _CONVS: dict[int, type[nn.modules.conv._ConvNd]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+#: The adds fold rewrites (``a + b``, ``torch.add(a, b, alpha=...)``).
+_ADDS = (operator.add, torch.add)
+#: Functions whose output has the rank of their widest input (for _min_ranks).
+_ELEMENTWISE = (F.relu, F.relu6, F.leaky_relu, F.silu, F.hardswish, F.hardsigmoid, F.gelu, F.elu, F.mish, torch.sigmoid,
+                torch.tanh, operator.mul, torch.mul)
 
 
 class ConstantAffine(nn.Module):
@@ -119,30 +126,73 @@ def fold(converted: nn.Module) -> fx.GraphModule:
     Its eval outputs equal ``converted.eval()``'s up to floating-point rounding. Raises
     NormPropError when ``converted`` is neither a GraphModule nor a model convert() returned.
     """
-    if isinstance(converted, fx.GraphModule):
+    report = getattr(converted, REPORT_ATTRIBUTE, None)
+    if isinstance(report, ConversionReport):
+        # traced flat, the conversion's leaf modules kept: a module tree's root may be a rebuilt
+        # GraphModule whose children (rebuilt too, or the user's) hold the NormProp modules
+        gm, _ = trace(copy.deepcopy(converted), [p for p in report.leaf_modules if has_submodule(converted, p)])
+    elif isinstance(converted, fx.GraphModule):
         gm = copy.deepcopy(converted)
     else:
-        report = getattr(converted, REPORT_ATTRIBUTE, None)
-        if not isinstance(report, ConversionReport):
-            raise NormPropError(
-                f"fold() takes a model that normprop_fx.convert() returned (or a torch.fx.GraphModule), got "
-                f"{type(converted).__name__}"
-            )
-        gm, _ = trace(copy.deepcopy(converted), [p for p in report.leaf_modules if has_submodule(converted, p)])
+        raise NormPropError(
+            f"fold() takes a model that normprop_fx.convert() returned (or a torch.fx.GraphModule), got "
+            f"{type(converted).__name__}"
+        )
     gm.eval()
     with torch.no_grad():
-        expanded = _expand_normprop_modules(gm)
-        merged = _merge_consecutive_affines(gm)
-        folded = _fold_affines_into_following_layers(gm)
+        counts = {
+            "identities dropped": _drop_identities(gm),
+            "NormProp modules expanded": _expand_normprop_modules(gm),
+            "one-element affines made scalars": _one_element_affines_as_scalars(gm),
+            "affines merged into the affine after them": _merge_consecutive_affines(gm),
+            "moved in front of a max pool or clamp": _move_affines(gm, backward=True),
+            "merged after those moves": _merge_consecutive_affines(gm),
+            "folded into the layer or add that computes their input": _fold_affines_into_preceding_ops(gm),
+            "moved behind a pool, flatten or reshape": _move_affines(gm, backward=False),
+            "folded into the layer that reads them": _fold_affines_into_following_layers(gm),
+            "folded into the add that reads them": _fold_affines_into_following_adds(gm),
+        }
     gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()
     gm.eval()
-    logger.info(
-        "fold: %d NormProp modules expanded, %d affines merged, %d folded into the following layer",
-        expanded, merged, folded,
-    )
+    gm.fold_report = FoldReport(counts, _kept_affines(gm))
+    logger.info("%s", gm.fold_report)
     return gm
+
+
+@dataclass
+class FoldReport:
+    """What fold did (``folded.fold_report``): how many modules and affines each sub-pass
+    handled, and every constant affine left in the folded graph with the reason it stays."""
+
+    counts: dict[str, int]
+    #: (the affine's node, why neither the op before nor the op after it could take it)
+    kept_affines: list[tuple[str, str]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = ["fold: " + ", ".join(f"{n} {what}" for what, n in self.counts.items())]
+        lines += [f"  constant affine kept: {name}: {why}" for name, why in self.kept_affines]
+        if not self.kept_affines:
+            lines.append("  no constant affine kept")
+        return "\n".join(lines)
+
+
+# --- pass 0: drop the identities ------------------------------------------------------------------
+
+
+def _drop_identities(gm: fx.GraphModule) -> int:
+    """Remove every call of an ``nn.Identity`` (what a converted module tree keeps at the name of
+    each BatchNorm it replaced): the graph reads the input instead, so that the affines around it
+    meet the layers they can fold into."""
+    dropped = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.Identity and len(node.args) == 1 \
+                and not node.kwargs and isinstance(node.args[0], fx.Node):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            dropped += 1
+    return dropped
 
 
 # --- pass 1: NormProp modules -> plain layers, activations and constant affines ---------------
@@ -165,13 +215,14 @@ def _expand_normprop_modules(gm: fx.GraphModule) -> int:
     for node, module in calls:
         if isinstance(module, NormPropLayer):
             set_submodule(gm, node.target, replacement(module, partial(_plain_layer, module)))
-            _append_after(gm, node, _normalized_activation_ops(gm, node.target, module.activation))
+            _append_after(gm, node, _activation_ops(gm, node.target, module.activation))
         elif isinstance(module, NormalizedActivation):
-            _replace_node(gm, node, _normalized_activation_ops(gm, node.target, module))
+            ops = _input_affine_ops(gm, node.target, _scalar_input_affine(module))
+            _replace_node(gm, node, ops + _activation_ops(gm, node.target, module))
         elif isinstance(module, NormPropAffine):
-            affine = replacement(module, partial(ConstantAffine, *module.channel_affine(), channel_dim=1))
+            affine = replacement(module, partial(_channel_input_affine, module))
             ops = [_module_op(gm, f"{node.target}_affine", affine)]
-            ops += _normalized_activation_ops(gm, node.target, module.activation)
+            ops += _activation_ops(gm, node.target, module.activation)
             _replace_node(gm, node, ops)
         elif isinstance(module, Standardize):
             scale, mean = module.scale.double(), module.mean.double()
@@ -196,7 +247,10 @@ def _refuse_attribute_reads_of_normprop_modules(gm: fx.GraphModule) -> None:
 
 
 def _plain_layer(layer: NormPropLayer) -> nn.Module:
-    weight = layer.normalized_weight().detach()
+    """The plain Conv/Linear of ``layer``: its normalized weight and beta, with its activation's
+    input affine (:meth:`NormalizedActivation.eager_input_affine`) in them, as in the layer's
+    eager form."""
+    weight, bias = (t.detach() for t in layer._eager_weight_bias())
     factory = {"device": weight.device, "dtype": weight.dtype}
     plain: nn.Module
     if isinstance(layer, NormPropLinear):
@@ -209,7 +263,7 @@ def _plain_layer(layer: NormPropLayer) -> nn.Module:
     else:
         raise NormPropError(f"fold: no plain form known for {type(layer).__name__}")
     plain.weight = nn.Parameter(weight.clone(), requires_grad=False)
-    plain.bias = nn.Parameter(layer.beta.detach().to(weight.dtype).clone(), requires_grad=False)
+    plain.bias = nn.Parameter(bias.to(weight.dtype).clone(), requires_grad=False)
     return plain
 
 
@@ -217,20 +271,51 @@ def _plain_layer(layer: NormPropLayer) -> nn.Module:
 _Op = Callable[[fx.Node], fx.Node]
 
 
-def _normalized_activation_ops(gm: fx.GraphModule, base: str, act: NormalizedActivation) -> list[_Op]:
-    """``f`` then ``* (1/c_std) + (-c_mean/c_std)``; nothing for the identity, and ``f`` alone when
-    the output is not standardized (a layer that keeps a trained BatchNorm's function)."""
+def _activation_ops(gm: fx.GraphModule, base: str, act: NormalizedActivation) -> list[_Op]:
+    """What ``act`` computes after its input affine ``u * a + c`` (which the caller has put into
+    the layer in front or into a ConstantAffine of its own), as the eager form does: for the clamp
+    family (ReLU, ReLU6, Hardtanh) one clamp and no constant affine; for LeakyReLU the activation
+    and the shift; else ``f`` and ``* (1/c_std) + (-c_mean/c_std)``. Nothing for the identity, and
+    ``f`` alone when the output is not standardized (a layer that keeps a trained BatchNorm's
+    function)."""
     if act.spec.is_identity:
         return []
     if act.is_plain:
-        return [_activation_op(act.spec)]
-    affine = ConstantAffine(torch.tensor(act._scale, dtype=torch.float64), torch.tensor(act._shift, dtype=torch.float64))
-    return [_activation_op(act.spec), _module_op(gm, f"{base}_normalize", affine)]
+        return [_activation_op(act.spec.function.fn, act.spec.kwargs)]
+    clamp = act.output_clamp()
+    if clamp is not None:
+        return [_activation_op(F.hardtanh, {"min_val": clamp[0], "max_val": clamp[1]})]
+    moved, _ = act.eager_input_affine()  # LeakyReLU's scale went in front (no shift did)
+    scale, shift = act._scale / moved, act._shift
+    ops = [_activation_op(act.spec.function.fn, act.spec.kwargs)]
+    if (scale, shift) != (1.0, 0.0):
+        affine = ConstantAffine(torch.tensor(scale, dtype=torch.float64), torch.tensor(shift, dtype=torch.float64))
+        ops.append(_module_op(gm, f"{base}_normalize", affine))
+    return ops
 
 
-def _activation_op(spec: ActivationSpec) -> _Op:
+def _scalar_input_affine(act: NormalizedActivation) -> ConstantAffine | None:
+    """A standalone activation's input affine ``u * a + c`` as a ConstantAffine, None if it has none."""
+    a, c = act.eager_input_affine()
+    if (a, c) == (1.0, 0.0):
+        return None
+    return ConstantAffine(torch.tensor(a, dtype=torch.float64), torch.tensor(c, dtype=torch.float64))
+
+
+def _channel_input_affine(affine: NormPropAffine) -> ConstantAffine:
+    """A NormPropAffine's per-channel affine, its activation's input affine included."""
+    scale, shift = (t.detach().double() for t in affine.channel_affine())
+    a, c = affine.activation.eager_input_affine()
+    return ConstantAffine(scale * a, shift * a + c, channel_dim=1)
+
+
+def _input_affine_ops(gm: fx.GraphModule, base: str, affine: ConstantAffine | None) -> list[_Op]:
+    return [] if affine is None else [_module_op(gm, f"{base}_input_affine", affine)]
+
+
+def _activation_op(fn: Callable[..., torch.Tensor], kwargs: dict[str, Any]) -> _Op:
     def create(x: fx.Node) -> fx.Node:
-        return x.graph.call_function(spec.function.fn, (x,), spec.kwargs)
+        return x.graph.call_function(fn, (x,), kwargs)
 
     return create
 
@@ -274,7 +359,54 @@ def _replace_node(gm: fx.GraphModule, node: fx.Node, ops: list[_Op]) -> None:
     gm.graph.erase_node(node)
 
 
-# --- pass 2: merge an affine into the affine right after it ------------------------------------
+# --- pass 2: one-element affines as scalars, and merges -----------------------------------------
+
+#: The rank a layer's output has at least (a Conv{k}d's is k + 1, unbatched; a Linear's 1).
+_LAYER_RANKS: tuple[tuple[tuple[type[nn.Module], ...], int], ...] = (
+    ((nn.Linear,), 1),
+    ((nn.Conv1d, nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d), 2),
+    ((nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d), 3),
+    ((nn.Conv3d, nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d), 4),
+)
+
+
+def _min_ranks(gm: fx.GraphModule) -> dict[fx.Node, int]:
+    """A lower bound of each node's output rank, from the layers it comes out of: what tells a
+    one-element affine of shape (1, 1, 1) that it broadcasts to nothing wider than its input."""
+    ranks: dict[fx.Node, int] = {}
+    for node in gm.graph.nodes:
+        rank = 0
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            rank = next((r for types, r in _LAYER_RANKS if isinstance(module, types)), 0)
+            if isinstance(module, ConstantAffine) and isinstance(node.args[0], fx.Node):
+                rank = max(ranks.get(node.args[0], 0), module.scale.dim(), module.shift.dim())
+        elif node.op == "call_function" and (node.target in _ADDS or node.target is F.hardtanh or node.target in _ELEMENTWISE):
+            rank = max((ranks.get(a, 0) for a in node.args if isinstance(a, fx.Node)), default=0)
+        ranks[node] = rank
+    return ranks
+
+
+def _one_element_affines_as_scalars(gm: fx.GraphModule) -> int:
+    """An affine of one-element buffers (a scalar Standardize keeps shape (1, 1, 1)) whose
+    broadcast cannot widen its input becomes a true scalar one, which the moves and folds below
+    handle (a (1, 1, 1) affine moved behind a flatten would broadcast the output wider)."""
+    ranks = _min_ranks(gm)
+    made = 0
+    for node in gm.graph.nodes:
+        affine = _affine_of(gm, node)
+        if affine is None or affine.is_scalar or affine.scale.numel() != 1 or affine.shift.numel() != 1:
+            continue
+        if max(affine.scale.dim(), affine.shift.dim()) > ranks.get(node.args[0], 0):
+            continue
+        scalar = ConstantAffine(affine.scale.reshape(()), affine.shift.reshape(()))
+        target = _free_name(gm, f"{node.target}_scalar")
+        gm.add_submodule(target, scalar)
+        node.target = target
+        made += 1
+    return made
+
+
 
 
 def _affine_of(gm: fx.GraphModule, node: Any) -> ConstantAffine | None:
@@ -312,7 +444,194 @@ def _merge_consecutive_affines(gm: fx.GraphModule) -> int:
     return merged
 
 
-# --- pass 3: fold an affine into the Conv/Linear that reads it ---------------------------------
+# --- pass 3: move a scalar affine past the ops it commutes with --------------------------------
+
+#: Ops a positive scalar affine ``x * s + t`` (s > 0) commutes with: max pools (the max of
+#: affinely mapped values is the mapped max; their -inf padding stays -inf) and the clamp that
+#: fold writes for the ReLU family, whose bounds map too.
+_MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+_MAX_POOL_FUNCTIONS = (F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
+                       F.adaptive_max_pool3d)
+#: Ops any scalar affine commutes with: averages whose weights sum to one, and reshapes.
+_AVERAGES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.Flatten)
+_AVERAGE_FUNCTIONS = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, torch.flatten, torch.reshape)
+_RESHAPE_METHODS = ("flatten", "reshape", "view", "squeeze", "unsqueeze")
+
+
+def _commutes(gm: fx.GraphModule, node: fx.Node, affine: ConstantAffine) -> bool:
+    """Whether ``node`` (its first argument the tensor) commutes with the scalar ``affine``."""
+    if not affine.is_scalar or not (node.args and isinstance(node.args[0], fx.Node)):
+        return False
+    positive = affine._scalars[0] > 0
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        return isinstance(module, _AVERAGES) or (positive and isinstance(module, _MAX_POOLS) and not getattr(module, "return_indices", False))
+    if node.op == "call_function":
+        if node.target in _AVERAGE_FUNCTIONS:
+            return True
+        if node.target is F.hardtanh:
+            return positive and set(node.kwargs) == {"min_val", "max_val"} and len(node.args) == 1
+        return positive and node.target in _MAX_POOL_FUNCTIONS and not node.kwargs.get("return_indices", False)
+    return node.op == "call_method" and node.target in _RESHAPE_METHODS
+
+
+def _move_affines(gm: fx.GraphModule, *, backward: bool) -> int:
+    """Move scalar affines in front of the op that computes their input (``backward``: toward a
+    layer that can take them) or behind the op that reads them (toward a layer that reads them),
+    where the op commutes with the affine and the two read each other only. Repeated until no
+    affine moves: a clamp then a max pool are passed one after the other."""
+    moved = 0
+    while True:
+        count = 0
+        for node in list(gm.graph.nodes):
+            affine = _affine_of(gm, node)
+            if affine is None:
+                continue
+            if backward:
+                first, second = node.args[0], node  # the op, then the affine
+            elif len(node.users) == 1:
+                first, second = node, next(iter(node.users))  # the affine, then the op
+            else:
+                continue
+            op = first if backward else second
+            if not (isinstance(first, fx.Node) and list(first.users) == [second] and second.args[:1] == (first,)):
+                continue
+            if not _commutes(gm, op, affine) or op.args[1:].count(first) or first in op.kwargs.values():
+                continue
+            _swap(first, second)
+            if op.target is F.hardtanh and backward:  # the bounds go through the affine
+                s, t = affine._scalars
+                op.kwargs = {"min_val": op.kwargs["min_val"] * s + t, "max_val": op.kwargs["max_val"] * s + t}
+            elif op.target is F.hardtanh:
+                s, t = affine._scalars
+                op.kwargs = {"min_val": (op.kwargs["min_val"] - t) / s, "max_val": (op.kwargs["max_val"] - t) / s}
+            count += 1
+        if not count:
+            return moved
+        moved += count
+
+
+def _swap(first: fx.Node, second: fx.Node) -> None:
+    """``second(first(x, ...), ...)`` -> ``first(second(x, ...), ...)``: ``first``'s only reader
+    is ``second``, and each takes the tensor as its first argument."""
+    x = first.args[0]
+    second.replace_all_uses_with(first)
+    first.prepend(second)  # second now runs before first
+    second.args = (x, *second.args[1:])
+    first.args = (second, *first.args[1:])
+
+
+# --- pass 4: fold an affine into the Conv/Linear or the add that computes its input ------------
+
+
+def _plain_layer_call(gm: fx.GraphModule, node: Any, calls: dict[str, int], reader: fx.Node) -> nn.Module | None:
+    """The plain Conv/Linear ``node`` calls, when ``reader`` is the only reader of its output
+    and the layer is called nowhere else (so changing its weights changes only this use)."""
+    if not (isinstance(node, fx.Node) and node.op == "call_module" and list(node.users) == [reader]):
+        return None
+    if calls.get(node.target, 0) != 1:
+        return None
+    layer = gm.get_submodule(node.target)
+    return layer if type(layer) is nn.Linear or type(layer) in _CONVS.values() else None
+
+
+def _per_output_channel(affine: ConstantAffine, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The affine as per-output-channel ``(scale, shift)`` vectors of ``layer``: scalar, or shaped
+    as a channel of the layer's output broadcasts (``(C, 1, ..)`` for a conv, ``(C,)`` for a
+    Linear); None otherwise."""
+    out, spatial = (layer.out_features, 0) if type(layer) is nn.Linear else (layer.out_channels, len(layer.kernel_size))
+    if affine.channel_dim is not None and not affine.is_scalar:
+        return None  # dim 1 is the channel only for batched input: not provably the same
+    vectors = []
+    for t in (affine.scale, affine.shift):
+        if t.numel() == 1 and t.dim() <= 1 + spatial:
+            vectors.append(t.double().reshape(()).expand(out))
+        elif t.dim() == 1 + spatial and t.shape[0] == out and all(d == 1 for d in t.shape[1:]):
+            vectors.append(t.double().reshape(out))
+        else:
+            return None
+    return vectors[0], vectors[1]
+
+
+def _layer_with_folded_output_affine(layer: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> nn.Module:
+    """A copy of ``layer`` computing ``layer(x) * scale + shift`` for per-output-channel vectors:
+    ``(W x + b) * s + t = (s W) x + (s b + t)``, exact whatever the padding."""
+    new = copy.copy(layer)
+    new._parameters = dict(layer._parameters)
+    w = layer.weight.detach().double()
+    bias = layer.bias.detach().double() if layer.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
+    dtype = layer.weight.dtype
+    new.weight = nn.Parameter((w * scale.reshape(-1, *([1] * (w.dim() - 1)))).to(dtype), requires_grad=False)
+    new.bias = nn.Parameter((bias * scale + shift).to(dtype), requires_grad=False)
+    return new
+
+
+
+
+def _add_operands(node: Any) -> tuple[Any, Any, float] | None:
+    """``(a, b, alpha)`` of an add ``a + alpha * b`` of two graph values, else None."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target in _ADDS and len(node.args) == 2):
+        return None
+    if set(node.kwargs) - {"alpha"}:
+        return None
+    a, b = node.args
+    alpha = node.kwargs.get("alpha", 1)
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node) and isinstance(alpha, (int, float))):
+        return None
+    return a, b, float(alpha)
+
+
+def _fold_affines_into_preceding_ops(gm: fx.GraphModule) -> int:
+    """Fold an affine into the op that computes its input, where that is exact whatever the input:
+
+    - a plain Conv/Linear whose only reader is the affine (per output channel or scalar);
+    - an add ``p + alpha * q`` of such a layer's output ``p`` and anything (a scalar affine):
+      ``(p + alpha q) s + t = (s p + t) + (alpha s) q``, the layer takes ``s`` and ``t`` and the
+      add becomes ``torch.add(p', q, alpha=alpha * s)``, one op as before (the same for ``p``
+      on the right). This is the affine that moment propagation puts after a residual add.
+    """
+    calls = module_uses(gm)
+    folded = 0
+    for node in list(gm.graph.nodes):
+        affine = _affine_of(gm, node)
+        if affine is None:
+            continue
+        source = node.args[0]
+        layer = _plain_layer_call(gm, source, calls, node)
+        if layer is not None and (per_channel := _per_output_channel(affine, layer)) is not None:
+            set_submodule(gm, source.target, _layer_with_folded_output_affine(layer, *per_channel))
+        elif not (affine.is_scalar and _fold_scalar_affine_into_add(gm, source, affine, calls, node)):
+            continue
+        node.replace_all_uses_with(source)
+        gm.graph.erase_node(node)
+        folded += 1
+    return folded
+
+
+def _fold_scalar_affine_into_add(gm: fx.GraphModule, add: Any, affine: ConstantAffine, calls: dict[str, int],
+                                 reader: fx.Node) -> bool:
+    operands = _add_operands(add)
+    if operands is None or list(add.users) != [reader]:
+        return False
+    a, b, alpha = operands
+    s, t = affine._scalars
+    for p, q, p_factor, q_factor in ((a, b, 1.0, alpha), (b, a, alpha, 1.0)):
+        layer = _plain_layer_call(gm, p, calls, add)
+        if layer is None or p is q:
+            continue
+        # a + alpha b = p_factor * p + q_factor * q; times s plus t: p' = (p_factor s) p + t
+        scale = torch.full((_out_features(layer),), p_factor * s, dtype=torch.float64)
+        set_submodule(gm, p.target, _layer_with_folded_output_affine(layer, scale, torch.full_like(scale, t)))
+        add.target, add.args, add.kwargs = torch.add, (p, q), {"alpha": q_factor * s}
+        return True
+    return False
+
+
+def _out_features(layer: nn.Module) -> int:
+    return layer.out_features if type(layer) is nn.Linear else layer.out_channels
+
+
+# --- pass 5: fold an affine into the Conv/Linear that reads it ---------------------------------
 
 
 def _fold_affines_into_following_layers(gm: fx.GraphModule) -> int:
@@ -339,6 +658,92 @@ def _fold_affines_into_following_layers(gm: fx.GraphModule) -> int:
         gm.graph.erase_node(node)
         folded += 1
     return folded
+
+
+# --- pass 6: fold a scalar affine into the add that reads it -----------------------------------
+
+
+def _fold_affines_into_following_adds(gm: fx.GraphModule) -> int:
+    """``p + alpha * (q s + t)`` -> ``p' + (alpha s) * q`` with ``t`` in the bias of the layer
+    that computes ``p`` (its only reader the add): the correction that moment propagation puts
+    on a residual's identity path."""
+    calls = module_uses(gm)
+    folded = 0
+    for node in list(gm.graph.nodes):
+        affine = _affine_of(gm, node)
+        if affine is None or not affine.is_scalar or len(node.users) != 1:
+            continue
+        add = next(iter(node.users))
+        operands = _add_operands(add)
+        if operands is None:
+            continue
+        a, b, alpha = operands
+        s, t = affine._scalars
+        if b is node and a is not node:
+            p, p_factor, q_factor = a, 1.0, alpha
+        elif a is node and b is not node:
+            p, p_factor, q_factor = b, alpha, 1.0
+        else:
+            continue
+        layer = _plain_layer_call(gm, p, calls, add)
+        if layer is None:
+            continue
+        # p_factor * p + q_factor * (q s + t) = p' + (q_factor s) q,  p' = p_factor * p + q_factor t
+        scale = torch.full((_out_features(layer),), p_factor, dtype=torch.float64)
+        set_submodule(gm, p.target, _layer_with_folded_output_affine(layer, scale, torch.full_like(scale, q_factor * t)))
+        add.target, add.args, add.kwargs = torch.add, (p, node.args[0]), {"alpha": q_factor * s}
+        gm.graph.erase_node(node)
+        folded += 1
+    return folded
+
+
+# --- what stays ---------------------------------------------------------------------------------
+
+
+def _kept_affines(gm: fx.GraphModule) -> list[tuple[str, str]]:
+    """Every ConstantAffine left, with why the op before and the op after could not take it."""
+    kept = []
+    for node in gm.graph.nodes:
+        if _affine_of(gm, node) is not None:
+            kept.append((node.name, f"before it: {_describe_before(gm, node)}; after it: {_describe_after(gm, node)}"))
+    return kept
+
+
+def _describe_before(gm: fx.GraphModule, node: fx.Node) -> str:
+    source = node.args[0]
+    if not isinstance(source, fx.Node):
+        return "a constant"
+    if len(source.users) > 1:
+        return f"{source.name}, read by {len(source.users)} ops (scaling it would change the others)"
+    if source.op == "call_function" and getattr(source.target, "__name__", "") not in ("add", "hardtanh"):
+        return f"{source.target.__name__} (an op the affine cannot move in front of)"
+    if source.op == "call_module":
+        return f"{type(gm.get_submodule(source.target)).__name__} {source.target} (not a plain Conv/Linear called once)"
+    if source.op == "call_function" and source.target is F.hardtanh:
+        return f"{source.name}, a clamp the affine cannot move in front of (it is per channel, or negative)"
+    if source.op == "placeholder":
+        return "the model's input"
+    return f"{source.name} (not a plain Conv/Linear, nor an add of one, for this affine's shape)"
+
+
+def _describe_after(gm: fx.GraphModule, node: fx.Node) -> str:
+    if len(node.users) != 1:
+        return f"{len(node.users)} readers"
+    user = next(iter(node.users))
+    if user.op == "call_module":
+        layer = gm.get_submodule(user.target)
+        name = f"{type(layer).__name__} {user.target}"
+        if type(layer) is nn.Linear or type(layer) in _CONVS.values():
+            if module_uses(gm).get(user.target, 0) != 1:
+                return f"{name}, called more than once (folding would change its other calls)"
+            if _per_input_channel(_affine_of(gm, node), layer) is None:
+                return f"{name}, and the affine is not per input channel of it"
+            return f"{name}, whose zero padding would see the shift"
+        return f"{name} (not a plain Conv/Linear)"
+    if user.op == "output":
+        return "the model's output"
+    target = getattr(user.target, "__name__", str(user.target))
+    return f"{target} (not a plain Conv/Linear)"
 
 
 def _per_input_channel(affine: ConstantAffine, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:

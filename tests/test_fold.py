@@ -152,16 +152,16 @@ def test_normprop_affine_then_normalized_activation_then_1x1_conv():
     gm = traced(Net())
     randomize_normprop_parameters(gm)
     folded = assert_fold_is_exact(gm, torch.randn(2, 4, 5, 5))
-    # the per-channel affine stays before its relu; relu's normalization merges with the
-    # Standardize (an affine right after it); hardswish's folds into the 1x1 conv
-    assert affines(folded) == 2
+    # the per-channel affine stays before its relu, and takes relu's normalization and the
+    # Standardize (moved in front of the clamp); hardswish's folds into the 1x1 conv
+    assert affines(folded) == 1
 
 
 def test_shared_layers_are_not_folded_into():
     class Net(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.layer = NormPropConv2d(4, 4, 3, padding=1)
+            self.layer = NormPropConv2d(4, 4, 3, padding=1, activation="silu")  # an affine after its silu
             self.head = nn.Conv2d(4, 2, 1)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -204,7 +204,7 @@ def test_tied_weights_with_different_gammas():
     gm = traced(Net())
     randomize_normprop_parameters(gm)
     folded = assert_fold_is_exact(gm, torch.randn(2, 4, 5, 5))
-    assert affines(folded) == 1  # a's normalization folded into b (1x1, single use)
+    assert affines(folded) == 0  # ReLU layers: each normalization is in its own conv and clamp
 
 
 def test_fold_refuses_what_convert_did_not_return():
@@ -224,9 +224,9 @@ def test_folded_model_survives_torch_save_and_load():
     from normprop_fx.fold import ConstantAffine
 
     # ConstantAffine's load hook is a module-level function: a lambda made torch.save fail
-    converted = normprop_fx.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1)))
+    converted = normprop_fx.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.SiLU(), nn.Conv2d(4, 2, 3, padding=1)))
     folded = normprop_fx.fold(converted)
-    assert any(isinstance(m, ConstantAffine) for m in folded.modules())  # zero padding keeps it
+    assert any(isinstance(m, ConstantAffine) for m in folded.modules())  # after SiLU, zero padding keeps it
     buffer = io.BytesIO()
     torch.save(folded, buffer)
     buffer.seek(0)
@@ -246,3 +246,82 @@ def test_scalar_constant_affine_follows_a_loaded_state_dict():
     torch.testing.assert_close(affine(x), x * 0.5 + 3)
     per_channel = ConstantAffine(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 1.0]), channel_dim=1)
     torch.testing.assert_close(per_channel(torch.ones(2, 2, 3)), torch.tensor([1.0, 3.0]).reshape(1, 2, 1).expand(2, 2, 3))
+
+
+# --- the ReLU family folds to plain conv + clamp (issue 19) -------------------------------------
+
+
+@pytest.mark.parametrize(("name", "kept"), [("resnet50", 0), ("vgg11_bn", 0), ("resnet18", 1)])
+def test_relu_networks_fold_to_convs_and_clamps(name, kept):
+    """Every normalization of a ReLU network goes into a conv's weights, an add's alpha or a
+    clamp's bounds; resnet18 keeps one affine (after the max pool, read by two ops and then a
+    zero-padded conv), and the report says so."""
+    torch.manual_seed(0)
+    converted = normprop_fx.convert(getattr(torchvision.models, name)(num_classes=10))
+    randomize_normprop_parameters(converted)
+    folded = assert_fold_is_exact(converted, torch.randn(2, 3, 64, 64))
+    report = folded.fold_report
+    assert affines(folded) == len(report.kept_affines) == kept
+    for node, why in report.kept_affines:
+        assert "read by 2 ops" in why and "zero padding" in why, (node, why)
+    assert "no constant affine kept" in str(report) or kept
+
+
+@pytest.mark.parametrize("act", ["relu", "relu6", "hardtanh", "leaky_relu"])
+def test_normprop_conv_of_the_relu_family_folds_without_an_affine(act):
+    layer = NormPropConv2d(3, 4, 3, padding=1, activation=act)
+    gm = traced(nn.Sequential(layer))
+    randomize_normprop_parameters(gm)
+    folded = assert_fold_is_exact(gm, torch.randn(2, 3, 6, 6))
+    # leaky_relu: the scale goes into the conv, the shift stays (the graph's output follows)
+    assert affines(folded) == (1 if act == "leaky_relu" else 0)
+    assert [why for _, why in folded.fold_report.kept_affines] == (["before it: leaky_relu (an op the affine cannot move "
+                                                                     "in front of); after it: the model's output"] if act == "leaky_relu" else [])
+
+
+def test_affine_after_a_residual_add_goes_into_the_conv_and_the_add():
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = NormPropConv2d(4, 4, 3, padding=1)
+            self.conv2 = NormPropConv2d(4, 4, 3, padding=1, activation="identity")
+            self.identity_correction = Standardize(torch.tensor(0.1), torch.tensor(1.2))
+            self.add_correction = Standardize(torch.tensor(0.3), torch.tensor(0.7))
+            self.act = normprop_fx.NormalizedActivation("relu")
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv2(self.conv1(x)) + self.identity_correction(x)
+            return self.act(self.add_correction(y))
+
+    gm = traced(Block())
+    randomize_normprop_parameters(gm)
+    folded = assert_fold_is_exact(gm, torch.randn(2, 4, 6, 6))
+    assert affines(folded) == 0
+    adds = [n for n in folded.graph.nodes if n.target is torch.add]
+    assert len(adds) == 1 and adds[0].kwargs["alpha"] != 1.0
+
+
+def test_a_module_tree_with_a_rebuilt_root_folds_every_normprop_module():
+    """The root's F.relu fuses into the child's BatchNorm: convert rebuilds the root as a
+    GraphModule that calls the child; fold must trace through it, not take the root as it is."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+            self.head = nn.Conv2d(4, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.nn.functional.relu(self.block(x)))
+
+    converted = normprop_fx.convert(Net())
+    assert isinstance(converted, fx.GraphModule) or any(isinstance(m, fx.GraphModule) for m in converted.modules())
+    assert_fold_is_exact(converted, torch.randn(2, 3, 8, 8))
+
+
+def test_fold_report_counts_every_sub_pass():
+    converted = normprop_fx.convert(torchvision.models.resnet18(num_classes=10))
+    report = normprop_fx.fold(converted).fold_report
+    assert report.counts["NormProp modules expanded"] > 0
+    assert report.counts["folded into the add that reads them"] > 0
+    assert str(report).startswith("fold: ")
