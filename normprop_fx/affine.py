@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from .activation_functions import ActivationSpec, activation
-from .eager import is_compiling
 from .batchnorm_state import BatchNormState, batchnorm_state
+from .eager import has_hooks, is_compiling
 from .layers import GammaInit, init_gamma_beta_activation
 from .normalized_activation import NormalizedActivation
 from .records import TRAINED_INIT
@@ -97,7 +97,7 @@ class NormPropAffine(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = (-1,) + (1,) * (x.dim() - 2)
         scale, shift = self.channel_affine()
-        if is_compiling():
+        if is_compiling() or has_hooks(self.activation):
             return self.activation(torch.addcmul(shift.reshape(shape), x, scale.reshape(shape)))
         # eager: the activation's input affine joins the per-channel one (normprop_fx/eager.py)
         a, c = self.activation.eager_input_affine()

@@ -62,3 +62,15 @@ def scalar_affine(x: torch.Tensor, scale: float, shift: float) -> torch.Tensor:
 
 def _scalar(value: float, like: torch.Tensor) -> torch.Tensor:
     return torch.full((), value, dtype=like.dtype, device=like.device)
+
+
+def has_hooks(module: torch.nn.Module) -> bool:
+    """Whether calling ``module`` runs hooks: its own forward/backward hooks or global module
+    hooks. A layer whose activation has hooks calls that activation as a module, with the
+    activation's own input, instead of computing it inside the layer (the hook sees what it
+    would see in the compiled form; normprop_fx.recalibrate's hooks measure it)."""
+    m = torch.nn.modules.module
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or getattr(module, "_backward_pre_hooks", None) or m._global_forward_hooks
+                or m._global_forward_pre_hooks or m._global_backward_hooks
+                or getattr(m, "_global_backward_pre_hooks", None))

@@ -20,7 +20,7 @@ from torch.nn.modules.utils import _ntuple, _reverse_repeat_tuple
 
 from .activation_functions import ActivationSpec, activation
 from .batchnorm_state import BatchNormState, check_finite_in, normprop_gamma_beta, output_affine
-from .eager import is_compiling
+from .eager import has_hooks, is_compiling
 from .errors import InvalidOptionError, NormPropError
 from .moments import activation_constants
 from .normalized_activation import NormalizedActivation
@@ -248,7 +248,7 @@ class NormPropLinear(NormPropLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        if is_compiling():
+        if is_compiling() or has_hooks(self.activation):
             return self.activation(F.linear(x, self.normalized_weight(), self.beta))
         weight, bias = self._eager_weight_bias()
         return self.activation.eager_from_input_affine(F.linear(x, weight, bias))
@@ -344,6 +344,8 @@ class _NormPropConvNd(NormPropLayer):
             # backward reduced that gradient in a pass of its own.
             y = conv(x, self.normalized_weight(), None, self.stride, padding, self.dilation, self.groups)
             return self.activation(y + self.beta.reshape(-1, *([1] * self._dims)))
+        if has_hooks(self.activation):  # the hooks see the activation's own input
+            return self.activation(conv(x, self.normalized_weight(), self.beta, self.stride, padding, self.dilation, self.groups))
         # Eager, the conv computes the activation's input affine too (normprop_fx/eager.py).
         weight, bias = self._eager_weight_bias()
         y = conv(x, weight, bias, self.stride, padding, self.dilation, self.groups)

@@ -164,3 +164,24 @@ def test_eager_normprop_conv_makes_as_many_activation_passes_as_a_plain_conv_and
     assert len(_activation_passes(normprop, x)) == len(expected), (_activation_passes(normprop, x), expected)
     with compiled_form():
         assert len(_activation_passes(normprop, x)) > len(expected)
+
+
+@pytest.mark.parametrize("make", [lambda: NormPropConv2d(3, 4, 3, padding=1), lambda: NormPropLinear(6, 4, activation="relu6"),
+                                  lambda: NormPropAffine(3, activation="relu")], ids=["conv", "linear", "affine"])
+def test_a_hook_on_the_activation_sees_its_input_as_in_the_compiled_form(make):
+    """With a hook on its activation, a layer calls the activation as a module (the hook fires and
+    sees the activation's own input, which normprop_fx.recalibrate measures), and computes the same."""
+    torch.manual_seed(0)
+    module = _randomized(make()).double()
+    x = torch.randn((2, 3, 5, 5) if not isinstance(module, NormPropLinear) else (2, 6), dtype=torch.float64)
+    seen = []
+    with compiled_form():
+        handle = module.activation.register_forward_hook(lambda m, args, out: seen.append(args[0].detach()))
+        expected = module(x)
+    eager_plain = module(x)  # hooked: the module path
+    handle.remove()
+    eager_fast = module(x)  # no hook: the folded path
+    assert len(seen) == 2
+    torch.testing.assert_close(seen[0], seen[1], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(eager_plain, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(eager_fast, expected, rtol=1e-12, atol=1e-12)
