@@ -110,14 +110,14 @@ def test_compiled_form_context_restores_the_flag():
     assert not is_compiling()
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_large"])
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
 def test_converted_zoo_model_eager_equals_compiled_form(name):
     torch.manual_seed(0)
     converted = _randomized(normprop_fx.convert(getattr(torchvision.models, name)(num_classes=10))).double().train()
     for m in converted.modules():  # dropout would draw other masks in the two runs
         if isinstance(m, nn.Dropout):
             m.p = 0.0
-    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    x = torch.randn(2, 3, 48, 48, dtype=torch.float64)
     eager = _forward_backward(converted, x, contextlib.nullcontext())
     compiled = _forward_backward(converted, x, compiled_form())
     for e, c in zip(eager, compiled, strict=True):
