@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+import bench_report
 import torch
 import torch._inductor.config as inductor_config
 
@@ -174,3 +176,49 @@ def test_profile_by_input_shapes_splits_an_op_by_the_shapes_it_ran_on():
     assert "Input Shapes" in table
     assert "[[2, 3, 9, 9], [4, 3, 3, 3]" in table and "[[2, 4, 7, 7], [5, 4, 1, 1]" in table
     assert "Input Shapes" not in bench.profile_top_ops(lambda: model(x), "cpu")
+
+
+# --- rendering from synthetic results ----------------------------------------------------------
+
+
+def synthetic_result(model: str, ratios: dict[str, tuple[float, float, float]]) -> dict:
+    """One model's results in which, per mode, NormProp's train step takes (NormProp/BN,
+    NormProp/floor) times the reference's and its folded inference (folded NormProp/folded BN)
+    times, in every one of 3 rounds: ``ratios`` is mode -> those three."""
+    times: dict[str, list[float]] = {}
+    for mode, (over_bn, over_floor, folded) in ratios.items():
+        times |= {f"train/bn/{mode}": [100.0, 110.0, 90.0], f"train/normprop/{mode}": [100 * over_bn, 110 * over_bn, 90 * over_bn],
+                  f"train/floor/{mode}": [100 * over_bn / over_floor, 110 * over_bn / over_floor, 90 * over_bn / over_floor],
+                  f"infer/bn_folded/{mode}": [50.0, 40.0, 60.0], f"infer/normprop_folded/{mode}": [50 * folded, 40 * folded, 60 * folded]}
+    return {"model": model, "median_ms": {k: statistics.median(v) for k, v in times.items()}, "all_ms": times,
+            "warmup_s": dict.fromkeys(times, 1.0)}
+
+
+def synthetic_run(date: str, torch_version: str, results: list[dict], threads: int = 1, command: str = "tools/bench.py") -> dict:
+    machine = {"date": date, "cpu": "test CPU", "logical_cpus": 2, "threads": threads, "loadavg_start": [1.0, 1.0, 1.0],
+               "torch": torch_version, "torchvision": "0.29", "python": "3.11", "device": "cpu", "batch_size": 16,
+               "image_size": 128, "amp": "none", "channels_last": False, "rounds": 3, "iters": 1, "warmup": 1, "command": command}
+    return {"machine": machine, "results": results}
+
+
+def ratio_row(text: str, label: str) -> list[str]:
+    """The cells of the ratio row ``label`` (e.g. "train normprop / bn (eager)") of a per-run table."""
+    line = next(line for line in text.splitlines() if line.startswith(f"| {label} "))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_eager_ratios_are_judged_against_the_eager_targets_per_model():
+    eager_and_compiled = {"eager": (0.85, 1.07, 1.005), "compiled": (0.97, 1.02, 1.02)}
+    run = synthetic_run("2026-12-01T00:00:00", "2.14.1", [
+        synthetic_result("resnet18", eager_and_compiled), synthetic_result("mobilenet_v3_large", {"eager": (0.97, 1.2, 0.99)}),
+        synthetic_result("resnet34", {"eager": (0.80, 1.0, 1.0)})])
+    text = bench_report.render([run], ["resnet18", "mobilenet_v3_large", "resnet34"], "gpu command")
+    resnet18, mobilenet, resnet34 = (part for part in text.split("### ")[1:])
+    assert ratio_row(resnet18, "train normprop / bn (eager)")[2:] == ["0.850", "<= 0.90", "met"]
+    assert ratio_row(resnet18, "train normprop / floor (eager)")[2:] == ["1.070", "<= 1.05", "missed"]
+    assert ratio_row(resnet18, "infer normprop_folded / bn_folded (eager)")[2:] == ["1.005", "<= 1.01", "met"]
+    assert ratio_row(resnet18, "train normprop / bn (compiled)")[2:] == ["0.970", "<= 1.00", "met"]  # unchanged
+    assert ratio_row(mobilenet, "train normprop / bn (eager)")[2:] == ["0.970", "<= 0.95", "missed"]
+    assert ratio_row(mobilenet, "train normprop / floor (eager)")[2:] == ["1.200", "", ""]  # resnet18 and resnet50 only
+    assert "(compiled)" not in mobilenet  # no target row of a mode the run did not measure
+    assert ratio_row(resnet34, "train normprop / bn (eager)")[2:] == ["0.800", "", ""]  # no target, still shown

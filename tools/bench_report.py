@@ -17,7 +17,7 @@ from tabulate import tabulate
 #: Text from this line on in an existing --write file is kept when the file is re-rendered
 #: (the hand-written analysis of the numbers above it).
 NOTES_MARKER = "<!-- notes: kept by tools/bench.py when it rewrites this file -->"
-#: The project's targets (docs/bench.md) for compiled ratios, per device. The GPU train target holds for one setting
+#: The project's targets for compiled ratios, per device. The GPU train target holds for one setting
 #: only (GPU_TARGET_SETTING); the others hold for every model and input.
 TARGETS = {
     "train normprop/bn": {"cpu": 1.00, "cuda": 0.85},
@@ -27,13 +27,24 @@ TARGETS = {
     "train normprop/normprop_flat": {"cpu": 1.02, "cuda": 1.02},
 }
 GPU_TARGET_SETTING = {"model": "resnet50", "batch_size": 128, "amp": "bf16"}
+#: The targets for eager ratios (issue 19), per device and model: a model or device not listed has
+#: none (its ratios are still shown).
+_DEPTHWISE = ("mobilenet_v3_large", "efficientnet_b0")
+EAGER_TARGETS = {
+    "train normprop/bn": {"cpu": {"resnet18": 0.90, "resnet50": 0.90, **dict.fromkeys(_DEPTHWISE, 0.95)}},
+    "train normprop/floor": {"cpu": {"resnet18": 1.05, "resnet50": 1.05}},
+    "infer normprop_folded/bn_folded": {"cpu": dict.fromkeys(("resnet18", "resnet50", *_DEPTHWISE), 1.01)},
+}
 
 
-def target_for(key: str | None, device: str, model: str, machine_info: dict[str, Any]) -> float | None:
-    """The target of a compiled ratio (a TARGETS key) in a run on ``device`` ("cpu" or "cuda"),
-    or None where none is set (the GPU NormProp/BN target outside its setting)."""
+def target_for(key: str | None, mode: str, device: str, model: str, machine_info: dict[str, Any]) -> float | None:
+    """The target of a ratio (a TARGETS key) in ``mode`` ("eager" or "compiled") for ``model`` in a
+    run on ``device`` ("cpu" or "cuda") with ``machine_info`` (its input setting), or None where none
+    is set: an eager ratio outside EAGER_TARGETS, the GPU NormProp/BN target outside its setting."""
     if key is None:
         return None
+    if mode == "eager":
+        return EAGER_TARGETS.get(key, {}).get(device, {}).get(model)
     if key == "train normprop/bn" and device == "cuda":
         setting = {"model": model, "batch_size": machine_info["batch_size"], "amp": machine_info["amp"]}
         if setting != GPU_TARGET_SETTING:
@@ -148,6 +159,9 @@ def render_unmeasured_targets(device: str, gpu_command: str) -> list[str]:
                 g = GPU_TARGET_SETTING
                 setting = f", {g['model']}, batch {g['batch_size']}, {g['amp']}"
             rows.append([f"{label} (compiled{setting})", "not measured", f"<= {TARGETS[key][device]:.2f}"])
+    for label, _num, _den, key in RATIOS:
+        for model, target in EAGER_TARGETS.get(key, {}).get(device, {}).items():
+            rows.append([f"{label} (eager, {model})", "not measured", f"<= {target:.2f}"])
     return out + ["", tabulate(rows, headers=["target ratio", "median of per-round ratios", "target"],
                                tablefmt="github", disable_numparse=True), ""]
 
@@ -175,10 +189,13 @@ def render_model(res: dict[str, Any], device: str, machine_info: dict[str, Any])
                         tablefmt="github", disable_numparse=True))
     out.append("")
     ratio_rows = []
+    measured_modes = {key.rsplit("/", 1)[1] for key in med}
     for mode in ("compiled", "eager"):
+        if mode not in measured_modes:
+            continue  # no target row of a mode the run did not measure
         for label, num, den, target_key in RATIOS:
             a, b = f"{num}/{mode}", f"{den}/{mode}"
-            target = target_for(target_key, device, res["model"], machine_info) if mode == "compiled" else None
+            target = target_for(target_key, mode, device, res["model"], machine_info)
             paired = median_of_paired_ratios(res, a, b)
             if paired is None and target is None:
                 continue  # a diagnostic ratio of variants this run did not measure
