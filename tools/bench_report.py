@@ -246,6 +246,9 @@ SUMMARY_PLOT = (
     ("compiled", "train normprop/bn", "train step, compiled: NormProp / BN"),
     ("eager", "infer normprop_folded/bn_folded", "inference, eager: folded NormProp / folded BN"),
 )
+PLOT_ALT = "NormProp/BN per training step, eager and compiled, and folded inference, eager, per model"
+#: The summary's plot line where there is no plot (matplotlib is an optional extra).
+PLOT_NOT_DRAWN = "Plot not drawn: matplotlib is not installed (`pip install -e \".[bench]\"`)."
 #: (numerator, denominator) of the ratio each target key names.
 _RATIO_PARTS = {key: (num, den) for _label, num, den, key in RATIOS if key is not None}
 
@@ -299,7 +302,8 @@ def summary_rows(cells: dict[Row, Any], models: list[str]) -> list[Row]:
 def cited_runs(runs: list[dict[str, Any]], cells: dict[Row, dict[tuple[str, str], Cell]]) -> list[int]:
     """The indices of the runs the cells come from, newest first: the summary's "Runs" list, whose
     position + 1 is the number a cell cites."""
-    return sorted({cell.run for row in cells.values() for cell in row.values()}, key=lambda i: run_date(runs[i]), reverse=True)
+    cited = {cell.run for row in cells.values() for cell in row.values()}
+    return sorted(cited, key=lambda i: run_date(runs[i]), reverse=True)
 
 
 def fmt_cell(cell: Cell | None, number: dict[int, int]) -> str:
@@ -380,7 +384,7 @@ def describe_run(m: dict[str, Any]) -> str:
 
 
 def draw_summary_plot(cells: dict[Row, dict[tuple[str, str], Cell]], models: list[str], png: Path) -> None:
-    """The summary plot into ``png``: a panel per SUMMARY_PLOT ratio, its value per model (x) with one
+    """Draw the summary plot into ``png``: a panel per SUMMARY_PLOT ratio, its value per model (x) with one
     marker per (device, threads), and each model's target as a short dashed line. Raises ImportError
     without matplotlib."""
     import matplotlib
@@ -418,16 +422,6 @@ def draw_summary_plot(cells: dict[Row, dict[tuple[str, str], Cell]], models: lis
     plt.close(fig)
 
 
-def summary_plot(cells: dict[Row, dict[tuple[str, str], Cell]], models: list[str], png: Path) -> str:
-    """The summary page's plot line: the image, drawn into ``png`` (linked by its name, next to the
-    page), or, without matplotlib (an optional extra), the line saying it was not drawn."""
-    try:
-        draw_summary_plot(cells, models, png)
-    except ImportError:
-        return "Plot not drawn: matplotlib is not installed (`pip install -e \".[bench]\"`)."
-    return (f"![NormProp/BN per training step, eager and compiled, and folded inference, eager, per model]({png.name})")
-
-
 # --- writing the pages -------------------------------------------------------------------------
 
 
@@ -461,6 +455,10 @@ def write_pages(page: Path, runs: list[dict[str, Any]], requested: list[str], js
                             *(str(p) for p in json_files if p != gpu_results), "--write", str(page)])
     write_keeping_notes(runs_page, render(runs, requested, gpu_command, summary=page.name))
     cells = current_cells(runs)
-    plot = summary_plot(cells, summary_models(cells, requested), png)
+    try:
+        draw_summary_plot(cells, summary_models(cells, requested), png)
+        plot, drawn = f"![{PLOT_ALT}]({png.name})", [png]
+    except ImportError:
+        plot, drawn = PLOT_NOT_DRAWN, []
     write_keeping_notes(page, render_summary(runs, requested, runs_page.name, plot, sources))
-    return [page, runs_page] + ([png] if png.name in plot else [])
+    return [page, runs_page, *drawn]
