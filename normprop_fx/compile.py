@@ -17,7 +17,7 @@ computes it right after the kernel that produces that gradient, while the gradie
 cache. Its peak-memory reordering pass then moves every such sum to the end of the backward, into
 one kernel that reads all of those gradients again, from memory rather than cache.
 The option is the caller's to override (``options={"reorder_for_peak_memory": True}``).
-What it does to step time and peak memory, and the runs that measured it: docs/bench.md,
+What it does to step time and peak memory, and the runs that measured it: docs/bench-runs.md,
 "The compile option".
 On CUDA inductor's default is kept (not measured there).
 

@@ -1,13 +1,16 @@
-"""tools/bench.py end to end on a tiny input: what it records and renders, and its argument errors."""
+"""tools/bench.py end to end on a tiny input: what it records and renders, and its argument errors;
+tools/bench_report.py's two pages (the summary and the per-run page) from synthetic results."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+import bench_report
 import torch
 import torch._inductor.config as inductor_config
 
@@ -30,7 +33,7 @@ def run_bench(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_tiny_run_records_times_page_faults_and_the_allocator(tmp_path):
-    results, page = tmp_path / "r.json", tmp_path / "bench.md"
+    results, page, runs_page = tmp_path / "r.json", tmp_path / "bench.md", tmp_path / "bench-runs.md"
     done = run_bench("--models", "resnet18", "--batch-size", "2", "--image-size", "32", "--rounds", "2", "--iters", "1",
                      "--warmup", "0", "--modes", "eager", "--workloads", "train", "--json", str(results), "--write", str(page))
     assert done.returncode == 0, done.stderr[-2000:]
@@ -40,9 +43,13 @@ def test_tiny_run_records_times_page_faults_and_the_allocator(tmp_path):
     assert set(res["median_ms"]) == keys and set(res["page_faults_per_step"]) == keys
     assert all(len(v) == 2 and min(v) > 0 for v in res["all_ms"].values())
     assert run["machine"]["malloc"].startswith(("glibc mallopt", "default"))
-    text = page.read_text()
+    text = runs_page.read_text()  # --write's page is the summary; the runs' tables are next to it
     assert "minor page faults/step" in text and f"- allocator: {run['machine']['malloc']}" in text
     assert "| train normprop / bn (eager)" in text and "| train normprop / floor_bias (eager)" in text
+    summary = page.read_text()
+    (cells,) = summary_table(summary).values()  # the one row: resnet18, 1 thread, eager train measured only
+    assert cells[0].endswith("[1]") and "(<= 0.90, " in cells[0] and cells[2:] == ["not measured"] * 4
+    assert f"- [1] {run['machine']['date']}, torch {torch.__version__}" in summary
 
 
 def test_compiled_run_applies_and_records_inductor_config_and_profiles_the_variants_asked_for(tmp_path):
@@ -60,7 +67,7 @@ def test_compiled_run_applies_and_records_inductor_config_and_profiles_the_varia
     assert set(res["profile"]) == {"floor_bias"} and "convolution" in res["profile"]["floor_bias"]
     # a training step holds at least its input batch's activations: 2 x 64 x 16 x 16 floats after the stem
     assert set(res["peak_memory_mib"]) == set(res["median_ms"]) and min(res["peak_memory_mib"].values()) > 2 * 64 * 16 * 16 * 4 / 2**20
-    text = page.read_text()
+    text = (tmp_path / "bench-runs.md").read_text()
     assert "peak tensor MiB (one step)" in text
     assert "- inductor config (all variants): `cpp.max_horizontal_fusion_size=8`" in text
     assert "| train normprop / normprop_inductor_defaults (compiled)" in text
@@ -90,7 +97,7 @@ def test_report_only_renders_results_recorded_before_page_faults_were(tmp_path):
     results.write_text(json.dumps(old))
     done = run_bench("--report-only", "--json", str(results), "--write", str(page))
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "not recorded" in page.read_text()
+    assert "not recorded" in (tmp_path / "bench-runs.md").read_text()
 
 
 def test_bad_arguments_exit_2():
@@ -139,10 +146,10 @@ def test_gpu_recipe_steps_run_in_bf16_and_channels_last_on_cpu():
 
 def test_gpu_targets_are_judged_on_cuda_runs_and_listed_unmeasured_without_one(tmp_path):
     targets_run = json.loads((ROOT / "docs" / "bench_targets.json").read_text())[0]
-    results, page = tmp_path / "r.json", tmp_path / "bench.md"
+    results, page, runs_page = tmp_path / "r.json", tmp_path / "bench.md", tmp_path / "bench-runs.md"
     results.write_text(json.dumps([targets_run]))
     assert run_bench("--report-only", "--json", str(results), "--write", str(page)).returncode == 0
-    cuda_section = page.read_text().split("## CUDA")[1]
+    cuda_section = runs_page.read_text().split("## CUDA")[1]
     assert "| train normprop / bn (compiled, resnet50, batch 128, bf16) | not measured" in " ".join(cuda_section.split())
     assert "<= 0.85" in cuda_section and "<= 1.05" in cuda_section and "<= 1.01" in cuda_section
     assert f"--json {tmp_path / 'bench_gpu.json'} {results} --write {page}" in cuda_section
@@ -153,7 +160,7 @@ def test_gpu_targets_are_judged_on_cuda_runs_and_listed_unmeasured_without_one(t
         run["machine"].update(device="NVIDIA H100 80GB HBM3", batch_size=batch, amp="bf16")
         results.write_text(json.dumps([run]))
         assert run_bench("--report-only", "--json", str(results), "--write", str(page)).returncode == 0
-        cpu_section, cuda_section = page.read_text().split("## CUDA")
+        cpu_section, cuda_section = runs_page.read_text().split("## CUDA")
         assert "Not measured: no such device" in cpu_section
         by_model = dict(part.split("\n", 1) for part in cuda_section.split("### ")[1:])
         rows = {name: next(line for line in text.splitlines() if line.startswith("| train normprop / bn (compiled)"))
@@ -163,6 +170,9 @@ def test_gpu_targets_are_judged_on_cuda_runs_and_listed_unmeasured_without_one(t
         assert ("missed" in rows["resnet50"]) == gpu_target  # the CPU times, 0.926 by the per-round ratio
         assert "<= 1.05" in next(line for line in by_model["resnet18"].splitlines()
                                  if line.startswith("| train normprop / floor (compiled)"))
+        summary = summary_table(page.read_text())
+        assert ("(<= 0.85, missed) [1]" in summary[("cuda", "resnet50", "1")][3]) == gpu_target
+        assert summary[("cuda", "resnet18", "1")][3].endswith("[1]") and "<=" not in summary[("cuda", "resnet18", "1")][3]
 
 
 def test_profile_by_input_shapes_splits_an_op_by_the_shapes_it_ran_on():
@@ -174,3 +184,138 @@ def test_profile_by_input_shapes_splits_an_op_by_the_shapes_it_ran_on():
     assert "Input Shapes" in table
     assert "[[2, 3, 9, 9], [4, 3, 3, 3]" in table and "[[2, 4, 7, 7], [5, 4, 1, 1]" in table
     assert "Input Shapes" not in bench.profile_top_ops(lambda: model(x), "cpu")
+
+
+# --- rendering from synthetic results ----------------------------------------------------------
+
+
+def synthetic_result(model: str, ratios: dict[str, tuple[float, float, float]]) -> dict:
+    """One model's results in which, per mode, NormProp's train step takes (NormProp/BN,
+    NormProp/floor) times the reference's and its folded inference (folded NormProp/folded BN)
+    times, in every one of 3 rounds: ``ratios`` is mode -> those three."""
+    bn, floor, bn_folded = [100.0, 110.0, 90.0], [102.0, 104.0, 93.0], [50.0, 40.0, 60.0]  # ms per round
+    times: dict[str, list[float]] = {}
+    for mode, (over_bn, over_floor, folded) in ratios.items():
+        normprop = [t * over_bn for t in bn]
+        times |= {f"train/bn/{mode}": bn, f"train/normprop/{mode}": normprop,
+                  f"train/floor/{mode}": [t / over_floor for t in normprop],
+                  f"infer/bn_folded/{mode}": bn_folded, f"infer/normprop_folded/{mode}": [t * folded for t in bn_folded]}
+    return {"model": model, "median_ms": {k: statistics.median(v) for k, v in times.items()}, "all_ms": times,
+            "warmup_s": dict.fromkeys(times, 1.0)}
+
+
+def synthetic_run(date: str, torch_version: str, results: list[dict], threads: int = 1,
+                  command: str = "tools/bench.py") -> dict:
+    machine = {"date": date, "cpu": "test CPU", "logical_cpus": 2, "threads": threads, "loadavg_start": [1.0, 1.0, 1.0],
+               "torch": torch_version, "torchvision": "0.29", "python": "3.11", "device": "cpu", "batch_size": 16,
+               "image_size": 128, "amp": "none", "channels_last": False, "rounds": 3, "iters": 1, "warmup": 1,
+               "command": command}
+    return {"machine": machine, "results": results}
+
+
+def summary_table(text: str) -> dict[tuple[str, str, str], list[str]]:
+    """The summary page's table: (device, model, threads) -> its six ratio cells."""
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in text.splitlines()
+            if line.startswith(("| cpu ", "| cuda "))]
+    return {tuple(row[:3]): row[3:] for row in rows}
+
+
+def ratio_row(text: str, label: str) -> list[str]:
+    """The cells of the ratio row ``label`` (e.g. "train normprop / bn (eager)") of a per-run table."""
+    line = next(line for line in text.splitlines() if line.startswith(f"| {label} "))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_eager_ratios_are_judged_against_the_eager_targets_per_model():
+    eager_and_compiled = {"eager": (0.85, 1.07, 1.005), "compiled": (0.97, 1.02, 1.02)}
+    run = synthetic_run("2026-12-01T00:00:00", "2.14.1", [
+        synthetic_result("resnet18", eager_and_compiled),
+        synthetic_result("mobilenet_v3_large", {"eager": (0.97, 1.2, 0.99)}),
+        synthetic_result("resnet34", {"eager": (0.80, 1.0, 1.0)})])
+    text = bench_report.render([run], ["resnet18", "mobilenet_v3_large", "resnet34"], "gpu command")
+    resnet18, mobilenet, resnet34 = (part for part in text.split("### ")[1:])
+    assert ratio_row(resnet18, "train normprop / bn (eager)")[2:] == ["0.850", "<= 0.90", "met"]
+    assert ratio_row(resnet18, "train normprop / floor (eager)")[2:] == ["1.070", "<= 1.05", "missed"]
+    assert ratio_row(resnet18, "infer normprop_folded / bn_folded (eager)")[2:] == ["1.005", "<= 1.01", "met"]
+    assert ratio_row(resnet18, "train normprop / bn (compiled)")[2:] == ["0.970", "<= 1.00", "met"]  # unchanged
+    assert ratio_row(mobilenet, "train normprop / bn (eager)")[2:] == ["0.970", "<= 0.95", "missed"]
+    assert ratio_row(mobilenet, "train normprop / floor (eager)")[2:] == ["1.200", "", ""]  # resnet18 and resnet50 only
+    assert "(compiled)" not in mobilenet  # no target row of a mode the run did not measure
+    assert ratio_row(resnet34, "train normprop / bn (eager)")[2:] == ["0.800", "", ""]  # no target, still shown
+
+
+def test_summary_takes_each_cell_from_the_newest_run_that_measured_it():
+    def without(result: dict, workload: str) -> dict:
+        """``result`` without the times of ``workload`` ("infer" or "train")."""
+        keep = {k: v for k, v in result["all_ms"].items() if not k.startswith(workload)}
+        return result | {"all_ms": keep, "median_ms": {k: result["median_ms"][k] for k in keep}}
+
+    old = synthetic_run("2026-11-25T04:00:00", "2.15.0+cu132", [
+        synthetic_result("resnet18", {"eager": (0.85, 1.02, 1.00), "compiled": (0.95, 1.00, 1.00)}),
+        synthetic_result("mobilenet_v3_large", {"eager": (0.97, 1.10, 1.02)}),
+        synthetic_result("resnet34", {"eager": (0.80, 1.00, 1.00)})], command="tools/bench.py --json old.json")
+    new = synthetic_run("2026-11-30T06:00:00", "2.14.1+cu130",
+                        [without(synthetic_result("resnet18", {"compiled": (0.90, 0.96, 1.0)}), "infer")],
+                        command="tools/bench.py --json new.json")
+    two_threads = synthetic_run("2026-11-20T00:00:00", "2.15.0+cu132",
+                                [synthetic_result("resnet18", {"eager": (0.70, 1.0, 1.0)})], threads=2)
+    runs = [new, two_threads, old]  # not in date order: the dates decide
+    text = bench_report.render_summary(runs, ["resnet101", "resnet18"], "bench-runs.md", "(plot)",
+                                       ["new.json", "threads.json", "old.json"])
+    table = summary_table(text)
+    assert list(table) == [("cpu", "resnet18", "1"), ("cpu", "resnet18", "2"), ("cpu", "resnet34", "1"),
+                           ("cpu", "mobilenet_v3_large", "1")]  # MODELS' order, then threads
+    # the newest run measured compiled training only: the rest of the row comes from the older run
+    assert table[("cpu", "resnet18", "1")] == [
+        "0.850 (<= 0.90, met) [2]", "1.020 (<= 1.05, met) [2]", "1.000 (<= 1.01, met) [2]",
+        "0.900 (<= 1.00, met) [1]", "0.960 (<= 1.05, met) [1]", "1.000 (<= 1.01, met) [2]"]
+    assert table[("cpu", "resnet18", "2")][0] == "0.700 (<= 0.90, met) [3]"
+    assert table[("cpu", "mobilenet_v3_large", "1")][:3] == [
+        "0.970 (<= 0.95, missed) [2]", "1.100 [2]", "1.020 (<= 1.01, missed) [2]"]  # NormProp/floor: no eager target
+    assert table[("cpu", "resnet34", "1")][:3] == ["0.800 [2]", "1.000 [2]", "1.000 [2]"]  # no targets, still shown
+    assert "Not measured: resnet101." in text
+    runs_list = text.split("## Runs")[1]
+    assert runs_list.index("- [1] 2026-11-30T06:00:00, torch 2.14.1+cu130") < runs_list.index(
+        "- [2] 2026-11-25T04:00:00, torch 2.15.0+cu132") < runs_list.index("- [3] 2026-11-20T00:00:00")
+    assert "in `new.json`: `tools/bench.py --json new.json`" in runs_list
+    assert "- Targets: 9 of the 11 cells with a target are met." in text
+
+
+def test_both_pages_keep_their_notes_and_the_plot_is_written(tmp_path):
+    page = tmp_path / "docs" / "bench.md"
+    runs = [synthetic_run("2026-11-25T04:00:00", "2.15.0", [synthetic_result("resnet50", {"eager": (0.95, 1.0, 1.0)})])]
+    written = bench_report.write_pages(page, runs, ["resnet50"], [tmp_path / "r.json"])
+    runs_page, png = tmp_path / "docs" / "bench-runs.md", tmp_path / "docs" / "bench_summary.png"
+    assert written == [page, runs_page, png]
+    assert png.read_bytes().startswith(b"\x89PNG") and png.stat().st_size > 10_000
+    summary = page.read_text()
+    assert "](bench_summary.png)" in summary and "](bench-runs.md)" in summary
+    assert "](bench.md)" in runs_page.read_text() and "### resnet50" in runs_page.read_text()
+    for doc in (page, runs_page):
+        doc.write_text(doc.read_text() + f"KEEP the notes of {doc.name}\n")
+    first_png = png.read_bytes()
+    runs.append(synthetic_run("2026-11-30T04:00:00", "2.14.1", [synthetic_result("resnet18", {"eager": (0.8, 1.0, 1.0)})]))
+    bench_report.write_pages(page, runs, ["resnet50"], [tmp_path / "r.json"])
+    for doc in (page, runs_page):
+        text = doc.read_text()
+        assert text.count(bench_report.NOTES_MARKER) == 1 and text.endswith(f"KEEP the notes of {doc.name}\n")
+        assert "resnet18" in text.split(bench_report.NOTES_MARKER)[0]  # re-rendered above the notes
+    assert png.read_bytes() != first_png  # the new run is drawn
+    bench_report.write_pages(page, runs, ["resnet50"], [tmp_path / "r.json"])
+    assert page.read_text().endswith("KEEP the notes of bench.md\n")
+
+
+def test_without_matplotlib_the_summary_says_the_plot_was_not_drawn(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    page = tmp_path / "bench.md"
+    runs = [synthetic_run("2026-11-25T04:00:00", "2.15.0", [synthetic_result("resnet50", {"eager": (0.95, 1.0, 1.0)})])]
+    assert bench_report.write_pages(page, runs, ["resnet50"], [tmp_path / "r.json"]) == [page, tmp_path / "bench-runs.md"]
+    text = page.read_text()
+    assert "Plot not drawn: matplotlib is not installed" in text and "bench_summary.png" not in text
+    assert not (tmp_path / "bench_summary.png").exists() and "0.950 (<= 0.90, missed) [1]" in text
+
+
+def test_default_models_are_the_resnet_depth_sweep_then_the_depthwise_models():
+    bench = load_bench()
+    assert bench.MODELS == ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large", "efficientnet_b0")
+    assert bench.parse_args(["--device", "cpu"]).models == bench.MODELS  # all torchvision names: parse_args checks

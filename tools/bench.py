@@ -1,7 +1,8 @@
 """Benchmark: BatchNorm original vs NormProp conversion vs the no-norm floor.
 
-For each model it times (a) a training step (forward, backward, SGD step) and (b) inference,
-eager and torch.compile'd, for
+For each model (--models, any torchvision classification model; by default the ResNet depth sweep
+resnet18, resnet34, resnet50, resnet101, then mobilenet_v3_large and efficientnet_b0) it times
+(a) a training step (forward, backward, SGD step) and (b) inference, eager and torch.compile'd, for
 
     train:  bn (the original), normprop (convert), floor (every BatchNorm -> nn.Identity),
             floor_bias (every BatchNorm -> a learned per-channel bias: the floor plus what
@@ -16,8 +17,15 @@ eager and torch.compile'd, for
 
 Variants are interleaved: every round runs each variant for --iters steps, in a rotated order,
 and the reported time is the median over --rounds rounds of the time per step. Ratios come from
-the same run: the ratio of medians, and the median over rounds of the per-round ratio. Results are appended per model to --json as they are measured,
-so an interrupted run keeps what it has; --write renders docs/bench.md from that file.
+the same run: the ratio of medians, and the median over rounds of the per-round ratio. Results
+are appended per model to --json as they are measured, so an interrupted run keeps what it has.
+
+--write PAGE renders every --json file into three files (tools/bench_report.py): PAGE, the summary
+(docs/bench.md: the current ratios against their targets in one table, each cell from the newest
+run that measured it), the per-run page next to it (PAGE's stem + "-runs.md": docs/bench-runs.md,
+every run's tables and profiles) and the summary's plot (stem + "_summary.png":
+docs/bench_summary.png; it needs matplotlib, the ``bench`` extra). Both pages keep their
+hand-written notes. --report-only renders without measuring.
 
 CPU (default when no GPU): fp32, --threads 1 (the machine is shared), small inputs.
 
@@ -27,24 +35,26 @@ adapts to what the process freed before, so which variant pays depends on the al
 history, not on the variant. The tuning fixes the thresholds (mmap at glibc's maximum, 32 MiB;
 trimming off) for every variant alike, as jemalloc or tcmalloc would, and the report gives each
 variant's minor page faults per step, so what is left of the effect is visible (what it cost
-before the tuning: docs/bench.md, closing note, "Earlier changes").
+before the tuning: docs/bench-runs.md, closing note, "Earlier changes").
 
 Code: the command line becomes a frozen BenchConfig once (parse_args); tune_environment sets
 threads, allocator and compiler options for every variant alike; measure_model times one model;
-tools/bench_report.py renders the page from the results files.
+tools/bench_report.py renders the pages from the results files.
 
 GPU: pass --device cuda; the defaults then are the GPU target's setting (docs/bench.md): batch 128, 224x224,
 bf16 autocast, channels_last. For example, on a CUDA machine:
 
     python tools/bench.py --device cuda --json docs/bench_gpu.json docs/bench_targets_torch2.14.json \
-        docs/bench_infer_torch2.14.json docs/bench_profile_shapes_torch2.14.json docs/bench_results.json \
-        docs/bench_targets.json docs/bench_kernels.json docs/bench_kernels_no_peak_memory_reorder.json \
-        docs/bench_peak_memory.json --write docs/bench.md
+        docs/bench_infer_torch2.14.json docs/bench_profile_shapes_torch2.14.json docs/bench_tree.json \
+        docs/bench_results.json docs/bench_targets.json docs/bench_kernels.json \
+        docs/bench_kernels_no_peak_memory_reorder.json docs/bench_peak_memory.json --write docs/bench.md
 
 (the run appends to the first --json file; --write renders all of them, so the CPU runs stay;
-docs/bench.md, while it has no CUDA run, gives this command in its CUDA section). The GPU
-NormProp/BN target (<= 0.85) is judged for resnet50 at batch 128 in bf16 only; the other
-targets for every model and input.
+docs/bench-runs.md, while it has no CUDA run, gives this command in its CUDA section). The GPU
+NormProp/BN target (<= 0.85) is judged for resnet50 at batch 128 in bf16 only; the other compiled
+targets for every model and input. Eager ratios have targets on CPU for resnet18, resnet50,
+mobilenet_v3_large and efficientnet_b0 only (bench_report.EAGER_TARGETS); the other models' ratios
+are shown without one.
 
 Exit status: 0 on success, 2 for a bad argument.
 """
@@ -82,7 +92,7 @@ from normprop_fx.compile import CPU_TRAINING_OPTIONS
 import bench_report
 import common
 
-MODELS = ("resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0")
+MODELS = bench_report.MODELS  # the default --models
 MODES = ("eager", "compiled")
 
 
@@ -196,7 +206,8 @@ def _split(text: str) -> tuple[str, ...]:
 
 def parse_args(argv: list[str] | None) -> BenchConfig:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default=",".join(MODELS), help="comma-separated torchvision model names")
+    p.add_argument("--models", default=",".join(MODELS),
+                   help=f"comma-separated torchvision model names; default: {','.join(MODELS)}")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--batch-size", type=int, help="default: 128 on cuda, 16 on cpu")
     p.add_argument("--image-size", type=int, help="default: 224 on cuda, 128 on cpu")
@@ -213,8 +224,10 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
                    help="fix glibc malloc's mmap/trim thresholds for all variants alike (see above); default: on")
     p.add_argument("--json", type=Path, nargs="+", default=[Path("bench_results.json")],
                    help="results files: a run appends to the first (per model, as it goes); --write renders them all")
-    p.add_argument("--write", type=Path, help="render this markdown file from --json (e.g. docs/bench.md)")
-    p.add_argument("--report-only", action="store_true", help="do not measure; only render --json into --write")
+    p.add_argument("--write", type=Path, metavar="PAGE",
+                   help="render --json into the summary PAGE (e.g. docs/bench.md), the per-run page next to it "
+                        "(docs/bench-runs.md: PAGE's stem + '-runs.md') and the summary plot (stem + '_summary.png')")
+    p.add_argument("--report-only", action="store_true", help="do not measure; only render --json into --write's pages")
     p.add_argument("--profile", action="store_true",
                    help="also record the top ops of one compiled train step of each --profile-variants (torch.profiler)")
     p.add_argument("--train-variants", default=",".join(DEFAULT_TRAIN_VARIANTS),
@@ -541,12 +554,15 @@ def main(argv: list[str] | None = None) -> int:
             results_file.write_text(json.dumps(runs, indent=1))
             print("\n".join(bench_report.render_model(run["results"][-1], config.device, run["machine"])), flush=True)
     if config.write:
+        sources = [str(results_file)] * len(runs)
         for extra in config.json[1:]:
-            runs += json.loads(extra.read_text())
+            extra_runs = json.loads(extra.read_text())
+            runs += extra_runs
+            sources += [str(extra)] * len(extra_runs)
         requested = list(dict.fromkeys(res["model"] for run in runs for res in run["results"])) or list(config.models)
         requested += [m for m in config.models if m not in requested]
-        bench_report.write_page(config.write, runs, requested, list(config.json))
-        print(f"wrote {config.write}", file=sys.stderr)
+        written = bench_report.write_pages(config.write, runs, requested, list(config.json), sources)
+        print(f"wrote {', '.join(map(str, written))}", file=sys.stderr)
     return 0
 
 
