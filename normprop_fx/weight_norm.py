@@ -90,6 +90,15 @@ class NormalizedWeight(torch.autograd.Function):
         return out + w * _column(ds, ndim), None
 
 
+def inverse_norm(weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``(||W_i||^2 + eps)^-1/2`` per row of ``weight``, in at least float32, with plain
+    autograd (vector_norm's backward is one pass over the weight): what a layer that normalizes
+    on its output needs (layers.py)."""
+    compute = torch.promote_types(weight.dtype, torch.float32)
+    norm = torch.linalg.vector_norm(_rows(weight), dim=1, dtype=compute)
+    return torch.rsqrt(norm.square() + eps)
+
+
 def normalized_rows(w: torch.Tensor, gamma: torch.Tensor, eps: float) -> torch.Tensor:
     """``gamma_i * w_i / sqrt(||w_i||^2 + eps)``, the eager form: :class:`NormalizedWeight`, or
     under torch.jit tracing the same forward in plain ops, which the tracer records.

@@ -57,6 +57,11 @@ MODULES = [
     ("conv1d-reflect-relu6", lambda: NormPropConv1d(3, 4, 3, padding=1, padding_mode="reflect", activation="relu6"), (2, 3, 9)),
     ("conv3d-grouped-relu", lambda: NormPropConv3d(4, 4, 3, groups=2, activation="relu"), (1, 4, 5, 5, 5)),
     ("conv2d-trained", _trained_conv, (2, 3, 6, 6)),
+    # weights much larger than the output: normalized on the output (layers.py, _normalize_output)
+    ("conv2d-deep-relu", lambda: NormPropConv2d(64, 64, 3, padding=1), (1, 64, 3, 3)),
+    ("conv2d-deep-strided-silu", lambda: NormPropConv2d(32, 64, 3, stride=2, activation="silu"), (2, 32, 5, 5)),
+    ("conv2d-deep-same-leaky", lambda: NormPropConv2d(32, 32, 3, padding="same", activation="leaky_relu"), (1, 32, 2, 2)),
+    ("linear-wide-relu6", lambda: NormPropLinear(256, 128, activation="relu6"), (2, 256)),
     *[(f"activation-{a}", lambda a=a: NormalizedActivation(a), (4, 3, 5)) for a in ("relu", "relu6", "leaky_relu", "silu")],
     ("activation-relu-corrected", lambda: _corrected(NormalizedActivation("relu")), (4, 7)),
     ("activation-hardtanh-corrected", lambda: _corrected(NormalizedActivation("hardtanh")), (4, 7)),
@@ -185,3 +190,20 @@ def test_a_hook_on_the_activation_sees_its_input_as_in_the_compiled_form(make):
     torch.testing.assert_close(seen[0], seen[1], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(eager_plain, expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(eager_fast, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("make", "shape", "on_output"), [
+    (lambda: NormPropConv2d(64, 64, 3, padding=1), (1, 64, 3, 3), True),
+    (lambda: NormPropConv2d(64, 64, 3, padding=1), (16, 64, 32, 32), False),
+    (lambda: NormPropLinear(256, 128), (2, 256), True),
+    (lambda: NormPropLinear(8, 8), (32, 8), False),
+], ids=["deep-conv", "early-conv", "wide-linear", "narrow-linear"])
+def test_the_cheaper_side_is_normalized(make, shape, on_output):
+    """The output form where the weight has 3x more elements than the output, else the weight
+    form; both are the same function (test_eager_form_equals_compiled_form)."""
+    layer = make()
+    x = torch.randn(shape)
+    numel = layer(x).numel()
+    assert layer._normalize_output(x, getattr(layer, "padding", None)) is on_output
+    if isinstance(layer, NormPropConv2d):
+        assert layer._output_numel(x, layer.padding) == numel

@@ -131,6 +131,13 @@ def _exact(a, b) -> None:
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def _to_rounding(a, b) -> None:
+    """A traced graph (feature extraction) normalizes every layer on its weight, the module its
+    deep layers on their output (layers.py, _normalize_output): the same function, rounded
+    differently."""
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 # --- timm: the model keeps its class, attributes and methods -----------------------------------
 
 
@@ -309,9 +316,9 @@ def test_torchvision_feature_extractor_output_and_block_match_the_model(tv_case)
             features = extractor(X)
     finally:
         handle.remove()
-    _exact(features["out"], expected)
+    _to_rounding(features["out"], expected)
     assert len(seen) == 1
-    _exact(features["block"], seen[0])
+    _to_rounding(features["block"], seen[0])
 
 
 def test_torchvision_copies_keep_the_report(tv_case):

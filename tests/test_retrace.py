@@ -37,6 +37,13 @@ def exact(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-7)
 
 
+def to_rounding(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """A whole network, float32: a traced graph normalizes every layer on its weight (the shape
+    is not known at trace time), the module its deep layers on their output (layers.py,
+    _normalize_output), the same function rounded differently."""
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
 def trained_affine() -> NormPropAffine:
     bn = nn.BatchNorm2d(3)
     with torch.no_grad():
@@ -183,6 +190,6 @@ def test_torchvision_feature_extraction_on_a_converted_model(arch, module_path):
         expected = converted(x)
         features = extractor(x)
         hook.remove()
-        exact(features["feat"], captured[0])
-        exact(features["out"], expected)
-        exact(fx.symbolic_trace(converted)(x), expected)
+        to_rounding(features["feat"], captured[0])
+        to_rounding(features["out"], expected)
+        to_rounding(fx.symbolic_trace(converted)(x), expected)
