@@ -248,10 +248,14 @@ class _Tree:
         (the containers on the way are shallow copies): a candidate to check."""
         root = _CopyOnWrite(self.model) if copy_on_write else _InPlace(self.model)
         swaps = 0
+        done: set[str] = set()  # a module called at several places is swapped once
         for node in self.snapshot.nodes:
             if node.op != "call_module" or self.writer(self.innermost(node), plan) in plan.rebuilt:
                 continue
             path = str(node.target)
+            if path in done:
+                continue
+            done.add(path)
             replacement = nn.Identity() if self.removed(path) else self.gm.get_submodule(path)
             if root.get(path) is not replacement:
                 root.set(path, replacement)
