@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 import normprop_fx
 from normprop_fx.activation_functions import activation
@@ -141,9 +141,37 @@ def test_shared_block_with_functional_activation():
     _check_batch_independent_and_modes(converted, x)
     reference = _hand_built(model.u.conv, NormPropConv2d, "relu")
     assert torch.allclose(converted(x), reference(reference(x)), atol=1e-6)
-    # the block's own forward loses its F.relu at both calls: the documented fallback rebuilds
-    # the caller with the block inlined, and its output equals the flat graph's
+    # the block's forward loses its F.relu at both calls alike: the block is rebuilt once, at
+    # its name, for both calls, and the caller keeps its class and forward
+    tree = report.module_tree
+    assert tree.class_kept and type(converted).__name__ == "Net"
+    assert [(r.path, r.type) for r in tree.rebuilt] == [("u", "FunctionalBlock")] and not tree.inlined
+    assert isinstance(converted.u, fx.GraphModule) and converted.u.conv is _layers(converted)[0]
     flat = normprop_fx.convert(model, flat=True)
+    assert torch.allclose(converted(x), flat(x), atol=1e-6)
+
+
+def test_shared_block_whose_calls_need_different_edits_is_inlined():
+    """A correction in front of the second call only: one forward cannot serve both calls, so
+    the block is inlined into its caller, which is rebuilt (the documented fallback)."""
+    torch.manual_seed(7)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.u = FunctionalBlock()
+
+        def forward(self, x):
+            return self.u(self.u(x) + x)
+
+    converted = normprop_fx.convert(Net())
+    tree = normprop_fx.conversion_report(converted).module_tree
+    assert not tree.class_kept and [r.path for r in tree.inlined] == ["u"]
+    assert "need different edits" in tree.inlined[0].reason
+    x = torch.randn(4, 4, 8, 8)
+    _check_batch_independent_and_modes(converted, x)
+    flat = normprop_fx.convert(Net(), flat=True)
+    flat.load_state_dict(converted.state_dict())
     assert torch.allclose(converted(x), flat(x), atol=1e-6)
 
 
