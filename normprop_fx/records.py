@@ -24,6 +24,9 @@ class Rewrite:
     notes: tuple[str, ...] = ()
     #: "normprop" (the paper's initialization) or "trained" (the BatchNorm's eval-mode function kept)
     init: str = "normprop"
+    #: qualified name of the BatchNorm module it replaces ('' when it is ``path``): a BatchNorm
+    #: shared by two different convs gives two layers, and counts once (``converted``)
+    batchnorm: str = ""
 
 
 #: The two ways a BatchNorm's replacement is initialized (docs/method.md section 8).
@@ -130,4 +133,6 @@ class ConversionReport:
 
     @property
     def converted(self) -> int:
-        return len(self.rewrites)
+        """BatchNorm modules replaced (not calls, not layers: a BatchNorm shared by two
+        different convs gives two layers and counts once)."""
+        return len({r.batchnorm or r.path for r in self.rewrites})

@@ -13,8 +13,10 @@ pass puts each edit where the user's model can carry it:
   operation in it: a correction, a normalized activation of a module called twice; a functional
   activation fused away) is replaced, at its own qualified name, by a ``GraphModule`` of its own
   forward, rewritten: its children are still called as modules (they keep their class and
-  forward, unless rebuilt themselves); only a child called at several places that needs
-  different edits at each is inlined. Its parents keep their class and forward.
+  forward, unless rebuilt themselves). A module called at several places is rebuilt once, for
+  all its calls, when every call needs the same edits (a shared block whose functional
+  activation is fused into its one NormProp layer); only one whose calls need different edits
+  (a correction in front of one call) is inlined. Its parents keep their class and forward.
 
 A rebuilt module takes its call's arguments by the names of the original ``forward``
 (``inspect.signature``), returns what the original returned, and keeps the original's class
@@ -210,18 +212,28 @@ class _Tree:
             if key in plan.rebuilt and not (found_wrong and key != ROOT):
                 return
             if key in plan.rebuilt:
-                # rebuilt and still wrong: its caller takes the code
-                plan.inlined[key] = reason
-                plan.rebuilt.pop(key)
-                key, reason = self.parent.get(key, ROOT), f"{key} is inlined into it: {reason}"
+                # rebuilt and still wrong: its caller takes the code (of every call of the module)
+                for other in self.siblings(key):
+                    plan.inlined[other] = reason
+                    plan.rebuilt.pop(other, None)
+                key, reason = self.parent.get(key, ROOT), f"{self.calls[key].path} is inlined into it: {reason}"
                 continue
-            why_not = self._not_rebuildable(key)
+            why_not = next(filter(None, map(self._not_rebuildable, self.siblings(key))), None)
             if why_not is None:
-                plan.rebuilt.setdefault(key, reason)
+                # every call of the module runs the one forward put at its name: all are rebuilt
+                for other in self.siblings(key):
+                    plan.rebuilt.setdefault(other, reason)
                 return
             for other in [k for k, c in self.calls.items() if k != ROOT and c.path == self.calls[key].path]:
                 plan.inlined.setdefault(other, why_not)
             key, reason = self.parent.get(key, ROOT), f"{self.calls[key].path} is inlined into it ({why_not}): {reason}"
+
+    def siblings(self, key: str) -> list[str]:
+        """The calls of the module that call ``key`` calls (``key`` itself first)."""
+        if key not in self.repeated:
+            return [key]
+        path = self.calls[key].path
+        return [key, *(k for k in self.calls if k in self.repeated and k != key and self.calls[k].path == path)]
 
     def _not_rebuildable(self, key: str) -> str | None:
         if key == ROOT:
@@ -229,8 +241,6 @@ class _Tree:
         call = self.calls.get(key)
         if call is None:
             return "its call was not recorded"
-        if key in self.repeated:
-            return "it is called at several places"
         if call.opaque:
             return "it takes or returns values the graph cannot name"
         try:
@@ -248,17 +258,28 @@ class _Tree:
         (the containers on the way are shallow copies): a candidate to check."""
         root = _CopyOnWrite(self.model) if copy_on_write else _InPlace(self.model)
         swaps = 0
+        done: set[str] = set()  # a module called at several places is swapped once
         for node in self.snapshot.nodes:
             if node.op != "call_module" or self.writer(self.innermost(node), plan) in plan.rebuilt:
                 continue
             path = str(node.target)
+            if path in done:
+                continue
+            done.add(path)
             replacement = nn.Identity() if self.removed(path) else self.gm.get_submodule(path)
             if root.get(path) is not replacement:
                 root.set(path, replacement)
                 swaps += 1
         built: dict[str, nn.Module] = {}
+        first_of: dict[str, str] = {}  # module path -> its call rebuilt first
         for key in sorted(plan.rebuilt, key=lambda k: -len(self.keys_of(k))):
             built[key] = self._rebuild(key, plan, built, root)
+            path = self.calls[key].path
+            if key != ROOT and first_of.setdefault(path, key) != key:
+                # another call of a module rebuilt already: one forward must serve both
+                if not _same_forward(built[first_of[path]], built[key]):
+                    raise _Unbuildable(f"{path} is called at several places and its calls need different edits", key)
+                built[key] = built[first_of[path]]
             if key != ROOT and self.writer(self.parent.get(key, ROOT), plan) not in plan.rebuilt:
                 root.set(self.calls[key].path, built[key])
         if ROOT in built:
@@ -358,14 +379,16 @@ class _Tree:
     # --- record ---------------------------------------------------------------------------------
 
     def record(self, plan: _Plan, swaps: int, flat: bool = False) -> ModuleTree:
-        rebuilt = tuple(
-            RebuiltModule(path=self.calls[k].path, type=type(self.calls[k].module).__name__, reason=r)
-            for k, r in sorted(plan.rebuilt.items(), key=lambda kv: self.nodes_order(kv[0]))
-        )
-        inlined = tuple(
-            RebuiltModule(path=self.calls[k].path, type=type(self.calls[k].module).__name__, reason=r)
-            for k, r in plan.inlined.items() if k in self.calls
-        )
+        def once_per_module(items: Iterable[tuple[str, str]]) -> tuple[RebuiltModule, ...]:
+            rows = {}  # a module called at several places is one row
+            for k, r in items:
+                if k in self.calls:
+                    rows.setdefault(self.calls[k].path, RebuiltModule(
+                        path=self.calls[k].path, type=type(self.calls[k].module).__name__, reason=r))
+            return tuple(rows.values())
+
+        rebuilt = once_per_module(sorted(plan.rebuilt.items(), key=lambda kv: self.nodes_order(kv[0])))
+        inlined = once_per_module(plan.inlined.items())
         return ModuleTree(
             root_type=type(self.model).__name__,
             class_kept=ROOT not in plan.rebuilt and not flat,
@@ -519,6 +542,32 @@ def _copy_plain_attributes(original: nn.Module, rebuilt: nn.Module) -> None:
             continue
         if not hasattr(rebuilt, name):
             setattr(rebuilt, name, value)
+
+
+def _same_forward(a: fx.GraphModule, b: fx.GraphModule) -> bool:
+    """``a`` and ``b`` (rebuilt for two calls of one module) compute the same thing: node by
+    node the same operations, on the same modules and tensors, in the same way."""
+    a_nodes, b_nodes = list(a.graph.nodes), list(b.graph.nodes)
+    if len(a_nodes) != len(b_nodes):
+        return False
+    image: dict[fx.Node, fx.Node] = {}
+    for x, y in zip(a_nodes, b_nodes):
+        if x.op != y.op or x.target != y.target:
+            return False
+        if x.op in ("call_module", "get_attr") and _fetch(a, str(x.target)) is not _fetch(b, str(y.target)):
+            return False
+        x_leaves, x_spec = pytree.tree_flatten(_open_slices((x.args, dict(x.kwargs))))
+        y_leaves, y_spec = pytree.tree_flatten(_open_slices((y.args, dict(y.kwargs))))
+        if x_spec != y_spec:
+            return False
+        for u, v in zip(x_leaves, y_leaves):
+            if isinstance(u, fx.Node) or isinstance(v, fx.Node):
+                if image.get(u) is not v:
+                    return False
+            elif not _same_constant(u, v):
+                return False
+        image[x] = y
+    return True
 
 
 def _target_name(target: Any) -> str:

@@ -13,6 +13,10 @@ Users of the pattern's last node read the replacement's output; modules of a nor
 unit that cannot be fused (a drop-block, an activation without fixed moments) stay after it as
 ``<bn path>_<attribute>``. The graph is linted and recompiled. State-dict keys stay readable:
 ``layer1.0.conv1.weight``, ``.gamma``, ``.beta``.
+
+A BatchNorm called at several places (``passes.match``) has one match per call: the replacement
+is made once, at the first, and every later match with the same path only rewires its own nodes to
+call it, so the calls share one module and its parameters, and the report has one record for it.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ def rewrite_patterns(
     weight_norm/spectral_norm hook) cannot be shared: the layer gets a plain copy and a note.
     """
     records = []
+    replaced: set[str] = set()  # paths already holding their replacement (a module called again)
     for match in matches:
         bn_path = str(match.norm.target)
         norm = gm.get_submodule(bn_path)
@@ -53,7 +58,14 @@ def rewrite_patterns(
         choice = inits[bn_path]
         original = tuple(describe_node(n, gm) for n in (match.producer, match.norm, match.activation) if n is not None)
         notes = match.notes
-        if match.producer is not None and match.pattern is not None:
+        fused = match.producer is not None and match.pattern is not None
+        replaced_at = str(match.producer.target) if fused else bn_path
+        if replaced_at in replaced:
+            # another call of a module replaced already: its node calls the replacement already
+            _rewire(gm, match, match.producer if fused else match.norm)
+            continue
+        replaced.add(replaced_at)
+        if fused:
             path, out = str(match.producer.target), match.producer
             producer = gm.get_submodule(path)
             layer = match.pattern.replacement.from_module(
@@ -80,19 +92,7 @@ def rewrite_patterns(
             conv_weight = None
         follow_requires_grad(layer, state, conv_weight)
         set_submodule(gm, path, layer)
-
-        first_kept, tail = _insert_kept(gm, match.norm, out, match.kept)
-        last = match.activation if match.activation is not None else match.norm
-        if last is out:
-            if tail is not out:
-                hand_over(out, tail, delete_user_cb=lambda user, first=first_kept: user is not first)
-        else:
-            hand_over(last, tail)
-            for node in (match.activation, match.norm):
-                if node is not None and node is not out:
-                    if node is not last:  # a module that returned the BatchNorm's output now returns the layer's
-                        take_over(tail, node)
-                    gm.graph.erase_node(node)
+        _rewire(gm, match, out)
 
         records.append(
             Rewrite(
@@ -106,12 +106,30 @@ def rewrite_patterns(
                 jacobian_gain=activation_constants(match.spec).jacobian_gain,
                 notes=notes,
                 init=choice.init,
+                batchnorm=bn_path,
             )
         )
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
     return gm, records
+
+
+def _rewire(gm: fx.GraphModule, match: PatternMatch, out: fx.Node) -> None:
+    """Make ``out`` (the node that now calls the replacement) stand for the pattern's last node:
+    the kept modules after it, the BatchNorm and fused activation nodes erased."""
+    first_kept, tail = _insert_kept(gm, match.norm, out, match.kept)
+    last = match.activation if match.activation is not None else match.norm
+    if last is out:
+        if tail is not out:
+            hand_over(out, tail, delete_user_cb=lambda user, first=first_kept: user is not first)
+    else:
+        hand_over(last, tail)
+        for node in (match.activation, match.norm):
+            if node is not None and node is not out:
+                if node is not last:  # a module that returned the BatchNorm's output now returns the layer's
+                    take_over(tail, node)
+                gm.graph.erase_node(node)
 
 
 def _insert_kept(
