@@ -93,5 +93,10 @@ def normalized_rows(w: torch.Tensor, gamma: torch.Tensor, eps: float) -> torch.T
     of this function, so the traced graph computes what the layer computes, forward and backward."""
     if use_function(w):
         return NormalizedWeight.apply(w, gamma, eps)
-    return w * _column(gamma * _inverse_norm(w, eps), w.dim())
+    # gamma / sqrt(.), not gamma * rsqrt(.): the legacy ONNX exporter writes rsqrt as Div(1, Sqrt),
+    # and onnxruntime's DivMulFusion (Div(1, x) * y -> Div(y, x)) leaves a dangling input when the
+    # node that computes y is removed too: the Identity the exporter reads a parameter through
+    # when parameters have equal values (gammas at their initial value), or a no-op Cast without
+    # constant folding. "Node input ... is not a graph input" (tests/test_deploy.py)
+    return w * _column(gamma / torch.sqrt(torch.linalg.vector_norm(_rows(w), dim=1).square() + eps), w.dim())
 
