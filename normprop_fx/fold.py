@@ -39,7 +39,7 @@ import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -73,8 +73,9 @@ class ConstantAffine(nn.Module):
     dim 1 whatever the input rank, as BatchNorm and NormPropAffine do.
     """
 
-    scale: torch.Tensor
-    shift: torch.Tensor
+    if TYPE_CHECKING:  # (at run time torch.jit.script would read them, as strings it cannot resolve)
+        scale: torch.Tensor
+        shift: torch.Tensor
 
     def __init__(self, scale: torch.Tensor, shift: torch.Tensor, channel_dim: int | None = None) -> None:
         super().__init__()
