@@ -154,12 +154,23 @@ def fold(converted: nn.Module) -> fx.GraphModule:
             "folded into the add that reads them": _fold_affines_into_following_adds(gm),
         }
     gm.delete_all_unused_submodules()
+    _drop_string_annotations(gm)
     gm.graph.lint()
     gm.recompile()
     gm.eval()
     gm.fold_report = FoldReport(counts, _kept_affines(gm))
     logger.info("%s", gm.fold_report)
     return gm
+
+
+def _drop_string_annotations(gm: fx.GraphModule) -> None:
+    """Forget the input and output annotations that reached the trace as strings (a model written
+    under ``from __future__ import annotations``): the generated forward would name them as
+    globals that torch.jit.script cannot resolve (``Unknown type name '_torch_Tensor_'``), and
+    unannotated, TorchScript takes them as the tensors they are. (Annotations change nothing else.)"""
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output") and isinstance(node.type, str):
+            node.type = None
 
 
 @dataclass
