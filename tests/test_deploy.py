@@ -34,9 +34,12 @@ from torchvision.models import mobilenetv3, resnet
 
 import normprop_fx
 
-pytestmark = [
+pytestmark = [  # torch's own notices about the paths under test
     pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning"),
     pytest.mark.filterwarnings("ignore:.*legacy TorchScript-based ONNX export:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning"),  # (inside the legacy exporter)
+    # (scripting a GraphModule: torch.fx's own GraphModule.__init__ annotates its attributes)
+    pytest.mark.filterwarnings("ignore:The TorchScript type system doesn't support instance-level annotations:UserWarning"),
 ]
 
 #: Max abs error allowed, relative to the largest output magnitude (float32 paths).
