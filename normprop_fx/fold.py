@@ -39,7 +39,7 @@ import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -73,8 +73,9 @@ class ConstantAffine(nn.Module):
     dim 1 whatever the input rank, as BatchNorm and NormPropAffine do.
     """
 
-    scale: torch.Tensor
-    shift: torch.Tensor
+    if TYPE_CHECKING:  # (at run time torch.jit.script would read them, as strings it cannot resolve)
+        scale: torch.Tensor
+        shift: torch.Tensor
 
     def __init__(self, scale: torch.Tensor, shift: torch.Tensor, channel_dim: int | None = None) -> None:
         super().__init__()
@@ -153,12 +154,23 @@ def fold(converted: nn.Module) -> fx.GraphModule:
             "folded into the add that reads them": _fold_affines_into_following_adds(gm),
         }
     gm.delete_all_unused_submodules()
+    _drop_string_annotations(gm)
     gm.graph.lint()
     gm.recompile()
     gm.eval()
     gm.fold_report = FoldReport(counts, _kept_affines(gm))
     logger.info("%s", gm.fold_report)
     return gm
+
+
+def _drop_string_annotations(gm: fx.GraphModule) -> None:
+    """Forget the input and output annotations that reached the trace as strings (a model written
+    under ``from __future__ import annotations``): the generated forward would name them as
+    globals that torch.jit.script cannot resolve (``Unknown type name '_torch_Tensor_'``), and
+    unannotated, TorchScript takes them as the tensors they are. (Annotations change nothing else.)"""
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output") and isinstance(node.type, str):
+            node.type = None
 
 
 @dataclass

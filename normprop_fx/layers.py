@@ -25,7 +25,7 @@ from .errors import InvalidOptionError, NormPropError
 from .moments import activation_constants
 from .normalized_activation import NormalizedActivation
 from .records import NORMPROP_INIT, TRAINED_INIT
-from .weight_norm import inverse_norm, normalized_rows
+from .weight_norm import norm_with_eps, normalized_rows
 
 GammaInit = str | float
 
@@ -173,9 +173,8 @@ class NormPropLayer(nn.Module):
         (see :meth:`_normalize_output`): ``y * (gamma a / ||W||) + (beta a + c)`` per output
         channel, one addcmul, then what the activation computes after its input affine."""
         scale, shift = self.activation.eager_input_affine()
-        inv = inverse_norm(self.weight, self.eps)
         channel = (-1,) if isinstance(self, NormPropLinear) else (-1,) + (1,) * (y.dim() - 2)
-        s = (self.gamma * (inv * scale)).to(y.dtype).reshape(channel)
+        s = (self.gamma * scale / norm_with_eps(self.weight, self.eps)).to(y.dtype).reshape(channel)
         t = (self.beta * scale + shift).to(y.dtype).reshape(channel)
         return self.activation.eager_from_input_affine(torch.addcmul(t, y, s))
 

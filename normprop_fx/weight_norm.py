@@ -90,13 +90,13 @@ class NormalizedWeight(torch.autograd.Function):
         return out + w * _column(ds, ndim), None
 
 
-def inverse_norm(weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``(||W_i||^2 + eps)^-1/2`` per row of ``weight``, in at least float32, with plain
-    autograd (vector_norm's backward is one pass over the weight): what a layer that normalizes
-    on its output needs (layers.py)."""
+def norm_with_eps(weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``(||W_i||^2 + eps)^1/2`` per row of ``weight``, in at least float32, with plain autograd
+    (vector_norm's backward is one pass over the weight): what a layer that normalizes on its
+    output divides by (layers.py), and the traced form's divisor. A division, not a multiplication
+    by rsqrt: see normalized_rows."""
     compute = torch.promote_types(weight.dtype, torch.float32)
-    norm = torch.linalg.vector_norm(_rows(weight), dim=1, dtype=compute)
-    return torch.rsqrt(norm.square() + eps)
+    return torch.sqrt(torch.linalg.vector_norm(_rows(weight), dim=1, dtype=compute).square() + eps)
 
 
 def normalized_rows(w: torch.Tensor, gamma: torch.Tensor, eps: float) -> torch.Tensor:
@@ -108,5 +108,10 @@ def normalized_rows(w: torch.Tensor, gamma: torch.Tensor, eps: float) -> torch.T
     of this function, so the traced graph computes what the layer computes, forward and backward."""
     if use_function(w):
         return NormalizedWeight.apply(w, gamma, eps)[0]
-    return w * _column(gamma * _inverse_norm(w, eps), w.dim())
+    # gamma / sqrt(.), not gamma * rsqrt(.): the legacy ONNX exporter writes rsqrt as Div(1, Sqrt),
+    # and onnxruntime's DivMulFusion (Div(1, x) * y -> Div(y, x)) leaves a dangling input when the
+    # node that computes y is removed too: the Identity the exporter reads a parameter through
+    # when parameters have equal values (gammas at their initial value), or a no-op Cast without
+    # constant folding. "Node input ... is not a graph input" (tests/test_deploy.py)
+    return w * _column(gamma / norm_with_eps(w, eps), w.dim())
 
