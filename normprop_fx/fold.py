@@ -1,26 +1,37 @@
 """``normprop_fx.fold``: the exact inference form of a converted network.
 
-Every NormProp module becomes the plain operations it computes, with all constants baked in:
+Every NormProp module becomes the plain operations it computes, with all constants baked in, in
+the algebra of its eager form (docs/method.md section 10):
 
 - ``NormPropConv{1,2,3}d`` / ``NormPropLinear`` -> ``nn.Conv{1,2,3}d`` / ``nn.Linear`` with weight
-  ``gamma * W / ||W||`` and bias ``beta``, then the activation ``f``, then the constant affine
-  ``(f(u) - c_mean) / c_std`` (none for a layer that keeps a trained BatchNorm's function: a
-  trained network folds to plain conv + activation, as its BN-folded original);
-- ``NormalizedActivation`` -> ``f`` and its constant affine;
-- ``NormPropAffine`` -> its per-channel affine (on dim 1, with its input standardization by
-  running statistics when it keeps a trained BatchNorm's function), ``f``, the constant affine;
+  ``gamma * a * W / ||W||`` and bias ``beta * a + c``, where ``u * a + c`` is the activation's input
+  affine: for the clamp family (ReLU, ReLU6, Hardtanh) the whole standardization
+  ``(f(u) - c_mean) / c_std = clamp(u / c_std - c_mean / c_std, ...)``, so the layer folds to conv +
+  clamp (``F.hardtanh``) with no constant affine; for LeakyReLU its scale (its shift stays); for
+  any other ``f`` nothing, ``f`` then the constant affine. A layer that keeps a trained BatchNorm's
+  function folds to plain conv + activation, as its BN-folded original;
+- ``NormalizedActivation`` -> its input affine, then the clamp (or ``f`` and what is left);
+- ``NormPropAffine`` -> its per-channel affine with its activation's input affine in it (on dim 1,
+  with its input standardization by running statistics when it keeps a trained BatchNorm's
+  function), then the clamp (or ``f`` and its constant affine);
 - ``Standardize`` -> the constant affine ``x * scale - mean * scale``.
 
-Then a constant affine is merged into a constant affine that directly follows it, and folded
-into the *following* Conv/Linear wherever that is exact (docs/method.md section 2: a per-input-channel
-scale commutes with the weights; a shift becomes ``W @ shift`` added to the bias):
+Then the constant affines are moved and folded where that is exact, in small counted sub-passes
+(``folded.fold_report`` counts them and lists every affine left with the reason it stays):
 
-- the affine's output has that layer as its single user, and the layer is called once;
-- the affine is scalar or per input channel of the layer (shape ``(C, 1, ..)`` for a conv,
-  ``(C,)`` for a Linear), so the output shape does not change;
-- a shift is folded into a conv only when padding cannot see it: no padding, or a
-  ``padding_mode`` (reflect, replicate, circular) that pads with copies of the input; zero
-  padding would pad with zeros where the unfolded model pads the shifted value's zeros.
+- merged into a constant affine that directly follows;
+- moved in front of a max pool or clamp (a positive scalar commutes with both; the clamp's bounds
+  map) and folded into the Conv/Linear that computes their input (``(W x + b) s + t``: exact
+  whatever the padding), or into a residual add of such a layer's output (``torch.add(p', q,
+  alpha)``);
+- moved behind a pool, flatten or reshape, and folded into the *following* Conv/Linear
+  (docs/method.md section 2: a per-input-channel scale commutes with the weights; a shift becomes
+  ``W @ shift`` added to the bias) where: the affine's output has that layer as its single user and
+  the layer is called once; the affine is scalar or per input channel of the layer (shape
+  ``(C, 1, ..)`` for a conv, ``(C,)`` for a Linear); and a shift meets no zero padding (no padding,
+  or a ``padding_mode`` that pads with copies of the input);
+- a scalar affine on one operand of an add folded into the layer of the other operand and the
+  add's alpha.
 
 Everything that cannot be folded stays as a :class:`ConstantAffine` module, computed exactly.
 Modules normprop-fx does not know are kept as they are.
@@ -46,6 +57,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .affine import NormPropAffine
+from .eager import is_compiling, scalar_affine
 from .errors import NormPropError
 from .layers import NormPropLayer, NormPropLinear, _NormPropConvNd
 from .normalized_activation import NormalizedActivation
@@ -99,6 +111,9 @@ class ConstantAffine(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._scalars is not None:
+            if not torch.jit.is_scripting():  # (TorchScript compiles only the line after this block)
+                if not is_compiling():
+                    return scalar_affine(x, self._scalars[0], self._scalars[1])  # eager: one pass, not two
             return x * self._scalars[0] + self._scalars[1]
         scale, shift = self.scale.to(x.dtype), self.shift.to(x.dtype)
         if self.channel_dim is not None:
