@@ -35,6 +35,10 @@ GammaInit = str | float
 torch.fx.wrap("normalized_rows")
 
 
+#: The batch size the eager form's choice of side assumes (NormPropLayer._normalize_output): the
+#: CPU benchmark's (tools/bench.py), whatever the batch at hand.
+FORM_BATCH = 16
+
 #: Added to the squared filter norm: a zero filter gives a zero output and finite gradients
 #: (the weight gradient of a zero row is scaled by 1/sqrt(eps) = 1e4, still finite in fp16),
 #: while a filter of norm 1e-3 is normalized to within 0.5%.
@@ -160,10 +164,18 @@ class NormPropLayer(nn.Module):
         about twice as many, forward and backward). Deep layers at small inputs have a weight
         many times their output (resnet18's last stage at 128 px and batch 16: 2.4M weights, 131k
         outputs per conv), and take the output form there. A torch.fx Proxy (its shape unknown)
-        takes the weight form."""
+        takes the weight form.
+
+        The choice depends on one sample's output, as if the batch were :data:`FORM_BATCH`, not
+        on the batch at hand: the two forms round differently, and at a ReLU kink a rounding
+        difference flips a value's gradient, so a sample's gradient would change with the batch
+        it is in (a DDP/FSDP rank's half batch against one process's whole batch, per-sample
+        gradients against a batch)."""
         if isinstance(x, torch.fx.Proxy):
             return False
-        return 3 * self._output_numel(x, padding) < self.weight.numel()
+        batched = x.dim() > (1 if isinstance(self, NormPropLinear) else self._dims + 1)
+        per_sample = self._output_numel(x, padding) // (x.shape[0] if batched and x.shape[0] else 1)
+        return 3 * FORM_BATCH * per_sample < self.weight.numel()
 
     def _output_numel(self, x: torch.Tensor, padding: Any) -> int:
         raise NotImplementedError
@@ -173,7 +185,7 @@ class NormPropLayer(nn.Module):
         (see :meth:`_normalize_output`): ``y * (gamma a / ||W||) + (beta a + c)`` per output
         channel, one addcmul, then what the activation computes after its input affine."""
         scale, shift = self.activation.eager_input_affine()
-        channel = (-1,) if isinstance(self, NormPropLinear) else (-1,) + (1,) * (y.dim() - 2)
+        channel = (-1,) if isinstance(self, NormPropLinear) else (-1,) + (1,) * self._dims  # (batched or not)
         s = (self.gamma * scale / norm_with_eps(self.weight, self.eps)).to(y.dtype).reshape(channel)
         t = (self.beta * scale + shift).to(y.dtype).reshape(channel)
         return self.activation.eager_from_input_affine(torch.addcmul(t, y, s))

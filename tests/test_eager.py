@@ -61,7 +61,7 @@ MODULES = [
     ("conv2d-deep-relu", lambda: NormPropConv2d(64, 64, 3, padding=1), (1, 64, 3, 3)),
     ("conv2d-deep-strided-silu", lambda: NormPropConv2d(32, 64, 3, stride=2, activation="silu"), (2, 32, 5, 5)),
     ("conv2d-deep-same-leaky", lambda: NormPropConv2d(32, 32, 3, padding="same", activation="leaky_relu"), (1, 32, 2, 2)),
-    ("linear-wide-relu6", lambda: NormPropLinear(256, 128, activation="relu6"), (2, 256)),
+    ("linear-wide-relu6", lambda: NormPropLinear(2048, 128, activation="relu6"), (2, 2048)),
     *[(f"activation-{a}", lambda a=a: NormalizedActivation(a), (4, 3, 5)) for a in ("relu", "relu6", "leaky_relu", "silu")],
     ("activation-relu-corrected", lambda: _corrected(NormalizedActivation("relu")), (4, 7)),
     ("activation-hardtanh-corrected", lambda: _corrected(NormalizedActivation("hardtanh")), (4, 7)),
@@ -194,16 +194,27 @@ def test_a_hook_on_the_activation_sees_its_input_as_in_the_compiled_form(make):
 
 @pytest.mark.parametrize(("make", "shape", "on_output"), [
     (lambda: NormPropConv2d(64, 64, 3, padding=1), (1, 64, 3, 3), True),
-    (lambda: NormPropConv2d(64, 64, 3, padding=1), (16, 64, 32, 32), False),
-    (lambda: NormPropLinear(256, 128), (2, 256), True),
+    (lambda: NormPropConv2d(64, 64, 3, padding=1), (1, 64, 32, 32), False),
+    (lambda: NormPropConv2d(64, 64, 3, padding=1), (64, 3, 3), True),  # unbatched
+    (lambda: NormPropLinear(2048, 128), (2, 2048), True),
     (lambda: NormPropLinear(8, 8), (32, 8), False),
-], ids=["deep-conv", "early-conv", "wide-linear", "narrow-linear"])
+], ids=["deep-conv", "early-conv", "unbatched-conv", "wide-linear", "narrow-linear"])
 def test_the_cheaper_side_is_normalized(make, shape, on_output):
-    """The output form where the weight has 3x more elements than the output, else the weight
-    form; both are the same function (test_eager_form_equals_compiled_form)."""
+    """The output form where the weight has 3x more elements than the output of a batch of
+    FORM_BATCH, else the weight form; both are the same function
+    (test_eager_form_equals_compiled_form)."""
     layer = make()
     x = torch.randn(shape)
     numel = layer(x).numel()
     assert layer._normalize_output(x, getattr(layer, "padding", None)) is on_output
     if isinstance(layer, NormPropConv2d):
         assert layer._output_numel(x, layer.padding) == numel
+
+
+@pytest.mark.parametrize("batch", [1, 2, 4, 16, 64])
+def test_the_side_does_not_depend_on_the_batch(batch):
+    """A sample computes the same operations in any batch: the choice follows one sample's output
+    (a DDP/FSDP rank's half batch and one process's whole batch take the same form)."""
+    layer = NormPropConv2d(64, 64, 3, padding=1)
+    for size, on_output in ((3, True), (16, False)):
+        assert layer._normalize_output(torch.randn(batch, 64, size, size), layer.padding) is on_output

@@ -1,8 +1,8 @@
 """Eager training step of the conversion now against the conversion at an earlier commit, side by
 side in one process, with the BatchNorm original and the no-norm floor.
 
-``--workload`` picks the eager training step (default), or the inference of the folded forms
-(``fold``; bn: conv-BN fused), eager or compiled.
+``--workload`` picks the training step, eager (default) or compiled, or the inference of the
+folded forms (``fold``; bn: conv-BN fused), eager or compiled.
 
 A change to how NormProp modules compute (issue 19: the eager form, normprop_fx/eager.py) is best
 judged against the code before it on the same machine in the same run: tools/bench.py times one
@@ -58,8 +58,8 @@ def base_package(commit: str, where: Path) -> object:
 
 
 #: What is timed: (training?, folded?, compiled?)
-WORKLOADS = {"train-eager": (True, False, False), "infer-folded-eager": (False, True, False),
-             "infer-folded-compiled": (False, True, True)}
+WORKLOADS = {"train-eager": (True, False, False), "train-compiled": (True, False, True),
+             "infer-folded-eager": (False, True, False), "infer-folded-compiled": (False, True, True)}
 
 
 def measure(name: str, base: object, rounds: int, workload: str) -> dict[str, list[float]]:
@@ -76,8 +76,8 @@ def measure(name: str, base: object, rounds: int, workload: str) -> dict[str, li
     if folded:  # bn: conv-BN folded (torch.fx.experimental.optimization.fuse), as tools/bench.py's bn_folded
         models = {"bn": bench.fuse(original.eval()), "normprop": normprop_fx.fold(models["normprop"]),
                   "normprop_base": base.fold(models["normprop_base"]), "floor": models["floor"].eval()}
-    if compiled:
-        models = {k: torch.compile(m) for k, m in models.items()}
+    if compiled:  # as tools/bench.py compiles them: normprop_fx.compile (its CPU options for NormProp), each version its own
+        models = {k: (base.compile if k == "normprop_base" else normprop_fx.compile)(m) for k, m in models.items()}
     x, y = torch.randn(16, 3, 128, 128), torch.randint(0, 1000, (16,))
     optimizers = {k: torch.optim.SGD(m.parameters(), lr=1e-3) for k, m in models.items()} if training else {}
 
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--workload", choices=tuple(WORKLOADS), default="train-eager",
-                   help="the eager training step (default), or inference of the folded forms (bn: conv-BN fused), eager or compiled")
+                   help="the training step, eager (default) or compiled, or inference of the folded forms (bn: conv-BN fused), eager or compiled")
     p.add_argument("--json", type=Path, help="append the run to this JSON list")
     args = p.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
