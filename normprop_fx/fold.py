@@ -47,7 +47,7 @@ from __future__ import annotations
 import copy
 import logging
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -444,14 +444,20 @@ def _affine_of(gm: fx.GraphModule, node: Any) -> ConstantAffine | None:
     return None
 
 
+def _affine_nodes(gm: fx.GraphModule) -> Iterator[tuple[fx.Node, ConstantAffine]]:
+    """Every call of a ConstantAffine, with the module, over a snapshot of the graph (a sub-pass
+    may erase the node it is at, or one before it)."""
+    for node in list(gm.graph.nodes):
+        affine = _affine_of(gm, node)
+        if affine is not None:
+            yield node, affine
+
+
 def _merge_consecutive_affines(gm: fx.GraphModule) -> int:
     """``(x * s1 + t1) * s2 + t2 = x * (s1 s2) + (t1 s2 + t2)`` when the first affine's only
     user is the second and both apply their buffers the same way (or one of them is scalar)."""
     merged = 0
-    for node in list(gm.graph.nodes):
-        second = _affine_of(gm, node)
-        if second is None:
-            continue
+    for node, second in _affine_nodes(gm):
         source = node.args[0]
         first = _affine_of(gm, source)
         if first is None or len(source.users) != 1:
@@ -510,10 +516,7 @@ def _move_affines(gm: fx.GraphModule, *, backward: bool) -> int:
     moved = 0
     while True:
         count = 0
-        for node in list(gm.graph.nodes):
-            affine = _affine_of(gm, node)
-            if affine is None:
-                continue
+        for node, affine in _affine_nodes(gm):
             if backward:
                 first, second = node.args[0], node  # the op, then the affine
             elif len(node.users) == 1:
@@ -619,10 +622,7 @@ def _fold_affines_into_preceding_ops(gm: fx.GraphModule) -> int:
     """
     calls = module_uses(gm)
     folded = 0
-    for node in list(gm.graph.nodes):
-        affine = _affine_of(gm, node)
-        if affine is None:
-            continue
+    for node, affine in _affine_nodes(gm):
         source = node.args[0]
         layer = _plain_layer_call(gm, source, calls, node)
         if layer is not None and (per_channel := _per_output_channel(affine, layer)) is not None:
@@ -664,9 +664,8 @@ def _out_features(layer: nn.Module) -> int:
 def _fold_affines_into_following_layers(gm: fx.GraphModule) -> int:
     calls = module_uses(gm)
     folded = 0
-    for node in list(gm.graph.nodes):
-        affine = _affine_of(gm, node)
-        if affine is None or len(node.users) != 1:
+    for node, affine in _affine_nodes(gm):
+        if len(node.users) != 1:
             continue
         user = next(iter(node.users))
         if user.op != "call_module" or user.args[:1] != (node,) or node in user.args[1:] or user.kwargs:
@@ -696,9 +695,8 @@ def _fold_affines_into_following_adds(gm: fx.GraphModule) -> int:
     on a residual's identity path."""
     calls = module_uses(gm)
     folded = 0
-    for node in list(gm.graph.nodes):
-        affine = _affine_of(gm, node)
-        if affine is None or not affine.is_scalar or len(node.users) != 1:
+    for node, affine in _affine_nodes(gm):
+        if not affine.is_scalar or len(node.users) != 1:
             continue
         add = next(iter(node.users))
         operands = _add_operands(add)

@@ -56,6 +56,19 @@ def reference_normprop(
     return ((act(u) - mean) / std).float()
 
 
+def trained_batchnorm(channels: int, *, affine: bool = True) -> nn.BatchNorm2d:
+    """A BatchNorm2d that looks trained: running statistics (and affine) moved off their
+    initial values, as a checkpoint's are."""
+    bn = nn.BatchNorm2d(channels, affine=affine)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        if affine:
+            bn.weight.uniform_(0.5, 2)
+            bn.bias.uniform_(-1, 1)
+    return bn
+
+
 def mlp(depth: int, width: int, act: type[nn.Module] = nn.ReLU) -> nn.Sequential:
     layers: list[nn.Module] = []
     for _ in range(depth):

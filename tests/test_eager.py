@@ -20,6 +20,8 @@ from normprop_fx import NormalizedActivation, NormPropAffine, NormPropConv1d, No
 from normprop_fx.batchnorm_state import batchnorm_state
 from normprop_fx.eager import compiled_form, is_compiling
 
+from helpers import trained_batchnorm
+
 ACTIVATIONS = ["relu", "relu6", "hardtanh", "leaky_relu", "silu", "hardswish", "gelu", "identity", "tanh"]
 
 
@@ -29,24 +31,14 @@ def _corrected(act: NormalizedActivation) -> NormalizedActivation:
 
 
 def _trained_conv() -> NormPropConv2d:
-    bn = nn.BatchNorm2d(5)
-    with torch.no_grad():
-        bn.running_mean.uniform_(-1, 1)
-        bn.running_var.uniform_(0.5, 2)
-        bn.weight.uniform_(0.5, 2)
-        bn.bias.uniform_(-1, 1)
     layer = NormPropConv2d(3, 5, 3, padding=1, activation="relu")
-    layer.keep_batchnorm_function(batchnorm_state(bn), None)
+    layer.keep_batchnorm_function(batchnorm_state(trained_batchnorm(5)), None)
     return layer
 
 
 def _trained_affine() -> NormPropAffine:
-    bn = nn.BatchNorm2d(3)
-    with torch.no_grad():
-        bn.running_mean.uniform_(-1, 1)
-        bn.running_var.uniform_(0.5, 2)
     affine = NormPropAffine(3, activation="relu6")
-    affine.keep_batchnorm_function(batchnorm_state(bn))
+    affine.keep_batchnorm_function(batchnorm_state(trained_batchnorm(3, affine=False)))
     return affine
 
 

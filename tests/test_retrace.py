@@ -32,6 +32,8 @@ from normprop_fx.opaque_affine import OpaqueNormPropAffine
 from normprop_fx.passes.dropout_modes import FeatureDropout
 from normprop_fx.standardize import Standardize
 
+from helpers import trained_batchnorm
+
 
 def exact(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-7)
@@ -45,14 +47,8 @@ def to_rounding(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 
 def trained_affine() -> NormPropAffine:
-    bn = nn.BatchNorm2d(3)
-    with torch.no_grad():
-        bn.running_mean.uniform_(-1, 1)
-        bn.running_var.uniform_(0.5, 2)
-        bn.weight.uniform_(0.5, 2)
-        bn.bias.uniform_(-1, 1)
     affine = NormPropAffine(3, activation="relu")
-    affine.keep_batchnorm_function(batchnorm_state(bn))
+    affine.keep_batchnorm_function(batchnorm_state(trained_batchnorm(3)))
     return affine
 
 
