@@ -164,15 +164,15 @@ class NormPropLayer(nn.Module):
         about twice as many, forward and backward). Deep layers at small inputs have a weight
         many times their output (resnet18's last stage at 128 px and batch 16: 2.4M weights, 131k
         outputs per conv), and take the output form there. A torch.fx Proxy (its shape unknown)
-        takes the weight form.
+        and a torch.jit trace take the weight form.
 
         The choice depends on one sample's output, as if the batch were :data:`FORM_BATCH`, not
         on the batch at hand: the two forms round differently, and at a ReLU kink a rounding
         difference flips a value's gradient, so a sample's gradient would change with the batch
         it is in (a DDP/FSDP rank's half batch against one process's whole batch, per-sample
         gradients against a batch)."""
-        if isinstance(x, torch.fx.Proxy):
-            return False
+        if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing():
+            return False  # (jit tracing: the shapes are traced values, and a trace fixes them anyway)
         batched = x.dim() > (1 if isinstance(self, NormPropLinear) else self._dims + 1)
         per_sample = self._output_numel(x, padding) // (x.shape[0] if batched and x.shape[0] else 1)
         return 3 * FORM_BATCH * per_sample < self.weight.numel()
