@@ -328,3 +328,17 @@ def test_default_models_are_the_resnet_depth_sweep_then_the_depthwise_models():
     bench = load_bench()
     assert bench.MODELS == ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large", "efficientnet_b0")
     assert bench.parse_args(["--device", "cpu"]).models == bench.MODELS  # all torchvision names: parse_args checks
+
+
+def test_bench_ab_refuses_bad_arguments(capsys):
+    """tools/bench_ab.py: a commit that is not one, an unknown model, a non-positive count: exit 2
+    with the reason (checked before anything is built or timed)."""
+    spec = importlib.util.spec_from_file_location("bench_ab_tool", ROOT / "tools" / "bench_ab.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    for args, reason in ((["--base", "no-such-commit-here"], "not a commit"), (["--base", "HEAD", "--models", "resnet_x"], "unknown model"),
+                         (["--base", "HEAD", "--rounds", "0"], "positive"), (["--base", "HEAD", "--workload", "nope"], "invalid choice")):
+        with pytest.raises(SystemExit) as exit_:
+            tool.main(args)
+        assert exit_.value.code == 2, args
+        assert reason in capsys.readouterr().err, args
