@@ -217,7 +217,8 @@ def test_jit_script_folded(name: str) -> None:
     _, folded, x = deploy_models(name)
     scripted = torch.jit.script(folded)
     with torch.no_grad():
-        assert_close_to_scale(scripted(x), folded(x), rtol=1e-6)
+        # (scripted, a scalar ConstantAffine is x * s + t; eager, one addcmul: rounded differently)
+        assert_close_to_scale(scripted(x), folded(x))
 
 
 # --- torch.func ---------------------------------------------------------------------------------
