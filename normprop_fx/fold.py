@@ -569,7 +569,7 @@ def _per_output_channel(affine: ConstantAffine, layer: nn.Module) -> tuple[torch
     """The affine as per-output-channel ``(scale, shift)`` vectors of ``layer``: scalar, or shaped
     as a channel of the layer's output broadcasts (``(C, 1, ..)`` for a conv, ``(C,)`` for a
     Linear); None otherwise."""
-    out, spatial = (layer.out_features, 0) if type(layer) is nn.Linear else (layer.out_channels, len(layer.kernel_size))
+    out, spatial = _out_features(layer), (0 if type(layer) is nn.Linear else len(layer.kernel_size))
     if affine.channel_dim is not None and not affine.is_scalar:
         return None  # dim 1 is the channel only for batched input: not provably the same
     vectors = []
@@ -586,13 +586,25 @@ def _per_output_channel(affine: ConstantAffine, layer: nn.Module) -> tuple[torch
 def _layer_with_folded_output_affine(layer: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> nn.Module:
     """A copy of ``layer`` computing ``layer(x) * scale + shift`` for per-output-channel vectors:
     ``(W x + b) * s + t = (s W) x + (s b + t)``, exact whatever the padding."""
-    new = copy.copy(layer)
-    new._parameters = dict(layer._parameters)
+    w, bias = _weight_and_bias(layer)
+    return _with_weight_and_bias(layer, w * scale.reshape(-1, *([1] * (w.dim() - 1))), bias * scale + shift)
+
+
+def _weight_and_bias(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """A plain Conv/Linear's weight and bias (zeros where it has none), in float64."""
     w = layer.weight.detach().double()
     bias = layer.bias.detach().double() if layer.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
+    return w, bias
+
+
+def _with_weight_and_bias(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
+    """A copy of ``layer`` (its hyper-parameters; ``layer`` is not changed) with this weight and
+    bias, in the layer's dtype, frozen."""
+    new = copy.copy(layer)
+    new._parameters = dict(layer._parameters)
     dtype = layer.weight.dtype
-    new.weight = nn.Parameter((w * scale.reshape(-1, *([1] * (w.dim() - 1)))).to(dtype), requires_grad=False)
-    new.bias = nn.Parameter((bias * scale + shift).to(dtype), requires_grad=False)
+    new.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+    new.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
     return new
 
 
@@ -647,11 +659,18 @@ def _fold_scalar_affine_into_add(gm: fx.GraphModule, add: Any, affine: ConstantA
         if layer is None or p is q:
             continue
         # a + alpha b = p_factor * p + q_factor * q; times s plus t: p' = (p_factor s) p + t
-        scale = torch.full((_out_features(layer),), p_factor * s, dtype=torch.float64)
-        set_submodule(gm, p.target, _layer_with_folded_output_affine(layer, scale, torch.full_like(scale, t)))
-        add.target, add.args, add.kwargs = torch.add, (p, q), {"alpha": q_factor * s}
+        _rewrite_add(gm, add, p, layer, p_factor * s, t, q, q_factor * s)
         return True
     return False
+
+
+def _rewrite_add(gm: fx.GraphModule, add: fx.Node, p: fx.Node, layer: nn.Module, p_scale: float, p_shift: float,
+                 q: fx.Node, alpha: float) -> None:
+    """``add`` becomes ``torch.add(p', q, alpha=alpha)``, ``p' = p * p_scale + p_shift`` computed
+    by ``p``'s layer (whose only reader is ``add``), its weight and bias scaled and shifted."""
+    scale = torch.full((_out_features(layer),), p_scale, dtype=torch.float64)
+    set_submodule(gm, p.target, _layer_with_folded_output_affine(layer, scale, torch.full_like(scale, p_shift)))
+    add.target, add.args, add.kwargs = torch.add, (p, q), {"alpha": alpha}
 
 
 def _out_features(layer: nn.Module) -> int:
@@ -714,9 +733,7 @@ def _fold_affines_into_following_adds(gm: fx.GraphModule) -> int:
         if layer is None:
             continue
         # p_factor * p + q_factor * (q s + t) = p' + (q_factor s) q,  p' = p_factor * p + q_factor t
-        scale = torch.full((_out_features(layer),), p_factor, dtype=torch.float64)
-        set_submodule(gm, p.target, _layer_with_folded_output_affine(layer, scale, torch.full_like(scale, q_factor * t)))
-        add.target, add.args, add.kwargs = torch.add, (p, node.args[0]), {"alpha": q_factor * s}
+        _rewrite_add(gm, add, p, layer, p_factor, q_factor * t, node.args[0], q_factor * s)
         gm.graph.erase_node(node)
         folded += 1
     return folded
@@ -727,11 +744,9 @@ def _fold_affines_into_following_adds(gm: fx.GraphModule) -> int:
 
 def _kept_affines(gm: fx.GraphModule) -> list[tuple[str, str]]:
     """Every ConstantAffine left, with why the op before and the op after could not take it."""
-    kept = []
-    for node in gm.graph.nodes:
-        if _affine_of(gm, node) is not None:
-            kept.append((node.name, f"before it: {_describe_before(gm, node)}; after it: {_describe_after(gm, node)}"))
-    return kept
+    calls = module_uses(gm)
+    return [(node.name, f"before it: {_describe_before(gm, node)}; after it: {_describe_after(gm, node, affine, calls)}")
+            for node, affine in _affine_nodes(gm)]
 
 
 def _describe_before(gm: fx.GraphModule, node: fx.Node) -> str:
@@ -751,7 +766,7 @@ def _describe_before(gm: fx.GraphModule, node: fx.Node) -> str:
     return f"{source.name} (not a plain Conv/Linear, nor an add of one, for this affine's shape)"
 
 
-def _describe_after(gm: fx.GraphModule, node: fx.Node) -> str:
+def _describe_after(gm: fx.GraphModule, node: fx.Node, affine: ConstantAffine, calls: dict[str, int]) -> str:
     if len(node.users) != 1:
         return f"{len(node.users)} readers"
     user = next(iter(node.users))
@@ -759,9 +774,9 @@ def _describe_after(gm: fx.GraphModule, node: fx.Node) -> str:
         layer = gm.get_submodule(user.target)
         name = f"{type(layer).__name__} {user.target}"
         if type(layer) is nn.Linear or type(layer) in _CONVS.values():
-            if module_uses(gm).get(user.target, 0) != 1:
+            if calls.get(user.target, 0) != 1:
                 return f"{name}, called more than once (folding would change its other calls)"
-            if _per_input_channel(_affine_of(gm, node), layer) is None:
+            if _per_input_channel(affine, layer) is None:
                 return f"{name}, and the affine is not per input channel of it"
             return f"{name}, whose zero padding would see the shift"
         return f"{name} (not a plain Conv/Linear)"
@@ -812,9 +827,7 @@ def _shift_commutes_with_padding(layer: nn.Module) -> bool:
 
 def _layer_with_folded_input_affine(layer: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> nn.Module:
     """A copy of ``layer`` computing ``layer(x * scale + shift)`` for per-input-channel vectors."""
-    new = copy.copy(layer)
-    new._parameters = dict(layer._parameters)
-    w = layer.weight.detach().double()
+    w, bias = _weight_and_bias(layer)
     groups = getattr(layer, "groups", 1)
     out_channels = w.shape[0]
     # input channel of weight entry [o, j]: group(o) * (C / groups) + j
@@ -822,11 +835,7 @@ def _layer_with_folded_input_affine(layer: nn.Module, scale: torch.Tensor, shift
     view = (out_channels, w.shape[1]) + (1,) * (w.dim() - 2)
     w_scaled = w * per_row(scale).reshape(view)
     bias_shift = (w * per_row(shift).reshape(view)).sum(dim=tuple(range(1, w.dim())))
-    bias = layer.bias.detach().double() if layer.bias is not None else torch.zeros(out_channels, dtype=torch.float64, device=w.device)
-    dtype = layer.weight.dtype
-    new.weight = nn.Parameter(w_scaled.to(dtype), requires_grad=False)
-    new.bias = nn.Parameter((bias + bias_shift).to(dtype), requires_grad=False)
-    return new
+    return _with_weight_and_bias(layer, w_scaled, bias + bias_shift)
 
 
 def _rows_per_output(v: torch.Tensor, *, groups: int, out_channels: int, width: int) -> torch.Tensor:

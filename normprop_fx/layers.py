@@ -11,6 +11,7 @@ passed as the conv/linear bias, so the layer costs one plain conv plus one point
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -190,6 +191,20 @@ class NormPropLayer(nn.Module):
         t = (self.beta * scale + shift).to(y.dtype).reshape(channel)
         return self.activation.eager_from_input_affine(torch.addcmul(t, y, s))
 
+    def _eager_forward(self, x: torch.Tensor, linear_op: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+                       padding: Any = None) -> torch.Tensor:
+        """The eager form (normprop_fx/eager.py) of a layer whose Conv/Linear op on ``x`` is
+        ``linear_op(weight, bias)``: with hooks on the activation, the activation called as a
+        module on its own input (the hooks see what they see in the compiled form); else
+        normalized on the output or on the weight (:meth:`_normalize_output`), the activation's
+        input affine computed by the layer."""
+        if has_hooks(self.activation):
+            return self.activation(linear_op(self.normalized_weight(), self.beta))
+        if self._normalize_output(x, padding):
+            return self._output_normalized(linear_op(self.weight, None))
+        weight, bias = self._eager_weight_bias()
+        return self.activation.eager_from_input_affine(linear_op(weight, bias))
+
     def _eager_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The weight and bias of the eager form (normprop_fx/eager.py): the activation's input
         affine ``u * a + c`` is computed by the layer itself, ``gamma * a`` normalizing the weight
@@ -285,12 +300,9 @@ class NormPropLinear(NormPropLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        if is_compiling() or has_hooks(self.activation):
+        if is_compiling():
             return self.activation(F.linear(x, self.normalized_weight(), self.beta))
-        if self._normalize_output(x):
-            return self._output_normalized(F.linear(x, self.weight))
-        weight, bias = self._eager_weight_bias()
-        return self.activation.eager_from_input_affine(F.linear(x, weight, bias))
+        return self._eager_forward(x, lambda weight, bias: F.linear(x, weight, bias))
 
     def _output_numel(self, x: torch.Tensor, padding: Any) -> int:
         return x.numel() // self.in_features * self.out_features
@@ -386,14 +398,8 @@ class _NormPropConvNd(NormPropLayer):
             # backward reduced that gradient in a pass of its own.
             y = conv(x, self.normalized_weight(), None, self.stride, padding, self.dilation, self.groups)
             return self.activation(y + self.beta.reshape(-1, *([1] * self._dims)))
-        if has_hooks(self.activation):  # the hooks see the activation's own input
-            return self.activation(conv(x, self.normalized_weight(), self.beta, self.stride, padding, self.dilation, self.groups))
-        if self._normalize_output(x, padding):
-            return self._output_normalized(conv(x, self.weight, None, self.stride, padding, self.dilation, self.groups))
-        # Eager, the conv computes the activation's input affine too (normprop_fx/eager.py).
-        weight, bias = self._eager_weight_bias()
-        y = conv(x, weight, bias, self.stride, padding, self.dilation, self.groups)
-        return self.activation.eager_from_input_affine(y)
+        return self._eager_forward(
+            x, lambda weight, bias: conv(x, weight, bias, self.stride, padding, self.dilation, self.groups), padding)
 
     def _output_numel(self, x: torch.Tensor, padding: Any) -> int:
         """The number of elements of the conv's output on ``x`` (already padded by F.pad when

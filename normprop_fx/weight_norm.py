@@ -12,7 +12,7 @@ backward is written out, one pass for the per-row dot product ``<G_i, W_i>`` and
     dL/dgamma_i = inv_i * <G_i, W_i>,                         inv_i = (||W_i||^2 + eps)^-1/2
 
 (tools/bench.py, docs/bench.md: the eager train step). It is used in eager mode only
-(:func:`use_function`); torch.compile differentiates the plain ops itself, and the tracers that
+(outside torch.jit tracing); torch.compile differentiates the plain ops itself, and the tracers that
 turn a model into a file (torch.jit.trace, the legacy ONNX exporter)
 get the same forward in plain ops, which they can record; a plain torch.fx trace records a
 call of :func:`normalized_rows`. torch.func works through it: it has a ``jvp`` (forward
@@ -25,12 +25,6 @@ from __future__ import annotations
 import torch
 
 
-def use_function(weight: torch.Tensor) -> bool:
-    """Whether to normalize ``weight`` with :class:`NormalizedWeight` rather than plain ops:
-    outside torch.jit tracing (which cannot save a Python autograd.Function into a file)."""
-    return not torch.jit.is_tracing()
-
-
 def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1)
 
@@ -39,9 +33,15 @@ def _column(v: torch.Tensor, ndim: int) -> torch.Tensor:
     return v.reshape(-1, *([1] * (ndim - 1)))
 
 
+def _squared_norm(w: torch.Tensor, eps: float) -> torch.Tensor:
+    """``||w_i||^2 + eps`` per row, in at least float32: vector_norm reads the weight once."""
+    compute = torch.promote_types(w.dtype, torch.float32)
+    return torch.linalg.vector_norm(_rows(w), dim=1, dtype=compute).square() + eps
+
+
 def _inverse_norm(w: torch.Tensor, eps: float) -> torch.Tensor:
-    """``(||w_i||^2 + eps)^-1/2`` per row: vector_norm reads the weight once."""
-    return torch.rsqrt(torch.linalg.vector_norm(_rows(w), dim=1).square() + eps)
+    """``(||w_i||^2 + eps)^-1/2`` per row."""
+    return torch.rsqrt(_squared_norm(w, eps))
 
 
 class NormalizedWeight(torch.autograd.Function):
@@ -95,8 +95,7 @@ def norm_with_eps(weight: torch.Tensor, eps: float) -> torch.Tensor:
     (vector_norm's backward is one pass over the weight): what a layer that normalizes on its
     output divides by (layers.py), and the traced form's divisor. A division, not a multiplication
     by rsqrt: see normalized_rows."""
-    compute = torch.promote_types(weight.dtype, torch.float32)
-    return torch.sqrt(torch.linalg.vector_norm(_rows(weight), dim=1, dtype=compute).square() + eps)
+    return torch.sqrt(_squared_norm(weight, eps))
 
 
 def normalized_rows(w: torch.Tensor, gamma: torch.Tensor, eps: float) -> torch.Tensor:
@@ -106,7 +105,7 @@ def normalized_rows(w: torch.Tensor, gamma: torch.Tensor, eps: float) -> torch.T
     A leaf of torch.fx (layers.py wraps it where it is called): a plain symbolic trace of a
     NormProp layer (torchvision's feature extraction, ``torch.fx.symbolic_trace``) records a call
     of this function, so the traced graph computes what the layer computes, forward and backward."""
-    if use_function(w):
+    if not torch.jit.is_tracing():  # (a trace cannot save a Python autograd.Function into a file)
         return NormalizedWeight.apply(w, gamma, eps)[0]
     # gamma / sqrt(.), not gamma * rsqrt(.): the legacy ONNX exporter writes rsqrt as Div(1, Sqrt),
     # and onnxruntime's DivMulFusion (Div(1, x) * y -> Div(y, x)) leaves a dangling input when the
