@@ -382,10 +382,46 @@ TRAINED_RTOL_FLOAT64 = 1e-10
 #: (a gamma rounded to half precision, say) is orders of magnitude past this factor; float64 is
 #: held to 1e-10 besides.
 ROUNDING_FLOOR_FACTOR = 3.0
-#: Samples the randomized running statistics are measured on: a trained BatchNorm's come from a
-#: whole dataset; from a handful of values (a late 2x2 feature map, a pooled SE input) some
+#: Samples the randomized running statistics are measured on, at least: a trained BatchNorm's come
+#: from a whole dataset; from a handful of values (a late 2x2 feature map, a pooled SE input) some
 #: channel's variance would come out near zero, a scale no trained network has.
 CALIBRATION_BATCH = 16
+#: Values per channel every BatchNorm's statistics are measured on, where CALIBRATION_BATCH samples
+#: give fewer (up to MAX_CALIBRATION_BATCH samples). 16 samples of a 2x2 map are 64 values a
+#: channel; statistics that noisy fit the calibration samples and not the next input, and over the
+#: ~100 BatchNorms of a deep 64-pixel EfficientNet the misfit compounds: the randomized originals of
+#: timm's efficientnet_b8, efficientnetv2_rw_m, tf_efficientnetv2_l/xl and halonet_h1 came out
+#: 2-64% away from their own float64 forward (chaotic, which a trained network is not), and
+#: 8e-6-2.5e-5 with 64 samples (256 values), rerunnable with tools/zoo.py --check trained.
+CALIBRATION_VALUES = 256
+MAX_CALIBRATION_BATCH = 64
+
+
+@torch.no_grad()
+def calibration_batch_size(model: nn.Module, input_shape: Sequence[int]) -> int:
+    """Samples :func:`randomize_batchnorms` should measure ``model``'s statistics on: enough for
+    CALIBRATION_VALUES values per channel in the BatchNorm with the fewest values per sample (a
+    late 2x2 map: 4, a BatchNorm1d: 1), within [CALIBRATION_BATCH, MAX_CALIBRATION_BATCH]. Finds
+    that BatchNorm with one eval-mode forward of one zero sample; leaves ``model`` in eval mode."""
+    from .batchnorm_state import is_batchnorm
+
+    fewest: list[int] = []
+
+    def measure(module: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0]
+        if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[1] > 0:
+            fewest.append(x[:1].numel() // x.shape[1])
+
+    handles = [m.register_forward_pre_hook(measure) for m in model.modules() if is_batchnorm(m)]
+    try:
+        model.eval()(torch.zeros(1, *input_shape))
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not fewest:
+        return CALIBRATION_BATCH
+    needed = math.ceil(CALIBRATION_VALUES / max(1, min(fewest)))
+    return max(CALIBRATION_BATCH, min(MAX_CALIBRATION_BATCH, needed))
 
 
 @torch.no_grad()
@@ -400,9 +436,10 @@ def randomize_batchnorms(model: nn.Module, example_input: torch.Tensor, seed: in
     perturbed (variance x log-uniform [0.7, 1.4], mean + N(0, 0.1^2) of a standard deviation) so
     they are not the batch's. Statistics drawn without regard to the activations would scale each
     layer's output at random, a random walk over depth (timm's rexnet_100: its float32 forward
-    came out 1e-2 away from its float64 one). Statistics fitted to random weights still leave the
-    deepest networks chaotic (docs/zoo.md: the randomized tf_efficientnetv2_xl's float32 outputs
-    are 64% away from its float64 ones), which a trained network is not: a stand-in, no more.
+    came out 1e-2 away from its float64 one). Statistics fitted to too few values leave the deepest
+    networks chaotic (16 samples of a 2x2 map: the randomized tf_efficientnetv2_xl's float32
+    outputs were 64% away from its float64 ones), which a trained network is not:
+    :func:`calibration_batch_size` says how many samples a model needs. A stand-in, no more.
     BatchNorms without running statistics get the affine only; every one counts 1000 batches
     tracked. Changes ``model`` in place (and leaves it in eval mode) and returns it.
     """
@@ -471,6 +508,8 @@ class TrainedCheck:
     #: BatchNorms left because the eval-mode forward (which the check traces) never calls them
     never_called: list[str] = field(default_factory=list)
     class_kept: bool | None = None  #: as ModelCheck.class_kept, for the float32 conversion
+    #: samples the randomized statistics were measured on (:func:`calibration_batch_size`)
+    calibration_batch: int | None = None
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -500,7 +539,7 @@ def check_trained_conversion(
     convert_options: dict[str, Any] | None = None,
 ) -> TrainedCheck:
     """Randomize a copy of ``model``'s BatchNorms (:func:`randomize_batchnorms`, on a batch of
-    N(0, I) input of ``input_shape``, no batch dim), convert it and a float64 copy with
+    :func:`calibration_batch_size` N(0, I) samples of ``input_shape``, no batch dim), convert it and a float64 copy with
     the default ``init="auto"``, and compare eval outputs with the randomized original's on
     another N(0, I) batch; also the float32 conversion in train mode (dropout off) against its
     eval mode, and the original's own float32 rounding. Never raises for a failing model."""
@@ -509,8 +548,10 @@ def check_trained_conversion(
     stage = "randomize"
     try:
         generator = torch.Generator().manual_seed(seed)
-        calibration = torch.randn(CALIBRATION_BATCH, *shape, generator=generator)
-        original32 = randomize_batchnorms(copy.deepcopy(model).float(), calibration, seed)
+        original32 = copy.deepcopy(model).float()
+        check.calibration_batch = calibration_batch_size(original32, shape)
+        calibration = torch.randn(check.calibration_batch, *shape, generator=generator)
+        original32 = randomize_batchnorms(original32, calibration, seed)
         original64 = copy.deepcopy(original32).double()  # the same values, computed in float64
         x64 = torch.randn(batch_size, *shape, generator=generator, dtype=torch.float64)
         x32 = x64.float()
