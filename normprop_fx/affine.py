@@ -28,6 +28,7 @@ from .eager import has_hooks, is_compiling
 from .layers import GammaInit, init_gamma_beta_activation
 from .normalized_activation import NormalizedActivation
 from .records import TRAINED_INIT
+from .standardize import corrected_input
 
 
 class NormPropAffine(nn.Module):
@@ -95,6 +96,7 @@ class NormPropAffine(nn.Module):
         return scale, self.beta - self.input_mean * scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = corrected_input(self, x)  # a moment correction attached to this module, if any
         shape = (-1,) + (1,) * (x.dim() - 2)
         scale, shift = self.channel_affine()
         if is_compiling() or has_hooks(self.activation):

@@ -17,6 +17,7 @@ from .activation_functions import activation
 from .errors import InvalidOptionError, NormPropError
 from .layers import DEFAULT_EPS, GammaInit, resolve_gamma_init
 from .passes.absorb_corrections import absorb_corrections
+from .passes.attach_corrections import attach_corrections
 from .passes.initialization import check_init_option, choose_initializations, discarded
 from .passes.input_shape import resolve_example_inputs
 from .passes.inventory import batchnorm_modules, batchnorms_outside_graph
@@ -168,6 +169,7 @@ def convert(
     if flat:
         result, tree = gm, _flat_tree(model, gm)
     else:
+        gm, corrections = attach_corrections(gm, corrections)
         leaves = split_leaf_modules(model, leaf_modules)
         result, tree = restore_hierarchy(model, gm, snapshot, lambda: NormPropTracer(*leaves), concrete_args)
         if inplace and result is not model:

@@ -65,7 +65,7 @@ from .module_types import NORMPROP_MODULES
 from .passes.graph_utils import free_module_name, has_submodule, module_uses, set_submodule
 from .passes.trace import trace
 from .records import REPORT_ATTRIBUTE, ConversionReport
-from .standardize import Standardize
+from .standardize import Standardize, input_correction
 
 logger = logging.getLogger(__name__)
 
@@ -236,6 +236,7 @@ def _expand_normprop_modules(gm: fx.GraphModule) -> int:
             replacements[id(module)] = make()
         return replacements[id(module)]
 
+    _split_input_corrections(gm)
     # read every call's module before replacing any: a shared module is called at several nodes
     calls = [(node, gm.get_submodule(node.target)) for node in gm.graph.nodes if node.op == "call_module"]
     expanded = 0
@@ -258,6 +259,24 @@ def _expand_normprop_modules(gm: fx.GraphModule) -> int:
             continue
         expanded += 1
     return expanded
+
+
+def _split_input_corrections(gm: fx.GraphModule) -> None:
+    """Give every input correction a NormProp module holds (passes/attach_corrections.py) a call
+    of its own in front of the module's call, under ``<module>_input_correction``: it then
+    expands to a constant affine like any correction, which the later sub-passes fold. The
+    module itself is replaced by plain ops that do not apply it."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module":
+            continue
+        correction = input_correction(gm.get_submodule(node.target))
+        if correction is None or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        target = free_module_name(gm, f"{str(node.target).replace('.', '_')}_input_correction", first_suffix=1)
+        gm.add_submodule(target, correction)
+        with gm.graph.inserting_before(node):
+            corrected = gm.graph.call_module(target, (node.args[0],))
+        node.replace_input_with(node.args[0], corrected)
 
 
 def _refuse_attribute_reads_of_normprop_modules(gm: fx.GraphModule) -> None:

@@ -26,6 +26,7 @@ from .errors import InvalidOptionError, NormPropError
 from .moments import activation_constants
 from .normalized_activation import NormalizedActivation
 from .records import NORMPROP_INIT, TRAINED_INIT
+from .standardize import corrected_input
 from .weight_norm import norm_with_eps, normalized_rows
 
 GammaInit = str | float
@@ -108,7 +109,9 @@ class NormPropLayer(nn.Module):
     """What every NormProp layer shares: weight, gamma, beta, the normalized activation.
 
     ``affine=False`` (the BatchNorm it replaces had no learned affine) keeps gamma and beta as
-    fixed buffers at their initial values instead of parameters.
+    fixed buffers at their initial values instead of parameters. A moment correction of the
+    layer's input can be its child ``input_correction``, applied first
+    (:func:`~normprop_fx.standardize.attach_input_correction`).
     """
 
     weight: nn.Parameter
@@ -300,6 +303,7 @@ class NormPropLinear(NormPropLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        x = corrected_input(self, x)
         if is_compiling():
             return self.activation(F.linear(x, self.normalized_weight(), self.beta))
         return self._eager_forward(x, lambda weight, bias: F.linear(x, weight, bias))
@@ -386,6 +390,7 @@ class _NormPropConvNd(NormPropLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        x = corrected_input(self, x)
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding: Any = 0

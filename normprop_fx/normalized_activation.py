@@ -12,6 +12,7 @@ from .activation_functions import ActivationSpec, activation
 from .eager import is_compiling, scalar_affine
 from .moments import activation_constants
 from .piecewise_linear import PIECEWISE_LINEAR, clamp_bounds, normalized_piecewise_linear, positively_homogeneous
+from .standardize import corrected_input
 
 # A leaf function of torch.fx: a plain symbolic trace of this module would otherwise trace into
 # the autograd.Function's forward and record ``f(u) * scale + shift`` with plain autograd, whose
@@ -88,6 +89,7 @@ class NormalizedActivation(nn.Module):
         return (self._scale, self._shift) == (1.0, 0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = corrected_input(self, x)  # a moment correction of a standalone activation's input, if any
         if self.spec.is_identity:
             return x
         if self.is_plain:

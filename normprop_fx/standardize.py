@@ -56,3 +56,27 @@ class Standardize(nn.Module):
             return f"[{t.min().item():.4g}..{t.max().item():.4g}] x{tuple(t.shape)}"
 
         return f"mean={fmt(self.mean)}, scale={fmt(self.scale)}"
+
+
+#: The child name under which a NormProp module holds the correction of its own input.
+INPUT_CORRECTION = "input_correction"
+
+
+def attach_input_correction(module: nn.Module, correction: Standardize) -> None:
+    """Make ``correction`` the first thing ``module`` (a NormProp layer, affine or normalized
+    activation) computes on its input, as its child ``input_correction``
+    (passes/attach_corrections.py). Refused when it has one already."""
+    if input_correction(module) is not None:
+        raise ValueError(f"{type(module).__name__} already has an input correction")
+    module.add_module(INPUT_CORRECTION, correction)
+
+
+def input_correction(module: nn.Module) -> Standardize | None:
+    """The correction ``module`` applies to its input first, or None."""
+    return module._modules.get(INPUT_CORRECTION)  # type: ignore[return-value]
+
+
+def corrected_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x`` through ``module``'s input correction, or ``x`` itself when it has none."""
+    correction = module._modules.get(INPUT_CORRECTION)
+    return x if correction is None else correction(x)

@@ -29,14 +29,17 @@ The pipeline, in the order ``convert`` runs it (the "Pass N" of each module's do
 11. ``insert_corrections``: the Standardize corrections and normalized activations from those
     records (the graph edits);
 12. ``absorb_corrections``: scalar corrections merged into the activation before them;
-13. ``hierarchy``: the converted flat graph written back into the user's model: modules swapped
+13. ``attach_corrections``: a correction read by one NormProp module called once becomes that
+    module's ``input_correction``, so the forward that calls it needs no rebuilding;
+14. ``hierarchy``: the converted flat graph written back into the user's model: modules swapped
     at their own names, forwards that changed rebuilt as GraphModules at theirs, the result
-    checked against the flat graph by tracing it again (skipped for ``convert(flat=True)``).
+    checked against the flat graph by tracing it again (13 and 14 are skipped for
+    ``convert(flat=True)``).
 
 Passes 10 to 12 are skipped for a model whose every BatchNorm keeps its trained function.
 Every pass that adds a node gives it the owner of the node it is inserted for, and every pass
 that hands a node's readers to another records it (``graph_utils.adopt_owner``, ``hand_over``):
-pass 13 reads both.
+pass 14 reads both.
 """
 
 from .inventory import batchnorm_modules, batchnorms_outside_graph

@@ -1,4 +1,4 @@
-"""Pass 13: write the converted graph back into the user's model and its module tree.
+"""Pass 14: write the converted graph back into the user's model and its module tree.
 
 Matching and moment propagation run on one flat trace, and the passes edit that flat graph.
 The user, though, gave a model of their own class, whose blocks have their own forward, methods,

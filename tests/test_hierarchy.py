@@ -1,4 +1,4 @@
-"""Pass 13 (passes/hierarchy.py) on small models made to hit each of its cases: what is swapped,
+"""Pass 14 (passes/hierarchy.py) on small models made to hit each of its cases: what is swapped,
 what is rebuilt, what is inlined, and that the result computes the flat conversion exactly."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import normprop_fx
-from normprop_fx import NormPropConv2d
+from normprop_fx import NormPropConv2d, Standardize, conversion_report
 from normprop_fx.passes import hierarchy
 
 X = torch.randn(2, 3, 8, 8)
@@ -264,13 +264,40 @@ class ScaledInput(nn.Module):
         return self.seq(x * 3.0)  # seq.0's input needs a correction, which seq's forward must run
 
 
-def test_a_rebuilt_sequential_still_indexes_its_children():
+def test_a_correction_goes_inside_its_consumer_and_the_sequential_keeps_its_forward():
+    """Pass 13: seq.0's input correction becomes seq.0's own input_correction, so seq is swapped
+    into, not rebuilt: it is still an nn.Sequential, and the correction's buffers are under seq.0."""
     converted, flat = convert_both(ScaledInput())
     seq = converted.seq
-    assert isinstance(seq, fx.GraphModule) and type(seq).__name__ == "Sequential"
-    assert isinstance(seq[0], NormPropConv2d) and len(seq) == 3 and isinstance(seq[1], nn.Identity)
+    assert type(seq) is nn.Sequential and not isinstance(seq, fx.GraphModule)
     assert [type(m) for m in seq] == [NormPropConv2d, nn.Identity, nn.Identity]
+    assert isinstance(seq[0].input_correction, Standardize)
+    assert torch.allclose(seq[0].input_correction.scale, torch.tensor(1 / 3.0))
+    assert "seq.0.input_correction.scale" in converted.state_dict()
+    assert [c.path for c in conversion_report(converted).corrections] == ["seq.0.input_correction"]
+    assert not conversion_report(converted).module_tree.rebuilt
     assert type(converted) is ScaledInput
+    assert_same_function(converted, flat)
+
+
+class SharedReluSequential(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        relu = nn.ReLU()
+        self.seq = nn.Sequential(*conv_bn(), relu, nn.MaxPool2d(2), relu)  # one ReLU at two places
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.seq(x)
+
+
+def test_a_rebuilt_sequential_still_indexes_its_children():
+    """The shared ReLU's first call is fused into seq.0, its second normalized: no swap says
+    that, so seq's forward is rebuilt, and the GraphModule still indexes like the Sequential."""
+    converted, flat = convert_both(SharedReluSequential())
+    seq = converted.seq
+    assert isinstance(seq, fx.GraphModule) and type(seq).__name__ == "Sequential"
+    assert isinstance(seq[0], NormPropConv2d) and isinstance(seq[1], nn.Identity) and isinstance(seq[3], nn.MaxPool2d)
+    assert type(converted) is SharedReluSequential
     assert_same_function(converted, flat)
 
 
@@ -328,13 +355,14 @@ def test_a_slice_that_holds_a_graph_value_is_compared_by_what_it_holds():
 
 
 class NamedSequentialRoot(nn.Module):
-    """DenseNet's shape: a rebuilt Sequential with named (not numbered) children, called from a
-    root that is rebuilt too (its own functional relu is fused away)."""
+    """DenseNet's shape: a rebuilt Sequential with named (not numbered) children (one ReLU at
+    two of them), called from a root that is rebuilt too (its own functional relu is fused away)."""
 
     def __init__(self) -> None:
         super().__init__()
         conv, bn = conv_bn()
-        self.features = nn.Sequential(OrderedDict(conv=conv, norm=bn, relu=nn.ReLU()))
+        relu = nn.ReLU()
+        self.features = nn.Sequential(OrderedDict(conv=conv, norm=bn, relu=relu, pool=nn.MaxPool2d(2), relu2=relu))
         self.conv2, self.bn2 = conv_bn(4, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -154,9 +154,33 @@ def test_timm_root_keeps_its_class_and_attributes(timm_case):
     assert any(isinstance(m, NormPropLayer) for m in converted.modules())
 
 
+#: The blocks whose forward the conversion rebuilds: in timm's ResNet the residual add that reads a
+#: block's uncorrected output back (passes/absorb_corrections.py); in the EfficientNet and
+#: MobileNetV3 families none, since every correction goes into the NormProp layer it feeds
+#: (passes/attach_corrections.py). (The slow models: whatever is rebuilt is checked.)
+REBUILT = {
+    "resnet18": {"layer1.1", "layer2.1"},
+    "efficientnet_b0": set(),
+    "mobilenetv3_large_100": set(),
+}
+
+
 def test_timm_rebuilt_blocks_keep_their_class_name_and_attributes(timm_case):
     original, converted = timm_case.original, timm_case.converted
-    assert timm_case.tree.rebuilt, "expected at least one block rebuilt (a correction inside it)"
+    name = original.pretrained_cfg["architecture"]
+    if name in REBUILT:
+        assert {r.path for r in timm_case.tree.rebuilt} == REBUILT[name]
+    for path, module in converted.named_modules():
+        if path not in {r.path for r in timm_case.tree.rebuilt}:
+            assert not isinstance(module, fx.GraphModule), path
+    for record in timm_case.tree.rebuilt:
+        block, before = converted.get_submodule(record.path), original.get_submodule(record.path)
+        assert isinstance(block, fx.GraphModule), record
+        assert type(block).__name__ == record.type == type(before).__name__
+        for name, value in vars(before).items():
+            if name.startswith("_") or name == "training" or isinstance(value, (nn.Module, torch.Tensor)):
+                continue
+            assert getattr(block, name) == value, f"{record.path}.{name}"
     for record in timm_case.tree.rebuilt:
         block, before = converted.get_submodule(record.path), original.get_submodule(record.path)
         assert isinstance(block, fx.GraphModule), record
@@ -337,9 +361,12 @@ def test_torchvision_copies_keep_the_report(tv_case):
 
 
 def test_forward_hooks_fire_on_a_rebuilt_and_on_a_kept_block(resnet18):
+    """layer1.0 keeps its class and forward (its input correction is inside its conv1); layer1.1
+    is rebuilt (its residual add reads layer1.0's uncorrected output back): hooks fire on both."""
     converted = resnet18.converted
     rebuilt = {r.path for r in resnet18.tree.rebuilt}
-    assert "layer1.0" in rebuilt and isinstance(converted.layer1[0], fx.GraphModule)
+    assert "layer1.1" in rebuilt and isinstance(converted.layer1[1], fx.GraphModule)
+    assert "layer1.0" not in rebuilt and type(converted.layer1[0]) is type(resnet18.original.layer1[0])
     assert "layer1" not in rebuilt and type(converted.layer1) is nn.Sequential
     seen: dict[str, list] = {}
 
@@ -350,6 +377,7 @@ def test_forward_hooks_fire_on_a_rebuilt_and_on_a_kept_block(resnet18):
         converted.layer1.register_forward_hook(record("layer1")),
         converted.layer1[0].register_forward_hook(record("layer1.0")),
         converted.layer1[1].register_forward_pre_hook(record("layer1.1 in")),
+        converted.layer1[1].register_forward_hook(record("layer1.1")),
         converted.layer2.register_forward_pre_hook(record("layer2 in")),
     ]
     try:
@@ -357,11 +385,13 @@ def test_forward_hooks_fire_on_a_rebuilt_and_on_a_kept_block(resnet18):
     finally:
         for h in handles:
             h.remove()
-    assert {k: len(v) for k, v in seen.items()} == {"layer1": 1, "layer1.0": 1, "layer1.1 in": 1, "layer2 in": 1}
+    assert {k: len(v) for k, v in seen.items()} == {"layer1": 1, "layer1.0": 1, "layer1.1 in": 1, "layer1.1": 1,
+                                                    "layer2 in": 1}
     (kept_in, kept_out), = seen["layer1"]
     (block_in, block_out), = seen["layer1.0"]
     _exact(block_in, kept_in)
     _exact(block_out, seen["layer1.1 in"][0][0])
+    _exact(seen["layer1.1"][0][1], kept_out)
     _exact(kept_out, seen["layer2 in"][0][0])
 
 

@@ -80,13 +80,13 @@ def test_trained_conversion_is_batch_independent_with_gradients(source: str, nam
 
 
 def test_calibration_batch_gives_every_batchnorm_enough_values_per_channel() -> None:
-    """16 samples where every BatchNorm sees >= 16 values a sample; a 2x2 map needs 64 (256 values);
-    a BatchNorm1d (1 value a sample) gets the cap; no BatchNorm: the floor."""
+    """16 samples where every BatchNorm sees >= 256 values a sample (16x16); a 10x10 map needs 41
+    (4096 values); a BatchNorm1d (1 value a sample) gets the cap; no BatchNorm: the floor."""
     def net(size: int) -> nn.Module:
-        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(size))
-    assert calibration_batch_size(net(4), (3, 8, 8)) == CALIBRATION_BATCH  # 16 values a sample
-    assert calibration_batch_size(nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(2), nn.BatchNorm2d(4)),
-                                  (3, 8, 8)) == 64
+        return nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(size), nn.BatchNorm2d(4))
+    assert calibration_batch_size(net(16), (3, 32, 32)) == CALIBRATION_BATCH
+    assert calibration_batch_size(net(10), (3, 32, 32)) == 41
+    assert calibration_batch_size(net(2), (3, 32, 32)) == MAX_CALIBRATION_BATCH
     assert calibration_batch_size(nn.Sequential(nn.Flatten(), nn.Linear(12, 4), nn.BatchNorm1d(4)),
                                   (3, 2, 2)) == MAX_CALIBRATION_BATCH
     assert calibration_batch_size(nn.Conv2d(3, 4, 1), (3, 8, 8)) == CALIBRATION_BATCH

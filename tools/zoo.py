@@ -409,8 +409,8 @@ def _trained_section(trained: dict[str, dict[str, Any]], keys: list[str], comman
     rows = [trained[k] for k in keys if k in trained and trained[k].get("has_bn") is not False]
     lines = ["## Trained weights: exact conversion", "",
              ("Every BatchNorm given trained-looking statistics and affine (`randomize_batchnorms`: statistics "
-              "measured on its own input, over at least 16 samples and at least 256 values a channel up to 64 "
-              "samples, then perturbed; weight U(0.5, 1.5), bias N(0, 0.2^2)), converted with "
+              "measured on its own input, over 16 samples, or up to 64 for 4096 values a channel, "
+              "then perturbed; weight U(0.5, 1.5), bias N(0, 0.2^2)), converted with "
               "the default `init='auto'`, eval outputs compared with the original's on N(0, I) input "
               f"(relative L2). A model **passes** when every BatchNorm kept its function, float64 is within "
               f"{TRAINED_RTOL_FLOAT64:g}, train mode equals eval mode, and float32 is within {TRAINED_RTOL_FLOAT32:g} "
