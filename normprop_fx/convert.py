@@ -14,12 +14,13 @@ from torch import fx, nn
 from torch.nn.parameter import is_lazy
 
 from .activation_functions import activation
+from .batchnorm_state import is_batchnorm
 from .errors import InvalidOptionError, NormPropError
 from .layers import DEFAULT_EPS, GammaInit, resolve_gamma_init
 from .passes.absorb_corrections import absorb_corrections
 from .passes.attach_corrections import attach_corrections
 from .passes.initialization import check_init_option, choose_initializations, discarded
-from .passes.input_shape import resolve_example_inputs
+from .passes.input_shape import record_linear_input_shapes, resolve_example_inputs
 from .passes.inventory import batchnorm_modules, batchnorms_outside_graph
 from .passes.match import match_patterns
 from .passes.dropout_modes import restore_dropout_modes
@@ -29,7 +30,15 @@ from .passes.insert_corrections import insert_corrections
 from .passes.opaque import replace_opaque_batchnorms
 from .passes.propagate import propagate_moments
 from .passes.rewrite import rewrite_patterns
-from .passes.trace import MODULE_CALLS, LeafSpec, NormPropTracer, frozen_training_flags, split_leaf_modules, trace
+from .passes.trace import (
+    MODE_DEPENDENT,
+    MODULE_CALLS,
+    LeafSpec,
+    NormPropTracer,
+    frozen_training_flags,
+    split_leaf_modules,
+    trace,
+)
 from .records import REPORT_ATTRIBUTE, TRAINED_INIT, ConversionReport, LayerInit, ModuleTree
 
 logger = logging.getLogger(__name__)
@@ -132,15 +141,17 @@ def convert(
             ) from err
 
     gm, leaf_paths = trace(model, leaf_modules, concrete_args)
+    branching = gm.meta.pop(MODE_DEPENDENT, [])
     snapshot = Snapshot.of(gm)
     restore_dropout_modes(gm)
-    frozen = frozen_training_flags(gm)
+    frozen = [*frozen_training_flags(gm), *_mode_dependent_warnings(model, branching)]
     for message in frozen:
         warnings.warn(message, NormPropWarning, stacklevel=2)
     found = batchnorm_modules(model)
     inits = choose_initializations(batchnorm_modules(model, remove_duplicate=False), init)
     init_warnings = _initialization_warnings(init, [inits[path] for path in found])
     hidden = batchnorms_outside_graph(model, gm, leaf_paths)
+    record_linear_input_shapes(model, gm, example_inputs)
     matches, unmatched = match_patterns(gm)
     gm, rewrites = rewrite_patterns(gm, matches, inits, gamma_init=gamma_init, eps=eps)
     opaque_rewrites, hidden = replace_opaque_batchnorms(gm, hidden, inits, gamma_init)
@@ -170,7 +181,8 @@ def convert(
         result, tree = gm, _flat_tree(model, gm)
     else:
         gm, corrections = attach_corrections(gm, corrections)
-        leaves = split_leaf_modules(model, leaf_modules)
+        types, names = split_leaf_modules(model, leaf_modules)
+        leaves = (types, names + tuple(p for p in branching if p))
         result, tree = restore_hierarchy(model, gm, snapshot, lambda: NormPropTracer(*leaves), concrete_args)
         if inplace and result is not model:
             warnings.warn(
@@ -180,6 +192,13 @@ def convert(
                 NormPropWarning,
                 stacklevel=2,
             )
+
+    if "" in branching and result is not model:
+        message = (f"the forward of {type(model).__name__} itself branches on self.training (its traced graph "
+                   f"differs between train and eval mode), and the conversion had to rebuild it: the result "
+                   f"follows its {'train' if model.training else 'eval'}-mode graph in both modes")
+        warnings.warn(message, NormPropWarning, stacklevel=2)
+        frozen.append(message)
 
     report = ConversionReport(
         model=type(model).__name__,
@@ -236,6 +255,21 @@ def _example_inputs_if_known(
         if example_inputs is not None:
             raise
         return ()
+
+
+def _mode_dependent_warnings(model: nn.Module, branching: list[str]) -> list[str]:
+    """One line per module the trace made a leaf because its forward branches on ``self.training``
+    (passes/trace.py): what it means, and the BatchNorms that stay inside it."""
+    lines = []
+    for path in filter(None, branching):
+        module = model.get_submodule(path)
+        inside = sum(1 for m in module.modules() if is_batchnorm(m))
+        left = (f"; its {inside} BatchNorm(s) are replaced inside it as in any leaf module (see the report), "
+                "a branch in a module of its own keeps the rest traceable") if inside else ""
+        lines.append(f"module '{path}' ({type(module).__name__}) branches on self.training (its traced graph differs "
+                     f"between train and eval mode): kept as a leaf module, so its own forward runs in the mode "
+                     f"of the moment{left}")
+    return lines
 
 
 def _initialization_warnings(init: str, inits: list[LayerInit]) -> list[str]:

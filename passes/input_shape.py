@@ -1,4 +1,5 @@
-"""Pass 9: the example input shape that moment propagation runs on, given or inferred from the model."""
+"""Pass 9: the example input shape that moment propagation runs on, given or inferred from the model;
+and, before matching (pass 6), the ranks of the values that a Linear -> BatchNorm1d pattern depends on."""
 
 from __future__ import annotations
 
@@ -70,3 +71,41 @@ def _first_layer_shape(gm: fx.GraphModule, placeholder: fx.Node) -> tuple[int, .
                     return (in_features,)
             frontier.append(user)
     return None
+
+
+#: ``node.meta`` key: the shape of the value a node computes on the example input (see below).
+SHAPE = "normprop_shape"
+
+
+def record_linear_input_shapes(model: nn.Module, gm: fx.GraphModule,
+                               example_inputs: Sequence[torch.Tensor] | torch.Tensor | None) -> None:
+    """Record ``node.meta[SHAPE]`` on the input of every Linear that feeds a BatchNorm1d, from a
+    shape propagation of ``gm`` on the example inputs (given or inferred) under a FakeTensorMode:
+    nothing is computed and no module's state changes, whatever its mode. A ``Linear ->
+    BatchNorm1d`` pair normalizes the Linear's output features only on (N, C) input (on (N, L, C)
+    BatchNorm1d normalizes dim 1, whatever its size), which pass 6 checks with these shapes.
+    When the shapes cannot be had (no inferable input, an op fake tensors do not support),
+    nothing is recorded and the NormProp layer checks the rank at run time instead."""
+    linears = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)), nn.Linear)
+               and any(u.op == "call_module" and isinstance(gm.get_submodule(str(u.target)), (nn.BatchNorm1d, nn.SyncBatchNorm))
+                       for u in n.users)]
+    if not linears:
+        return
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    try:
+        inputs, _ = resolve_example_inputs(model, gm, example_inputs)
+        device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+        real = [torch.empty(x.shape, dtype=x.dtype, device=device if x.is_meta else x.device) for x in inputs]
+        ShapeProp(gm, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(*real)
+    except Exception:  # noqa: BLE001 - no shapes: the run-time check stays
+        return
+    finally:
+        shapes = {n: getattr(n.meta.pop("tensor_meta", None), "shape", None) for n in gm.graph.nodes}
+        for n in gm.graph.nodes:
+            n.meta.pop("type", None)
+    for linear in linears:
+        source = linear.args[0] if linear.args else None
+        if isinstance(source, fx.Node) and shapes.get(source) is not None:
+            source.meta[SHAPE] = tuple(shapes[source])

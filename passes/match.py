@@ -30,6 +30,7 @@ from normprop_fx.records import LeftBatchNorm
 
 from .describe import describe_node
 from .graph_utils import module_uses, normalizable_activation, owner_stack
+from .input_shape import SHAPE
 from .patterns import (
     BATCH_NORM_TYPES,
     FUNCTION_ACTIVATION_FORMS,
@@ -217,6 +218,14 @@ def _producer_of(
             f"num_features={features} differs from the {pattern.out_features(producer)} "
             f"outputs of {producer_node.target}"
         )
+    if pattern.input_dim is not None:
+        source = producer_node.args[0] if producer_node.args else None
+        shape = source.meta.get(SHAPE) if isinstance(source, fx.Node) else None
+        if shape is not None and len(shape) != pattern.input_dim:
+            return None, None, (
+                f"{producer_node.target} gets {len(shape)}-D input {shape}: on it a {type(norm).__name__} "
+                f"normalizes dim 1, not the {features} output features, so it is not fused"
+            )
     if calls[producer_node.target] > 1 and not _feeds_only(gm, str(producer_node.target), sites[norm_node.target]):
         return None, None, (
             f"{producer_node.target} is used {calls[producer_node.target]} times in the graph (called "

@@ -25,7 +25,7 @@ from normprop_fx.errors import InvalidOptionError, UntraceableModelError
 
 from .describe import owner_module_path
 from .patterns import training_flag
-from .graph_utils import NORMPROP_MODULES
+from .graph_utils import NORMPROP_MODULES, owner_stack
 
 LeafSpec = type | str
 
@@ -180,6 +180,11 @@ def leaf_module_paths(model: nn.Module, leaf_types: tuple[type, ...], leaf_names
     )
 
 
+#: ``gm.meta`` key: the paths of the modules whose traced graph differs between train and eval
+#: mode ('' for the root), found by :func:`trace`; the others are kept as leaves.
+MODE_DEPENDENT = "normprop_mode_dependent"
+
+
 def trace(
     model: nn.Module,
     leaf_modules: Sequence[LeafSpec] = (),
@@ -187,10 +192,29 @@ def trace(
 ) -> tuple[fx.GraphModule, tuple[str, ...]]:
     """Symbolically trace ``model``; also return the qualified names of its leaf modules.
 
+    A module whose forward branches on ``self.training`` (a hand-written drop-path) would be
+    frozen in the trace-time mode wherever the conversion rewrites the forward that holds it. So
+    the model is traced in the other mode too, and every module whose own ops differ between the
+    two graphs is made a leaf (its forward then runs as written, in the mode of the moment) and
+    the model traced again; ``gm.meta[MODE_DEPENDENT]`` lists them (with '' when the root's own
+    forward is one: it cannot be a leaf). A model that does not trace in the other mode is taken
+    as it traced in its own.
+
     Raises UntraceableModelError naming the module at fault, InvalidOptionError for a bad
     ``leaf_modules`` entry.
     """
     leaf_types, leaf_names = split_leaf_modules(model, leaf_modules)
+    gm = _trace(model, leaf_types, leaf_names, concrete_args)
+    branching = _mode_dependent_modules(model, gm, leaf_types, leaf_names, concrete_args)
+    if any(branching):
+        leaf_names = leaf_names + tuple(p for p in branching if p)
+        gm = _trace(model, leaf_types, leaf_names, concrete_args)
+    gm.meta[MODE_DEPENDENT] = branching
+    return gm, leaf_module_paths(model, leaf_types, leaf_names)
+
+
+def _trace(model: nn.Module, leaf_types: tuple[type, ...], leaf_names: tuple[str, ...],
+           concrete_args: dict[str, Any] | None) -> fx.GraphModule:
     tracer = NormPropTracer(leaf_types, leaf_names)
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
@@ -199,7 +223,42 @@ def trace(
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     gm.training = model.training  # not gm.train(): that would reset every submodule's own mode
     gm.meta[MODULE_CALLS] = tracer.module_calls
-    return gm, leaf_module_paths(model, leaf_types, leaf_names)
+    return gm
+
+
+def _mode_dependent_modules(model: nn.Module, gm: fx.GraphModule, leaf_types: tuple[type, ...],
+                            leaf_names: tuple[str, ...], concrete_args: dict[str, Any] | None) -> list[str]:
+    """The outermost modules called in both modes whose own ops (the nodes their forward makes
+    outside any module it calls) differ between ``gm`` and a trace of ``model`` in the other mode.
+    A module called in one mode only is not one of them: its caller's forward, which decided
+    that, is (torchvision GoogLeNet's root, which runs its auxiliary heads in training only)."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.train(not model.training)
+        other = _trace(model, leaf_types, leaf_names, concrete_args)
+    except UntraceableModelError:
+        return []
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    ops, other_ops = _own_ops(gm), _own_ops(other)
+    called = {c.path for c in gm.meta[MODULE_CALLS]} & {c.path for c in other.meta[MODULE_CALLS]} | {""}
+    differ = sorted(p for p in called if ops.get(p, []) != other_ops.get(p, []))
+    # the outermost ones (a leaf holds its submodules); the root cannot be a leaf, so not above
+    return [p for p in differ if not any(q and p.startswith(q + ".") for q in differ)]
+
+
+def _own_ops(gm: fx.GraphModule) -> dict[str, list[tuple[str, str]]]:
+    """Per module path, the (op, target) of the nodes made by its own forward, in order."""
+    ops: dict[str, list[tuple[str, str]]] = {}
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        stack = owner_stack(node)
+        path = stack[next(reversed(stack))][0] if stack else ""
+        target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", repr(node.target))
+        ops.setdefault(path, []).append((node.op, target))
+    return ops
 
 
 def frozen_training_flags(gm: fx.GraphModule) -> list[str]:

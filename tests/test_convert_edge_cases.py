@@ -261,23 +261,38 @@ def test_a_positional_frozen_training_flag_is_warned():
         normprop_fx.convert(model)
 
 
-def test_a_layer_refusing_its_input_rank_is_not_blamed_on_the_example_shape():
-    """Linear over the last axis of (N, C, L) with out_features == C, then BatchNorm1d(C): matched on
-    the feature count, then the NormProp layer refuses 3-D input while moments propagate. The error
-    says so and what to do, without the contradicting advice to pass another input shape (the
-    shape was right). Issue 20, finding 4: the conversion itself still refuses this model."""
+class _LastAxisLinear(nn.Module):
+    def __init__(self, out_features: int = 4):
+        super().__init__()
+        self.fc = nn.Linear(6, out_features)
+        self.bn = nn.BatchNorm1d(4)
+        self.act = nn.ReLU()
 
-    class LastAxisLinear(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(6, 4)
-            self.bn = nn.BatchNorm1d(4)
+    def forward(self, x):  # x: (N, 4, 6)
+        return self.act(self.bn(self.fc(x)))
 
-        def forward(self, x):  # x: (N, 4, 6)
-            return self.bn(self.fc(x))
 
-    with pytest.raises(normprop_fx.NormPropError) as caught:
-        normprop_fx.convert(LastAxisLinear(), example_inputs=torch.empty(2, 4, 6))
-    message = str(caught.value)
-    assert "only for 2-D input" in message and "leaf_modules" in message
-    assert "Pass example_inputs=" not in message
+@pytest.mark.parametrize("out_features", [4, 5], ids=["out==C", "out!=C"])
+def test_linear_over_the_last_axis_then_batchnorm1d_is_not_fused_and_converts(out_features):
+    """Issue 20, finding 4: Linear over the last axis of (N, C, L), then BatchNorm1d(C). With
+    out_features == C it used to be fused on the feature count and refused during propagation; the
+    shapes of the example input now say that the BatchNorm normalizes dim 1 there, so it becomes a
+    NormPropAffine, as with out_features != C, with the reason in the audit."""
+    converted = normprop_fx.convert(_LastAxisLinear(out_features), example_inputs=torch.empty(2, 4, 6))
+    assert type(converted.fc) is nn.Linear and isinstance(converted.bn, normprop_fx.NormPropAffine)
+    report = normprop_fx.conversion_report(converted)
+    assert report.batchnorms_found == 1 and not report.left
+    if out_features == 4:
+        (rewrite,) = report.rewrites
+        assert any("gets 3-D input (2, 4, 6)" in note for note in rewrite.notes), rewrite.notes
+    x = torch.randn(3, 4, 6)
+    converted.train()
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), torch.cat([converted(x[i:i + 1]) for i in range(3)]))
+
+
+def test_linear_then_batchnorm1d_on_2d_input_is_still_fused():
+    converted = normprop_fx.convert(_LastAxisLinear(4), example_inputs=torch.empty(2, 6))
+    assert isinstance(converted.fc, normprop_fx.NormPropLinear) and converted.fc.required_input_dim == 2
+    with pytest.raises(normprop_fx.NormPropError, match="only for 2-D input"):
+        converted(torch.randn(2, 4, 6))  # the run-time check stays, for input the example did not show
