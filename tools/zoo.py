@@ -392,8 +392,9 @@ def _over_tolerance(row: dict[str, Any]) -> str:
     from normprop_fx.model_check import ROUNDING_FLOOR_FACTOR, TRAINED_RTOL_FLOAT32, TRAINED_RTOL_FLOAT64
 
     misses = []
-    if row.get("error_float64") is not None and row["error_float64"] > TRAINED_RTOL_FLOAT64:
-        misses.append(f"float64 {row['error_float64']:.1e} > {TRAINED_RTOL_FLOAT64:g}")
+    float64_tol = TRAINED_RTOL_FLOAT32 if row.get("float64_computes_in") else TRAINED_RTOL_FLOAT64
+    if row.get("error_float64") is not None and row["error_float64"] > float64_tol:
+        misses.append(f"float64 {row['error_float64']:.1e} > {float64_tol:g}")
     if row.get("error_float32") is not None and row["error_float32"] > TRAINED_RTOL_FLOAT32 and not row.get("at_rounding_floor"):
         misses.append(f"float32 {row['error_float32']:.1e} > {TRAINED_RTOL_FLOAT32:g} and its rounding over "
                       f"{ROUNDING_FLOOR_FACTOR:g}x the original's")
@@ -416,10 +417,13 @@ def _trained_section(trained: dict[str, dict[str, Any]], keys: list[str], comman
               f"{TRAINED_RTOL_FLOAT64:g}, train mode equals eval mode, and float32 is within {TRAINED_RTOL_FLOAT32:g} "
               f"or, where the original's own float32 forward is already that far from its float64 one (random-weight "
               f"BatchNorm networks amplify rounding), the conversion's distance to the float64 original is within "
-              f"{ROUNDING_FLOOR_FACTOR:g}x the original's."), "",
+              f"{ROUNDING_FLOOR_FACTOR:g}x the original's. A model whose float64 forward computes in float32 in "
+              f"places (timm's efficientvit casts its linear attention to float32) has no float64 results there: "
+              f"its float64 error is held to {TRAINED_RTOL_FLOAT32:g}, and the table counts it."), "",
              "| source | models checked | **pass** (target) | float32 <= 1e-5 | at the rounding floor | "
-             "float64 <= 1e-10 | worst float64 | worst ratio of float32 roundings, converted / original |",
-             "|---|---|---|---|---|---|---|---|"]
+             "float64 <= 1e-10 | float64 forward in float32 in places | worst float64 | "
+             "worst ratio of float32 roundings, converted / original |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for source in SOURCES:
         mine = [r for r in rows if r["model"].startswith(source + ":")]
         if not mine:
@@ -434,6 +438,7 @@ def _trained_section(trained: dict[str, dict[str, Any]], keys: list[str], comman
                   if r.get("converted_rounding") is not None and r.get("original_rounding")]
         lines.append(f"| {source} | {n} | {passed} ({100 * passed / n:.2f}%) (target {TARGETS[source]:.0%}: {verdict}) | "
                      f"{_pct(strict, n)} | {floor} | {_pct(sum(e <= TRAINED_RTOL_FLOAT64 for e in f64), n)} | "
+                     f"{sum(bool(r.get('float64_computes_in')) for r in mine)} | "
                      f"{_error(max(f64, default=None))} | {max(ratios, default=0):.2f}x |")
     failed = [r for r in rows if not r.get("passed")]
     lines += [""]
