@@ -167,20 +167,12 @@ REBUILT = {
 
 def test_timm_rebuilt_blocks_keep_their_class_name_and_attributes(timm_case):
     original, converted = timm_case.original, timm_case.converted
-    name = original.pretrained_cfg["architecture"]
-    if name in REBUILT:
-        assert {r.path for r in timm_case.tree.rebuilt} == REBUILT[name]
+    arch = original.pretrained_cfg["architecture"]
+    if arch in REBUILT:
+        assert {r.path for r in timm_case.tree.rebuilt} == REBUILT[arch]
     for path, module in converted.named_modules():
         if path not in {r.path for r in timm_case.tree.rebuilt}:
             assert not isinstance(module, fx.GraphModule), path
-    for record in timm_case.tree.rebuilt:
-        block, before = converted.get_submodule(record.path), original.get_submodule(record.path)
-        assert isinstance(block, fx.GraphModule), record
-        assert type(block).__name__ == record.type == type(before).__name__
-        for name, value in vars(before).items():
-            if name.startswith("_") or name == "training" or isinstance(value, (nn.Module, torch.Tensor)):
-                continue
-            assert getattr(block, name) == value, f"{record.path}.{name}"
     for record in timm_case.tree.rebuilt:
         block, before = converted.get_submodule(record.path), original.get_submodule(record.path)
         assert isinstance(block, fx.GraphModule), record
