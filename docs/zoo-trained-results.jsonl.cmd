@@ -1,4 +1,4 @@
-python tools/zoo.py --source torchvision --check trained --memory-limit-gb 8 --timeout 600 --results docs/zoo-trained-results.jsonl
-python tools/zoo.py --source timm --sample-every 3 --check trained --memory-limit-gb 8 --timeout 600 --results docs/zoo-trained-results.jsonl
-python tools/zoo.py --redo --check trained --models torchvision:regnet_y_128gf timm:coatnet_5_224 timm:maxvit_xlarge_tf_224 timm:regnety_1280 timm:volo_d5_448 --memory-limit-gb 18 --timeout 900 --results docs/zoo-trained-results.jsonl
-python tools/zoo.py --redo --check trained --models torchvision:regnet_y_128gf timm:coatnet_5_224 timm:regnety_1280 --memory-limit-gb 18 --timeout 900 --results docs/zoo-trained-results.jsonl
+# 2026-12-02, a fresh results file: the first two at commit d346829 (four xcit rows, whose worker started later, at 2b54232), the --redo (over 8 GiB, and efficientvit after the float64 dtype check) at 2b54232
+python tools/zoo.py --source torchvision --check trained --jobs 2 --memory-limit-gb 8 --timeout 900 --results docs/zoo-trained-results.jsonl
+python tools/zoo.py --source timm --sample-every 3 --check trained --jobs 2 --memory-limit-gb 8 --timeout 900 --results docs/zoo-trained-results.jsonl
+python tools/zoo.py --redo --check trained --models torchvision:regnet_y_128gf timm:coatnet_5_224 timm:maxvit_large_tf_224 timm:maxvit_xlarge_tf_224 timm:regnety_1280 timm:efficientvit_b2 timm:efficientvit_l2 timm:efficientvit_m1 timm:efficientvit_m4 --memory-limit-gb 18 --timeout 900 --results docs/zoo-trained-results.jsonl

@@ -1,1 +1,2 @@
+# 2026-12-02 at commit 2b54232 (statistics on 64 samples: model_check.calibration_batch_size)
 python tools/zoo.py --check trained --models torchvision:resnet18 torchvision:resnet50 torchvision:densenet121 torchvision:mobilenet_v3_large torchvision:efficientnet_b0 torchvision:inception_v3 torchvision:regnet_y_800mf timm:resnet50d timm:efficientnet_b0 timm:mobilenetv3_large_100 timm:rexnet_100 timm:dla34 timm:cspresnet50 --results docs/zoo-trained-targets.jsonl
