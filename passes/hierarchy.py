@@ -48,11 +48,9 @@ from torch.utils import _pytree as pytree
 from normprop_fx.records import ModuleTree, RebuiltModule
 
 from .graph_utils import RESTORED_FUNCTION, TAKES_OVER, owner_stack
-from .trace import MODULE_CALLS, ModuleCall, NormPropTracer
+from .trace import FX_CONSTANT, MODULE_CALLS, ModuleCall, NormPropTracer
 
 ROOT = ""
-#: The name prefix under which torch.fx keeps, on the root, a tensor a forward created while traced.
-_FX_CONSTANT = "_tensor_constant"
 
 
 @dataclass(frozen=True)
@@ -334,7 +332,7 @@ class _Tree:
                     self._call_child(graph, unit, built, root, lookup, relative, env, attrs)
                 continue
             new = graph.node_copy(node, lookup)
-            if node.op == "get_attr" and str(node.target).startswith(_FX_CONSTANT) and not str(node.target).startswith(prefix):
+            if node.op == "get_attr" and str(node.target).startswith(FX_CONSTANT) and not str(node.target).startswith(prefix):
                 new.target = str(node.target)  # a tensor the trace made (torch.tensor(...) in a forward)
                 attrs[new.target] = _fetch(self.gm, str(node.target))
             elif node.op in ("call_module", "get_attr"):

@@ -180,6 +180,8 @@ def leaf_module_paths(model: nn.Module, leaf_types: tuple[type, ...], leaf_names
     )
 
 
+#: The name prefix under which torch.fx keeps, on the root, a tensor a forward created while traced.
+FX_CONSTANT = "_tensor_constant"
 #: ``gm.meta`` key: the paths of the modules whose traced graph differs between train and eval
 #: mode ('' for the root), found by :func:`trace`; the others are kept as leaves.
 MODE_DEPENDENT = "normprop_mode_dependent"
@@ -233,6 +235,7 @@ def _mode_dependent_modules(model: nn.Module, gm: fx.GraphModule, leaf_types: tu
     A module called in one mode only is not one of them: its caller's forward, which decided
     that, is (torchvision GoogLeNet's root, which runs its auxiliary heads in training only)."""
     modes = {m: m.training for m in model.modules()}
+    attributes = set(vars(model))
     try:
         model.train(not model.training)
         other = _trace(model, leaf_types, leaf_names, concrete_args)
@@ -241,6 +244,9 @@ def _mode_dependent_modules(model: nn.Module, gm: fx.GraphModule, leaf_types: tu
     finally:
         for m, training in modes.items():
             m.training = training
+        for name in set(vars(model)) - attributes:  # the tensors torch.fx kept on the root for it
+            if name.startswith(FX_CONSTANT):
+                delattr(model, name)
     ops, other_ops = _own_ops(gm), _own_ops(other)
     called = {c.path for c in gm.meta[MODULE_CALLS]} & {c.path for c in other.meta[MODULE_CALLS]} | {""}
     differ = sorted(p for p in called if ops.get(p, []) != other_ops.get(p, []))
@@ -257,6 +263,8 @@ def _own_ops(gm: fx.GraphModule) -> dict[str, list[tuple[str, str]]]:
         stack = owner_stack(node)
         path = stack[next(reversed(stack))][0] if stack else ""
         target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", repr(node.target))
+        if node.op == "get_attr" and target.startswith(FX_CONSTANT):
+            target = FX_CONSTANT  # numbered per trace: _tensor_constant0 in one, _tensor_constant1 in the next
         ops.setdefault(path, []).append((node.op, target))
     return ops
 

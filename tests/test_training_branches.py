@@ -143,3 +143,30 @@ def test_auxiliary_heads_called_in_training_only_are_not_leaves():
     assert type(converted) is type(model)
     assert not any("branches on self.training" in m for m in messages), messages
     assert conversion_report(converted).leaf_modules == ()
+
+
+def test_a_tensor_made_in_forward_is_not_a_mode_switch_and_leaves_nothing_on_the_model():
+    """torch.fx keeps such a tensor on the root as _tensor_constant<k>, numbered per trace: the two
+    traces name it differently, which is no difference of the graph; the second's is removed again."""
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.bn(self.conv(x))) * torch.tensor([2.0])
+
+    class Outer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = Scaled()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x)
+
+    model = Outer()
+    converted, messages = _convert(model, inplace=True)
+    assert not any("branches on self.training" in m for m in messages), messages
+    assert conversion_report(converted).leaf_modules == ()
+    assert not [n for n in vars(model) if n.startswith("_tensor_constant") and n != "_tensor_constant0"]
