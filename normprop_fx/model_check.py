@@ -484,6 +484,13 @@ def randomize_batchnorms(model: nn.Module, example_input: torch.Tensor, seed: in
     return model
 
 
+def trained_float64_tolerance(computes_in: Sequence[str]) -> float:
+    """The float64 tolerance of the trained check: TRAINED_RTOL_FLOAT64, or the float32 one for an
+    original whose float64 forward computes in lower precision in places (``computes_in``, found
+    by :class:`_LowerPrecision`): it has float32 results there."""
+    return TRAINED_RTOL_FLOAT32 if computes_in else TRAINED_RTOL_FLOAT64
+
+
 class _LowerPrecision(TorchDispatchMode):
     """Records the floating dtypes below float64 that the ops run under it return (``found``)."""
 
@@ -560,9 +567,8 @@ class TrainedCheck:
         if self.failures or None in (self.error_float32, self.error_float64, self.train_eval_difference):
             return False
         float32_ok = self.error_float32 <= TRAINED_RTOL_FLOAT32 or self.at_rounding_floor
-        # a float64 forward that computes in float32 in places has float32 results there
-        float64_tol = TRAINED_RTOL_FLOAT32 if self.float64_computes_in else TRAINED_RTOL_FLOAT64
-        return float32_ok and self.error_float64 <= float64_tol and self.train_eval_difference <= TRAINED_RTOL_FLOAT32
+        return (float32_ok and self.error_float64 <= trained_float64_tolerance(self.float64_computes_in)
+                and self.train_eval_difference <= TRAINED_RTOL_FLOAT32)
 
     def to_dict(self) -> dict[str, Any]:
         return _as_row(self, at_rounding_floor=self.at_rounding_floor)

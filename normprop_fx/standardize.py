@@ -78,5 +78,5 @@ def input_correction(module: nn.Module) -> Standardize | None:
 
 def corrected_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``x`` through ``module``'s input correction, or ``x`` itself when it has none."""
-    correction = module._modules.get(INPUT_CORRECTION)
+    correction = input_correction(module)
     return x if correction is None else correction(x)

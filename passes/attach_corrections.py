@@ -34,7 +34,7 @@ from normprop_fx.normalized_activation import NormalizedActivation
 from normprop_fx.records import Correction
 from normprop_fx.standardize import INPUT_CORRECTION, Standardize, attach_input_correction, input_correction
 
-from .graph_utils import module_uses
+from .graph_utils import has_submodule, module_uses
 
 #: The modules whose forward applies an ``input_correction`` child first.
 _CORRECTABLE = (*NORMPROP_CONSUMERS, NormalizedActivation)
@@ -47,7 +47,8 @@ def attach_corrections(gm: fx.GraphModule, corrections: list[Correction]) -> tup
     owners = Counter(id(m) for _, m in gm.named_modules(remove_duplicate=False))
     records = list(corrections)
     # a Standardize's path names one record (an absorbed correction's path, the activation's, may repeat)
-    index = {c.path: i for i, c in enumerate(records) if isinstance(_submodule(gm, c.path), Standardize)}
+    index = {c.path: i for i, c in enumerate(records)
+             if has_submodule(gm, c.path) and isinstance(gm.get_submodule(c.path), Standardize)}
     moved = 0
     for node in list(gm.graph.nodes):
         consumer = _sole_consumer(gm, node, uses, owners, index)
@@ -66,13 +67,6 @@ def attach_corrections(gm: fx.GraphModule, corrections: list[Correction]) -> tup
         gm.delete_all_unused_submodules()
         gm.recompile()
     return gm, records
-
-
-def _submodule(gm: fx.GraphModule, path: str) -> nn.Module | None:
-    try:
-        return gm.get_submodule(path)
-    except AttributeError:
-        return None
 
 
 def _sole_consumer(

@@ -10,6 +10,8 @@ from torch import fx, nn
 
 from normprop_fx.errors import InvalidOptionError, NormPropError
 
+from .patterns import PRODUCER_PATTERNS, lookup_by_type
+
 DEFAULT_SPATIAL = 224
 _SPATIAL_DEFAULTS = {1: (DEFAULT_SPATIAL,), 2: (DEFAULT_SPATIAL, DEFAULT_SPATIAL), 3: (16, 112, 112)}
 
@@ -79,17 +81,16 @@ SHAPE = "normprop_shape"
 
 def record_linear_input_shapes(model: nn.Module, gm: fx.GraphModule,
                                example_inputs: Sequence[torch.Tensor] | torch.Tensor | None) -> None:
-    """Record ``node.meta[SHAPE]`` on the input of every Linear that feeds a BatchNorm1d, from a
-    shape propagation of ``gm`` on the example inputs (given or inferred) under a FakeTensorMode:
-    nothing is computed and no module's state changes, whatever its mode. A ``Linear ->
-    BatchNorm1d`` pair normalizes the Linear's output features only on (N, C) input (on (N, L, C)
-    BatchNorm1d normalizes dim 1, whatever its size), which pass 6 checks with these shapes.
-    When the shapes cannot be had (no inferable input, an op fake tensors do not support),
-    nothing is recorded and the NormProp layer checks the rank at run time instead."""
-    linears = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)), nn.Linear)
-               and any(u.op == "call_module" and isinstance(gm.get_submodule(str(u.target)), (nn.BatchNorm1d, nn.SyncBatchNorm))
-                       for u in n.users)]
-    if not linears:
+    """Record ``node.meta[SHAPE]`` on the input of every producer whose pattern holds only for one
+    input rank (``ProducerPattern.input_dim``: Linear -> BatchNorm1d) and that feeds one of its
+    norms, from a shape propagation of ``gm`` on the example inputs (given or inferred) under a
+    FakeTensorMode: nothing is computed and no module's state changes, whatever its mode. On
+    (N, L, C) input a BatchNorm1d normalizes dim 1, whatever its size, not the Linear's output
+    features; pass 6 checks the rank with these shapes. When the shapes cannot be had (no
+    inferable input, an op fake tensors do not support), nothing is recorded and the NormProp
+    layer checks the rank at run time instead."""
+    sources = [n.args[0] for n in gm.graph.nodes if n.args and isinstance(n.args[0], fx.Node) and _rank_bound_producer(gm, n)]
+    if not sources:
         return
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.passes.shape_prop import ShapeProp
@@ -99,13 +100,22 @@ def record_linear_input_shapes(model: nn.Module, gm: fx.GraphModule,
         device = next((p.device for p in gm.parameters()), torch.device("cpu"))
         real = [torch.empty(x.shape, dtype=x.dtype, device=device if x.is_meta else x.device) for x in inputs]
         ShapeProp(gm, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(*real)
+        shapes = {n: getattr(n.meta.get("tensor_meta"), "shape", None) for n in sources}
     except Exception:  # noqa: BLE001 - no shapes: the run-time check stays
         return
     finally:
-        shapes = {n: getattr(n.meta.pop("tensor_meta", None), "shape", None) for n in gm.graph.nodes}
-        for n in gm.graph.nodes:
+        for n in gm.graph.nodes:  # only SHAPE stays, where it is needed
+            n.meta.pop("tensor_meta", None)
             n.meta.pop("type", None)
-    for linear in linears:
-        source = linear.args[0] if linear.args else None
-        if isinstance(source, fx.Node) and shapes.get(source) is not None:
-            source.meta[SHAPE] = tuple(shapes[source])
+    for source, shape in shapes.items():
+        if shape is not None:
+            source.meta[SHAPE] = tuple(shape)
+
+
+def _rank_bound_producer(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """``node`` calls a producer whose pattern has an ``input_dim`` and feeds one of its norms."""
+    if node.op != "call_module":
+        return False
+    pattern = lookup_by_type(PRODUCER_PATTERNS, gm.get_submodule(str(node.target)))
+    return pattern is not None and pattern.input_dim is not None and any(
+        u.op == "call_module" and isinstance(gm.get_submodule(str(u.target)), pattern.norms) for u in node.users)

@@ -389,10 +389,10 @@ def _error(value: Any) -> str:
 
 def _over_tolerance(row: dict[str, Any]) -> str:
     """Which of the trained check's tolerances a row misses, with its numbers."""
-    from normprop_fx.model_check import ROUNDING_FLOOR_FACTOR, TRAINED_RTOL_FLOAT32, TRAINED_RTOL_FLOAT64
+    from normprop_fx.model_check import ROUNDING_FLOOR_FACTOR, TRAINED_RTOL_FLOAT32, trained_float64_tolerance
 
     misses = []
-    float64_tol = TRAINED_RTOL_FLOAT32 if row.get("float64_computes_in") else TRAINED_RTOL_FLOAT64
+    float64_tol = trained_float64_tolerance(row.get("float64_computes_in") or [])
     if row.get("error_float64") is not None and row["error_float64"] > float64_tol:
         misses.append(f"float64 {row['error_float64']:.1e} > {float64_tol:g}")
     if row.get("error_float32") is not None and row["error_float32"] > TRAINED_RTOL_FLOAT32 and not row.get("at_rounding_floor"):
