@@ -28,7 +28,8 @@ from .passes.graph_utils import TAKES_OVER
 from .passes.hierarchy import Snapshot, restore_hierarchy
 from .passes.insert_corrections import insert_corrections
 from .passes.opaque import replace_opaque_batchnorms
-from .passes.propagate import propagate_moments
+from .passes.calibration_sample import calibration_line, calibration_sample_size
+from .passes.propagate import PROBE_SEED, propagate_moments
 from .passes.rewrite import rewrite_patterns
 from .passes.trace import (
     MODE_DEPENDENT,
@@ -69,6 +70,8 @@ def convert(
     concrete_args: dict[str, Any] | None = None,
     example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
     flat: bool = False,
+    calibration_samples: int | None = None,
+    calibration_seed: int = PROBE_SEED,
 ) -> nn.Module:
     """Trace ``model`` and replace every Conv/Linear -> BatchNorm [-> activation] with a NormProp layer.
 
@@ -109,6 +112,13 @@ def convert(
             and the report says so.
         flat: return the one flat ``torch.fx.GraphModule`` the passes worked on instead (every
             module inlined, the class and the blocks' forwards gone).
+        calibration_samples: how many Gaussian samples (of the example input's shape) moment
+            propagation measures what no rule knows on (pooling correlations, ops without a
+            rule). None (default): as many as the shapes call for, 8-256
+            (``passes/calibration_sample.py``: the smaller the late maps, the more), so the
+            constants do not depend on the draw; the report says how many.
+        calibration_seed: the seed of that sample (and of the probes); another seed gives the
+            same constants to within a few percent.
 
     Returns:
         The converted model (``flat=True``: a ``torch.fx.GraphModule``);
@@ -125,6 +135,11 @@ def convert(
     resolve_gamma_init(gamma_init, activation("relu"))  # validate before any work
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 < eps < math.inf):
         raise InvalidOptionError(f"eps must be a finite positive number, got {eps!r}")
+    if calibration_samples is not None and (isinstance(calibration_samples, bool) or not isinstance(
+            calibration_samples, int) or calibration_samples < 1):
+        raise InvalidOptionError(f"calibration_samples must be a positive int or None, got {calibration_samples!r}")
+    if isinstance(calibration_seed, bool) or not isinstance(calibration_seed, int):
+        raise InvalidOptionError(f"calibration_seed must be an int, got {calibration_seed!r}")
     lazy = [name for name, p in model.named_parameters() if is_lazy(p)]
     if lazy:
         raise NormPropError(
@@ -160,9 +175,10 @@ def convert(
         inputs, assumptions = _example_inputs_if_known(model, gm, example_inputs), (TRAINED_ASSUMPTION,)
     else:
         inputs, shape_assumption = resolve_example_inputs(model, gm, example_inputs)
-        assumptions = (INPUT_ASSUMPTION, *shape_assumption)
+        sample = calibration_sample_size(gm, inputs, calibration_samples)
+        assumptions = (INPUT_ASSUMPTION, *shape_assumption, calibration_line(sample, calibration_seed))
         try:
-            analysis = propagate_moments(gm, inputs)
+            analysis = propagate_moments(gm, inputs, sample.samples, calibration_seed)
             gm, corrections, standalone = insert_corrections(gm, analysis)
             estimated, unknown = analysis.estimated, analysis.unknown
         except Exception as err:

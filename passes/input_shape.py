@@ -4,6 +4,7 @@ and, before matching (pass 6), the ranks of the values that a Linear -> BatchNor
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -92,24 +93,47 @@ def record_linear_input_shapes(model: nn.Module, gm: fx.GraphModule,
     sources = [n.args[0] for n in gm.graph.nodes if n.args and isinstance(n.args[0], fx.Node) and _rank_bound_producer(gm, n)]
     if not sources:
         return
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.passes.shape_prop import ShapeProp
-
     try:
         inputs, _ = resolve_example_inputs(model, gm, example_inputs)
-        device = next((p.device for p in gm.parameters()), torch.device("cpu"))
-        real = [torch.empty(x.shape, dtype=x.dtype, device=device if x.is_meta else x.device) for x in inputs]
-        ShapeProp(gm, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(*real)
-        shapes = {n: getattr(n.meta.get("tensor_meta"), "shape", None) for n in sources}
+        shapes = fake_shapes(gm, [tuple(x.shape) for x in inputs], [x.dtype for x in inputs])
     except Exception:  # noqa: BLE001 - no shapes: the run-time check stays
         return
+    for source in sources:
+        if shapes.get(source) is not None:
+            source.meta[SHAPE] = shapes[source]
+
+
+def fake_shapes(gm: fx.GraphModule, shapes: Sequence[tuple[int, ...]],
+                dtypes: Sequence[torch.dtype]) -> dict[fx.Node, tuple[int, ...]]:
+    """The shape of every tensor-valued node of ``gm`` on inputs of ``shapes``, found by running
+    ``gm`` on fake inputs under a FakeTensorMode (as ``torch.fx.passes.shape_prop`` does, but
+    without its deep copy of the model, which recursed too deep on torchvision's EfficientNet):
+    nothing is computed. A buffer that the forward updates in place on the real tensor (a
+    BatchNorm's ``num_batches_tracked += 1`` in train mode does) is restored afterwards, so no
+    module's state changes. Raises what the model raises on such inputs (or what fake tensors do
+    not support)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    found: dict[fx.Node, tuple[int, ...]] = {}
+
+    class _Shapes(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            value = super().run_node(n)
+            if isinstance(value, torch.Tensor):
+                found[n] = tuple(value.shape)
+            return value
+
+    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+    saved = [(b, b.detach().clone()) for b in gm.buffers()]
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
+            fake = [mode.from_tensor(torch.empty(shape, dtype=dtype, device=device)) for shape, dtype in zip(shapes, dtypes)]
+            _Shapes(gm).run(*fake)
     finally:
-        for n in gm.graph.nodes:  # only SHAPE stays, where it is needed
-            n.meta.pop("tensor_meta", None)
-            n.meta.pop("type", None)
-    for source, shape in shapes.items():
-        if shape is not None:
-            source.meta[SHAPE] = tuple(shape)
+        with torch.no_grad():
+            for buffer, copy_ in saved:
+                buffer.copy_(copy_)
+    return found
 
 
 def _rank_bound_producer(gm: fx.GraphModule, node: fx.Node) -> bool:

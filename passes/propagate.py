@@ -55,6 +55,7 @@ from normprop_fx.normalized_activation import NormalizedActivation
 from normprop_fx.opaque_affine import OpaqueNormPropAffine
 from normprop_fx.records import TRAINED_INIT, Correction
 
+from .calibration_sample import sample_shape
 from .describe import calibration_estimate, calibration_note, describe_node, opaque_unmeasured, value_range
 from .graph_utils import NORMPROP_CONSUMERS, NORMPROP_MODULES, channel_reduce_dims, normalizable_activation
 from .moment_rules import (
@@ -83,7 +84,7 @@ logger = logging.getLogger(__name__)
 #: Samples per channel a Gaussian probe aims for, and the most probe runs per op.
 PROBE_SAMPLES = 4096
 PROBE_MAX_RUNS = 16
-PROBE_SEED = 0
+PROBE_SEED = 0  #: the default seed of the sample and the probes (convert's calibration_seed)
 #: A structural correction is kept while the sample's variance is within this fraction of it.
 STRUCTURAL_TOLERANCE = 0.1
 #: Up to this many distinct channels, an activation's Gaussian moments are integrated by
@@ -161,14 +162,14 @@ class MomentInterpreter(fx.Interpreter):
     """Runs the graph on a Gaussian sample, as corrected, while computing every node's moments
     (the rules: ``passes.moment_rules``, which read this interpreter as their context)."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, seed: int = PROBE_SEED) -> None:
         super().__init__(gm)
         self.modules = dict(gm.named_modules())
         self.feeds_trained = _feeds_trained_layers(gm, self.modules)
         self.moments: dict[fx.Node, Any] = {}  #: as recorded in node.meta[MOMENTS]
         self.estimated: list[str] = []
         self.unknown: list[str] = []  #: nodes whose moments could not be computed, and why
-        self.generator = torch.Generator().manual_seed(PROBE_SEED)
+        self.generator = torch.Generator().manual_seed(seed)
 
     def run_node(self, n: fx.Node) -> Any:
         value = self._run_as_corrected(n)
@@ -433,13 +434,15 @@ def _activation_form(n: fx.Node, module: nn.Module | None) -> ActivationForm | N
 # --- the pass -----------------------------------------------------------------------------------
 
 
-def propagate_moments(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> MomentAnalysis:
+def propagate_moments(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], samples: int | None = None,
+                      seed: int = PROBE_SEED) -> MomentAnalysis:
     """Compute every node's nominal moments on ``gm`` and decide the corrections and normalized
     activations its untrained NormProp layers need: recorded in ``node.meta`` (module docstring),
     for ``passes.insert_corrections`` to apply. ``gm``'s graph is not changed.
 
     ``example_inputs`` only give shapes and dtypes (their values are never read: the sample is
-    seeded Gaussian noise of those shapes).
+    Gaussian noise of those shapes, drawn with ``seed``). ``samples`` replaces their batch
+    (``passes.calibration_sample`` says how many the shapes call for); None keeps it.
     """
     for node in gm.graph.nodes:
         for key in RECORDS:
@@ -447,9 +450,10 @@ def propagate_moments(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ..
     reference = next(iter(gm.parameters()), None)
     device = reference.device if reference is not None else torch.device("cpu")
     dtypes = [x.dtype if x.dtype != torch.float32 or reference is None else reference.dtype for x in example_inputs]
-    generator = torch.Generator().manual_seed(PROBE_SEED)
-    sample = [torch.randn(x.shape, generator=generator, dtype=torch.float64).to(device, d) for x, d in zip(example_inputs, dtypes)]
-    propagation = MomentInterpreter(gm)
+    generator = torch.Generator().manual_seed(seed)
+    shapes = [tuple(x.shape) if samples is None else sample_shape(x, samples, example_inputs) for x in example_inputs]
+    sample = [torch.randn(shape, generator=generator, dtype=torch.float64).to(device, d) for shape, d in zip(shapes, dtypes)]
+    propagation = MomentInterpreter(gm, seed)
     opaque = {path: m for path, m in gm.named_modules() if isinstance(m, OpaqueNormPropAffine) and m.calibrate}
     for m in opaque.values():
         m.measuring = True
