@@ -19,8 +19,8 @@ computing anything (``passes.input_shape.fake_shapes``):
   memory: the interpreter holds a few of the largest tensors at once);
 * at least ``MIN_SAMPLES``, whatever the memory.
 
-lcnet_050 at 224 px gets 168 samples; its correction constants then move by at most ~3-5%
-between calibration seeds (docs/zoo.md, "Calibration stability"). ``convert(...,
+lcnet_050 at 224 px gets 112 samples; its correction constants then move by at most 4.2%
+between calibration seeds (docs/calibration-stability.txt). ``convert(...,
 calibration_samples=N)`` overrides the rule, ``calibration_seed=`` draws another sample.
 """
 
