@@ -38,3 +38,20 @@ def measure_layer_statistics(model: nn.Module, *inputs: Any) -> list[LayerStatis
         for h in handles:
             h.remove()
     return stats
+
+
+def correction_spread(models: list[nn.Module]) -> tuple[float, str | None]:
+    """The largest relative spread (max - min) / mean of any correction constant (a
+    ``Standardize``'s scale, per element) over conversions of one model, e.g. with other
+    calibration seeds, and the correction's path (None when the models have no correction)."""
+    from .standardize import Standardize
+
+    found = [{p: m.scale.double().flatten() for p, m in model.named_modules() if isinstance(m, Standardize)}
+             for model in models]
+    worst, where = 0.0, None
+    for path, first in found[0].items():
+        s = torch.stack([torch.broadcast_to(f[path], first.shape) for f in found])
+        spread = float(((s.max(0).values - s.min(0).values) / s.mean(0)).max())
+        if where is None or spread > worst:
+            worst, where = spread, path
+    return worst, where

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING
 
+import torch
 from torch import fx, nn
 
 from normprop_fx.activation_functions import ActivationSpec, activation
@@ -169,3 +170,18 @@ def normalizable_activation(
     except UnsupportedActivationError as err:
         return None, str(err)
     return spec, None
+
+
+def save_buffers(module: nn.Module | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A copy of every buffer of ``module``, for :func:`restore_buffers` after a run that must
+    leave no trace (a probe, the sample, a fake-tensor shape pass)."""
+    if module is None:
+        return []
+    return [(b, b.detach().clone()) for b in module.buffers()]
+
+
+def restore_buffers(module: nn.Module | None, saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Write the copies :func:`save_buffers` took back into their buffers."""
+    with torch.no_grad():
+        for buffer, copy_ in saved:
+            buffer.copy_(copy_)

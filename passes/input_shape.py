@@ -11,6 +11,7 @@ from torch import fx, nn
 
 from normprop_fx.errors import InvalidOptionError, NormPropError
 
+from .graph_utils import restore_buffers, save_buffers
 from .patterns import PRODUCER_PATTERNS, lookup_by_type
 
 DEFAULT_SPATIAL = 224
@@ -124,15 +125,13 @@ def fake_shapes(gm: fx.GraphModule, shapes: Sequence[tuple[int, ...]],
             return value
 
     device = next((p.device for p in gm.parameters()), torch.device("cpu"))
-    saved = [(b, b.detach().clone()) for b in gm.buffers()]
+    saved = save_buffers(gm)
     try:
         with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
             fake = [mode.from_tensor(torch.empty(shape, dtype=dtype, device=device)) for shape, dtype in zip(shapes, dtypes)]
             _Shapes(gm).run(*fake)
     finally:
-        with torch.no_grad():
-            for buffer, copy_ in saved:
-                buffer.copy_(copy_)
+        restore_buffers(gm, saved)
     return found
 
 

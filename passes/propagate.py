@@ -57,7 +57,14 @@ from normprop_fx.records import TRAINED_INIT, Correction
 
 from .calibration_sample import sample_shape
 from .describe import calibration_estimate, calibration_note, describe_node, opaque_unmeasured, value_range
-from .graph_utils import NORMPROP_CONSUMERS, NORMPROP_MODULES, channel_reduce_dims, normalizable_activation
+from .graph_utils import (
+    NORMPROP_CONSUMERS,
+    NORMPROP_MODULES,
+    channel_reduce_dims,
+    normalizable_activation,
+    restore_buffers,
+    save_buffers,
+)
 from .moment_rules import (
     FUNCTION_RULES,
     METHOD_RULES,
@@ -334,7 +341,7 @@ class MomentInterpreter(fx.Interpreter):
             return None
         runs = max(1, min(PROBE_MAX_RUNS, math.ceil(PROBE_SAMPLES / max(1, _elements_per_channel(value)))))
         sums: Any = None
-        saved = _save_buffers(module)
+        saved = save_buffers(module)
         try:
             for _ in range(runs):
                 stats = tree_map(_channel_sums, self.apply(n, module, self._gaussian))
@@ -343,7 +350,7 @@ class MomentInterpreter(fx.Interpreter):
             logger.debug("probe of %s failed: %s", n.name, err)
             return None
         finally:
-            _restore_buffers(module, saved)
+            restore_buffers(module, saved)
         self.estimated.append(describe_node(n, self.module))
         return _moments_from_sums(sums, runs)
 
@@ -411,18 +418,6 @@ def _call(n: fx.Node, module: nn.Module | None, args: tuple, kwargs: dict) -> An
         return n.target(*args, **kwargs)
 
 
-def _save_buffers(module: nn.Module | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    if module is None:
-        return []
-    return [(b, b.detach().clone()) for b in module.buffers()]
-
-
-def _restore_buffers(module: nn.Module | None, saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    with torch.no_grad():
-        for buffer, copy_ in saved:
-            buffer.copy_(copy_)
-
-
 def _activation_form(n: fx.Node, module: nn.Module | None) -> ActivationForm | None:
     if module is not None:
         return lookup_by_type(MODULE_ACTIVATION_FORMS, module)
@@ -485,7 +480,7 @@ def _as_at_init(gm: fx.GraphModule) -> Iterator[None]:
     training = [(m, m.training) for m in gm.modules()]
     affine = [m for m in gm.modules() if isinstance(m, NORMPROP_CONSUMERS) and not is_trained(m)]
     saved = [(m, m.gamma.detach().clone(), m.beta.detach().clone()) for m in affine]
-    buffers = _save_buffers(gm)
+    buffers = save_buffers(gm)
     gm.eval()
     try:
         with torch.no_grad():
@@ -498,6 +493,6 @@ def _as_at_init(gm: fx.GraphModule) -> Iterator[None]:
             for m, gamma, beta in saved:
                 m.gamma.copy_(gamma)
                 m.beta.copy_(beta)
-        _restore_buffers(gm, buffers)
+        restore_buffers(gm, buffers)
         for m, flag in training:
             m.training = flag

@@ -13,7 +13,7 @@ from normprop_fx.errors import InvalidOptionError
 from normprop_fx.passes import calibration_sample
 from normprop_fx.passes.input_shape import fake_shapes
 from normprop_fx.passes.trace import trace
-from normprop_fx.standardize import Standardize
+from normprop_fx.statistics import correction_spread
 
 timm = pytest.importorskip("timm")
 
@@ -35,19 +35,11 @@ def _se_net() -> nn.Module:
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
 
 
-def _constants(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {p: m.scale.double().flatten() for p, m in model.named_modules() if isinstance(m, Standardize)}
-
-
 def _spread(models: list[nn.Module]) -> float:
     """The largest relative spread of any correction constant over ``models``."""
-    found = [_constants(m) for m in models]
-    assert found[0], "the model has no correction to compare"
-    worst = 0.0
-    for path in found[0]:
-        s = torch.stack([torch.broadcast_to(f[path], found[0][path].shape) for f in found])
-        worst = max(worst, float(((s.max(0).values - s.min(0).values) / s.mean(0)).max()))
-    return worst
+    spread, where = correction_spread(models)
+    assert where is not None, "the model has no correction to compare"
+    return spread
 
 
 def test_sample_size_does_not_follow_the_example_batch() -> None:

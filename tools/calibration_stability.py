@@ -19,8 +19,8 @@ import warnings
 import torch
 
 import normprop_fx
-from normprop_fx.standardize import Standardize
-from normprop_fx.statistics import measure_layer_statistics
+from normprop_fx.model_check import MEAN_TARGET, STD_TARGET
+from normprop_fx.statistics import correction_spread, measure_layer_statistics
 
 
 def build(source: str, name: str) -> torch.nn.Module:
@@ -44,21 +44,16 @@ def main() -> None:
         model, side = build(source, name), int(pixels)
         torch.manual_seed(1)
         test = torch.randn(32, 3, side, side)
-        constants, stats, used = [], [], ""
+        converted_models, stats, used = [], [], ""
         for seed in range(args.seeds):
             converted = normprop_fx.convert(model, gamma_init=1.0, example_inputs=torch.empty(2, 3, side, side),
                                             calibration_seed=seed, calibration_samples=args.samples).eval()
             used = re.search(r"on (\d+) Gaussian samples", converted.normprop_report.assumptions[-1]).group(1)
-            constants.append({p: m.scale.double().flatten() for p, m in converted.named_modules() if isinstance(m, Standardize)})
+            converted_models.append(converted)
             layers = measure_layer_statistics(converted, test)
-            outside = sum(not (0.7 <= s.std <= 1.4 and abs(s.mean) < 0.3) for s in layers)
+            outside = sum(not (STD_TARGET[0] <= s.std <= STD_TARGET[1] and abs(s.mean) < MEAN_TARGET) for s in layers)
             stats.append(f"{outside}/{len(layers)} outside, std {min(s.std for s in layers):.3f}..{max(s.std for s in layers):.3f}")
-        spread, where = 0.0, "-"
-        for path in constants[0]:
-            s = torch.stack([torch.broadcast_to(c[path], constants[0][path].shape) for c in constants])
-            r = float(((s.max(0).values - s.min(0).values) / s.mean(0)).max())
-            if r > spread:
-                spread, where = r, path
+        spread, where = correction_spread(converted_models)
         print(f"{spec}: {used} samples; constants spread {spread:.3f} at {where}; " + "; ".join(stats), flush=True)
 
 
