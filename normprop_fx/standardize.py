@@ -14,6 +14,31 @@ from torch import nn
 
 from .eager import is_compiling
 
+#: A channel whose variance on the calibration sample is below this fraction of the median
+#: channel's is taken as nearly constant there (docs/method.md section 6). Its 1/sqrt(variance)
+#: would be a gain the sample does not support: in timm's efficientvit_b1 at 64 px, calibrated on
+#: 2 samples (8 values a channel at 2x2), hardswish channels that were 0 on all 8 values got
+#: scale 1e6 (1/sqrt of the 1e-12 clamp), and on other inputs those gains compounded over the
+#: blocks to inf. Measured corrections of the zoo stay far inside it: on the default sample the
+#: largest per-channel scale is at most ~8x the median channel's (variance ratio ~1/64).
+NEAR_CONSTANT_VARIANCE = 1e-3
+#: the variance a scalar (or wholly constant) correction is clamped at
+MIN_VARIANCE = 1e-12
+
+
+def standardizing_scale(var: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``1 / sqrt(var)``, the scale of a correction whose input has variance ``var`` (scalar or per
+    channel), and the number of near-constant channels: those below ``NEAR_CONSTANT_VARIANCE`` of
+    the median channel's variance are scaled as if their variance were that floor, so no channel
+    gets more than ~32x the median channel's gain. Moment propagation applies it to its sample
+    and the inserted correction is built from it, so both agree."""
+    var = var.clamp_min(MIN_VARIANCE)
+    if var.numel() <= 1:
+        return var.rsqrt(), 0
+    floor = NEAR_CONSTANT_VARIANCE * float(var.flatten().median())
+    near_constant = int((var < floor).sum())
+    return var.clamp_min(floor).rsqrt(), near_constant
+
 
 class Standardize(nn.Module):
     """Subtract a constant mean and multiply by a constant scale.

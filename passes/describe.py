@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import fx
 
+from normprop_fx.standardize import NEAR_CONSTANT_VARIANCE
+
 
 def describe_target(target: Any) -> str:
     module = getattr(target, "__module__", None) or ""
@@ -68,6 +70,12 @@ def correction_reason(source: str, mean: torch.Tensor, var: torch.Tensor, note: 
     elif not structural:
         reason += " (estimated: depends on weights or a probe)"
     return reason
+
+
+def near_constant_line(count: int, channels: int) -> str:
+    """What a correction's reason adds when some of its channels were nearly constant on the sample."""
+    return (f"{count} of {channels} channels nearly constant on the calibration sample: scaled as "
+            f"if their variance were {NEAR_CONSTANT_VARIANCE:g} of the median channel's")
 
 
 def calibration_estimate(consumer: str, structural: bool, ratio: float) -> str:

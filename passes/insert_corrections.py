@@ -23,9 +23,9 @@ from torch import fx
 from normprop_fx.activation_functions import ActivationSpec
 from normprop_fx.normalized_activation import NormalizedActivation
 from normprop_fx.records import Correction, NormalizedStandalone
-from normprop_fx.standardize import Standardize
+from normprop_fx.standardize import Standardize, standardizing_scale
 
-from .describe import correction_reason, describe_node, owner_module_path, value_range
+from .describe import correction_reason, describe_node, near_constant_line, owner_module_path, value_range
 from .graph_utils import adopt_owner, free_module_name, hand_over, module_calls, set_submodule
 from .moment_rules import Moments
 from .propagate import CORRECTION, NORMALIZE, RECORDS, MomentAnalysis
@@ -68,8 +68,10 @@ def _insert_correction(
     mean, var = without_batch(moments.mean), without_batch(moments.var)
     if mean.numel() > 1 and torch.allclose(mean, mean.flatten()[0].expand_as(mean)) and torch.allclose(var, var.flatten()[0].expand_as(var)):
         mean, var = mean.flatten()[0], var.flatten()[0]
-    scale = var.clamp_min(1e-12).rsqrt()
+    scale, near_constant = standardizing_scale(var)
     reason = correction_reason(describe_node(source, gm), mean, var, note, moments.structural)
+    if near_constant:
+        reason += f"; {near_constant_line(near_constant, var.numel())}"
     module = Standardize(mean.float(), scale.float(), reason=reason)
     target = free_module_name(gm, f"{name}_input_correction")
     gm.add_submodule(target, module)

@@ -54,6 +54,7 @@ from normprop_fx.moments import activation_moments
 from normprop_fx.normalized_activation import NormalizedActivation
 from normprop_fx.opaque_affine import OpaqueNormPropAffine
 from normprop_fx.records import TRAINED_INIT, Correction
+from normprop_fx.standardize import standardizing_scale
 
 from .calibration_sample import sample_shape
 from .describe import calibration_estimate, calibration_note, describe_node, opaque_unmeasured, value_range
@@ -377,7 +378,7 @@ def _standardized(x: torch.Tensor, moments: Moments) -> torch.Tensor:
     """(x - mean) / std with the nominal per-channel moments, as a correction does."""
     mean, var = per_channel(moments, x.dim())
     mean = mean.to(x.device, x.dtype)
-    scale = var.clamp_min(1e-12).rsqrt().to(x.device, x.dtype)
+    scale = standardizing_scale(var)[0].to(x.device, x.dtype)
     return (x - mean) * scale
 
 

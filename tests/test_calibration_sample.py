@@ -13,6 +13,7 @@ from normprop_fx.errors import InvalidOptionError
 from normprop_fx.passes import calibration_sample
 from normprop_fx.passes.input_shape import fake_shapes
 from normprop_fx.passes.trace import trace
+from normprop_fx.standardize import NEAR_CONSTANT_VARIANCE, standardizing_scale
 from normprop_fx.statistics import correction_spread
 
 timm = pytest.importorskip("timm")
@@ -104,3 +105,49 @@ def test_lcnet_constants_are_stable_across_seeds() -> None:
         model, gamma_init=1.0, calibration_seed=seed, calibration_samples=samples)
     assert _spread([convert(seed) for seed in range(3)]) < 0.05
     assert _spread([convert(seed, 2) for seed in range(3)]) > 0.05
+
+
+def _dead_channel_net() -> nn.Module:
+    """A plain conv (no BatchNorm, so its moments are estimated on the sample) whose channel 0 has
+    bias -20, a hardswish (0 below -3), then conv-BN-ReLU: channel 0 is 0 on every Gaussian sample."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Hardswish(), nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+    with torch.no_grad():
+        model[0].bias[0] = -20.0
+    return model
+
+
+def test_a_channel_constant_on_the_sample_gets_no_unbounded_gain() -> None:
+    """A channel with variance 0 on the calibration sample got scale 1e6 (1/sqrt of the 1e-12
+    clamp): on an input that makes it nonzero the NormProp layer's output was ~1e6 times its scale
+    (timm efficientvit_b1 at 64 px on 2 samples went to inf that way). Now its variance is floored
+    at NEAR_CONSTANT_VARIANCE of the median channel's, and the audit says so."""
+    model = _dead_channel_net()
+    converted = normprop_fx.convert(model, gamma_init=1.0, example_inputs=torch.empty(2, 3, 8, 8))
+    correction = converted[2].input_correction
+    scale = correction.scale.flatten()
+    variance = scale.double() ** -2  # what each channel was standardized by; channel 0's is the floor
+    assert float(scale[0]) == pytest.approx(float(NEAR_CONSTANT_VARIANCE * variance.median()) ** -0.5, rel=1e-4)
+    assert scale[1:].max() < 10 * scale.median()  # the live channels keep their own scales
+    reasons = [c.reason for c in converted.normprop_report.corrections]
+    assert any("1 of 8 channels nearly constant on the calibration sample" in r for r in reasons), reasons
+
+    # an input that wakes channel 0 up: the output stays on the scale of the live channels'
+    torch.manual_seed(1)
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        typical = converted(x).abs().max()
+        w = model[0].weight[0, :, 0, 0]
+        awake = x + (30.0 / w.square().sum() * w)[None, :, None, None]  # channel 0: w.x + 30 - 20
+        assert model[1](model[0](awake))[:, 0].min() > 0
+        assert converted(awake).abs().max() < 1e3 * typical
+
+
+def test_standardizing_scale() -> None:
+    var = torch.tensor([1.0, 2.0, 0.5, 0.0, 1e-9])  # median 0.5
+    scale, near_constant = standardizing_scale(var)
+    assert near_constant == 2
+    assert torch.allclose(scale[:3], var[:3].rsqrt())
+    assert torch.allclose(scale[3:], torch.tensor(NEAR_CONSTANT_VARIANCE * 0.5).rsqrt().expand(2))
+    scalar, count = standardizing_scale(torch.tensor(0.0))
+    assert count == 0 and scalar.item() == pytest.approx(1e6)
