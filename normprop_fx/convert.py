@@ -171,12 +171,14 @@ def convert(
     gm, rewrites = rewrite_patterns(gm, matches, inits, gamma_init=gamma_init, eps=eps)
     opaque_rewrites, hidden = replace_opaque_batchnorms(gm, hidden, inits, gamma_init)
     corrections, standalone, estimated, unknown = [], [], [], []
+    samples = None
     if rewrites + opaque_rewrites and all(r.init == TRAINED_INIT for r in rewrites + opaque_rewrites):
         inputs, assumptions = _example_inputs_if_known(model, gm, example_inputs), (TRAINED_ASSUMPTION,)
     else:
         inputs, shape_assumption = resolve_example_inputs(model, gm, example_inputs)
         sample = calibration_sample_size(gm, inputs, calibration_samples)
         assumptions = (INPUT_ASSUMPTION, *shape_assumption, calibration_line(sample, calibration_seed))
+        samples = sample.samples
         try:
             analysis = propagate_moments(gm, inputs, sample.samples, calibration_seed)
             gm, corrections, standalone = insert_corrections(gm, analysis)
@@ -232,6 +234,7 @@ def convert(
         estimated_ops=tuple(estimated),
         unknown_moments=tuple(unknown),
         input_shapes=tuple(tuple(x.shape) for x in inputs),
+        calibration_samples=samples,
         module_tree=tree,
     )
     setattr(result, REPORT_ATTRIBUTE, report)

@@ -128,6 +128,8 @@ class ConversionReport:
     #: ops whose moments could not be computed (with the error): nothing downstream is corrected
     unknown_moments: tuple[str, ...] = ()
     input_shapes: tuple[tuple[int, ...], ...] = ()  #: the shapes the nominal moments were computed for
+    #: Gaussian samples moment propagation calibrated on (None: none ran, e.g. a trained network)
+    calibration_samples: int | None = None
     #: how the result carries the user's module tree (None: not recorded)
     module_tree: ModuleTree | None = None
 

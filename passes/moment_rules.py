@@ -27,7 +27,7 @@ from torch import fx, nn
 from normprop_fx.moments import activation_constants, max_of_normals
 
 from .describe import average_estimate, describe_node, max_estimate
-from .graph_utils import channel_reduce_dims
+from .graph_utils import channel_moments, channel_reduce_dims
 from .moment_particles import (
     MAX_EXPLICIT_AVERAGE,
     activation_moments_of,
@@ -379,11 +379,7 @@ def _linear(ctx: MomentInterpreter, n: fx.Node, value: torch.Tensor, module: nn.
 def sample_moments(t: torch.Tensor, center: torch.Tensor | None = None) -> Moments:
     """Per-channel mean and variance of a sample tensor (over every dim but 1), compact; with
     ``center`` (compact, like the result), the mean square around it instead of the variance."""
-    t = t.detach().double()
-    dims = channel_reduce_dims(t.dim())
-    mean = t.mean(dims, keepdim=True) if dims else t
-    around = mean if center is None else center.to(t.device)
-    var = ((t - around) ** 2).mean(dims, keepdim=True) if dims else torch.zeros_like(t)
+    mean, var = channel_moments(t, center)
     return Moments(mean.cpu(), var.cpu(), structural=False)
 
 

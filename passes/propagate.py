@@ -61,7 +61,7 @@ from .describe import calibration_estimate, calibration_note, describe_node, opa
 from .graph_utils import (
     NORMPROP_CONSUMERS,
     NORMPROP_MODULES,
-    channel_reduce_dims,
+    channel_moments,
     normalizable_activation,
     restore_buffers,
     save_buffers,
@@ -223,7 +223,7 @@ class MomentInterpreter(fx.Interpreter):
         when the sample rescaled them, how."""
         x = self.env[source]
         mean, var = per_channel(moments, x.dim())
-        spread = float(((x.detach().double().cpu() - mean) ** 2).mean())
+        spread = float(channel_moments(x, center=mean)[1].mean())
         nominal = float(var.expand((1, *x.shape[1:])).mean()) if x.dim() >= 1 else float(var)
         if not (spread > 0 and nominal > 0):
             return moments, None
@@ -393,11 +393,8 @@ def _channel_sums(t: Any) -> Any:
     """Per-channel E[x] and E[x^2] of one probe output, stacked on a new leading dim."""
     if not _is_float_tensor(t):
         return None
-    t = t.detach().double()
-    dims = channel_reduce_dims(t.dim())
-    if not dims:
-        return torch.stack([t, t * t])
-    return torch.stack([t.mean(dims, keepdim=True), (t * t).mean(dims, keepdim=True)])
+    mean, var = channel_moments(t)
+    return torch.stack([mean, var + mean * mean])
 
 
 def _moments_from_sums(sums: Any, runs: int) -> Any:

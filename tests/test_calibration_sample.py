@@ -61,6 +61,7 @@ def test_sample_size_rule() -> None:
     for side, samples in ((16, 32), (8, 128)):
         converted = normprop_fx.convert(model, example_inputs=torch.empty(2, 3, side, side))
         assert f"calibrated on {samples} Gaussian samples" in converted.normprop_report.assumptions[-1]
+        assert converted.normprop_report.calibration_samples == samples
     gm, _ = trace(model, (), None)
     plain = calibration_sample.calibration_sample_size(gm, [torch.empty(2, 3, 16, 16)])
     assert plain.samples == calibration_sample.MIN_SAMPLES and "no NormProp consumer" in plain.reason

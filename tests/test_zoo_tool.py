@@ -116,11 +116,16 @@ def test_sweep_isolates_failures_resumes_and_writes_docs(tmp_path):
     assert "signal 9" in rows["Crashes"]["failures"][0]
     assert rows["Hangs"]["failures"] == ["timeout: no result within 10 s"]
     assert rows["Hog"]["failures"][0].startswith("memory: the worker's resident memory reached")
+    # each row its own peak (the worker's VmHWM, reset per model), the Hog's its reading when stopped
+    assert 0 < rows["Small"]["peak_memory_gb"] < 2 and 0 < rows["NoBatchNorm"]["peak_memory_gb"] < 2
 
     text = docs.read_text()
     assert text.index("## Summary") < text.index("## Failures by category") < text.index("## Models with BatchNorm")
     assert "| trace | 1 |" in text and "| worker crashed | 1 |" in text and "| timeout | 1 |" in text
     assert "| python:zoo_models.Small | 8x8 | yes | 1 / 1 / 0 | yes | yes | yes | yes |" in text
+    small = next(line for line in text.splitlines() if line.startswith("| python:zoo_models.Small |"))
+    assert small.split(" | ")[13] == f"{rows['Small']['peak_memory_gb']:.1f}"  # the peak GiB column
+    assert "| >= 2." in text  # the Hog's: at least what it had reached when stopped
     assert "## Models without BatchNorm (1, not checked)" in text and "python:zoo_models.NoBatchNorm" in text
     assert "python tools/zoo.py --models python:zoo_models.Small" in text
 

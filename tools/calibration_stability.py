@@ -13,7 +13,6 @@ least and the largest std, measured over 32 N(0, I) samples (torch.manual_seed(1
 from __future__ import annotations
 
 import argparse
-import re
 import warnings
 
 import torch
@@ -48,7 +47,7 @@ def main() -> None:
         for seed in range(args.seeds):
             converted = normprop_fx.convert(model, gamma_init=1.0, example_inputs=torch.empty(2, 3, side, side),
                                             calibration_seed=seed, calibration_samples=args.samples).eval()
-            used = re.search(r"on (\d+) Gaussian samples", converted.normprop_report.assumptions[-1]).group(1)
+            used = converted.normprop_report.calibration_samples
             converted_models.append(converted)
             layers = measure_layer_statistics(converted, test)
             outside = sum(not (STD_TARGET[0] <= s.std <= STD_TARGET[1] and abs(s.mean) < MEAN_TARGET) for s in layers)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import difflib
 import math
+import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
@@ -122,13 +124,51 @@ def create_model(source: str, name: str, *, pretrained: bool = False, **kwargs: 
 
 
 def default_input_size(source: str, name: str, model: Any) -> tuple[int, ...]:
-    """The per-sample input size a model is made for: torchvision's 224x224 (inception_v3: 299),
-    timm's pretrained_cfg input_size."""
+    """The per-sample input size a model is made for: for torchvision the crop size of its default
+    weights' transforms (224 for resnet50, 600 for efficientnet_b7; read from the weights' table,
+    nothing is downloaded), 224x224 for a model without weights; timm's pretrained_cfg input_size."""
     if source == "torchvision":
-        side = 299 if name == "inception_v3" else 224
+        import torchvision.models
+
+        try:
+            crop = torchvision.models.get_model_weights(name).DEFAULT.transforms().crop_size
+            side = int(crop[0] if isinstance(crop, (list, tuple)) else crop)
+        except (ValueError, AttributeError, TypeError, IndexError):  # no weights, or no crop in their transforms
+            side = 224
         return (3, side, side)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     return tuple(cfg.get("input_size", getattr(model, "default_input_size", (3, 224, 224))))
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def reset_peak_memory() -> None:
+    """Start this process's peak resident memory (VmHWM) afresh at its current size (Linux >= 4.0:
+    writing 5 to /proc/self/clear_refs), so that each measurement has its own peak; nothing elsewhere."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_memory_gb() -> float | None:
+    """This process's peak resident memory since the last reset, in GiB (None where /proc has none)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    found = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
+    return int(found.group(1)) / 2**20 if found else None
+
+
+def resident_memory_gb(pid: int | str = "self") -> float:
+    """The resident memory of process ``pid`` (this one by default) now, in GiB (0 where /proc has none)."""
+    try:
+        pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
 # ----------------------------------------------------------------------------- pages with notes

@@ -194,11 +194,15 @@ def _worker(conn: Connection, threads: int) -> None:
         if message is None:
             return
         key, options = message
+        common.reset_peak_memory()
         try:
             row = check_one(key, options)
         except BaseException as err:  # noqa: BLE001 - anything at all is a row
             row = {"model": key, "passed": False, "has_bn": None,
                    "failures": [f"worker: {type(err).__name__}: {err}"], "trace": traceback.format_exc()[-2000:]}
+        peak = common.peak_memory_gb()
+        if peak is not None:
+            row["peak_memory_gb"] = round(peak, 2)
         conn.send(row)
 
 
@@ -264,11 +268,7 @@ class _WorkerSlot:
 
     def _resident_gb(self) -> float:
         """Resident set size of the worker (Linux /proc; 0 where it cannot be read)."""
-        try:
-            pages = int(Path(f"/proc/{self.process.pid}/statm").read_text().split()[1])  # type: ignore[union-attr]
-        except (OSError, ValueError, IndexError, AttributeError):
-            return 0.0
-        return pages * os.sysconf("SC_PAGE_SIZE") / 2**30
+        return common.resident_memory_gb(self.process.pid) if self.process is not None else 0.0
 
     def stop(self) -> None:
         if self.process is not None:
@@ -369,6 +369,15 @@ def _class_kept(rows: list[dict[str, Any]]) -> str:
     verdict = "met" if kept / len(known) >= CLASS_KEPT_GOAL else "**not met**"
     unknown = len(rows) - len(known)
     return f"{_pct(kept, len(known))} ({verdict})" + (f"; {unknown} not recorded" if unknown else "")
+
+
+def _peak(row: dict[str, Any]) -> str:
+    """The worker's peak resident memory on the model (a model stopped for memory: what it had
+    reached then, from its reason), '-' for rows swept before it was recorded."""
+    if row.get("peak_memory_gb") is not None:
+        return f"{row['peak_memory_gb']:.1f}"
+    stopped = re.search(r"memory reached ([\d.]+) GiB", " ".join(row.get("failures", [])))
+    return f">= {stopped.group(1)}" if stopped else "-"
 
 
 def _median(values: list[float]) -> float:
@@ -516,7 +525,7 @@ def render_docs(rows: list[dict[str, Any]], command: str, selected: int | None =
         lines.append("")
     columns = ["model", "input", "traced", "BN found / converted / left", "fwd", "bwd", "batch-indep.",
                "pass", "worst abs(std-1) (layer)", "worst abs(mean)", "std target", "convert s", "total s",
-               "class kept", "reason", *(["trained: pass (float32 / float64)"] if trained else [])]
+               "peak GiB", "class kept", "reason", *(["trained: pass (float32 / float64)"] if trained else [])]
     lines += ["## Models with BatchNorm", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in sorted((r for r in rows if r.get("has_bn") is not False), key=lambda r: r["model"]):
         counts = (f"{r['batchnorms_found']} / {r['converted']} / {r['left']}"
@@ -530,7 +539,7 @@ def render_docs(rows: list[dict[str, Any]], command: str, selected: int | None =
         cells = [r["model"], shape, _yes(r.get("traced")), counts, _yes(r.get("forward_ok")),
                  _yes(r.get("backward_ok")), _yes(r.get("batch_independent")), _yes(bool(r.get("passed"))),
                  worst, mean, _yes(r.get("within_std_target")), convert_s, f"{r.get('seconds', 0):.1f}",
-                 _yes(r.get("class_kept")), reason]
+                 _peak(r), _yes(r.get("class_kept")), reason]
         if trained:
             t = trained.get(r["model"])
             cells.append("-" if t is None else f"{_yes(bool(t.get('passed')))} ({_error(t.get('error_float32'))} / "

@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""Peak memory of ``normprop_fx.convert`` relative to the model's parameter memory.
+
+    python tools/convert_memory.py torchvision:resnet50 torchvision:efficientnet_b7 timm:regnety_320 \\
+        [--pixels N] [--json docs/conversion-memory.json]
+
+Each measurement runs in a fresh process (spawned), so nothing of an earlier one is counted: the
+model is built (``torch.manual_seed(0)``, no weights downloaded, train mode as built), its resident
+memory is read, the process's peak resident memory is reset to it (Linux: ``/proc/self/clear_refs``),
+the model is converted with ``gamma_init=1`` on an example input of the model's own input size
+(``--pixels`` overrides it), and the peak is read. Reported per model, for ``inplace=False`` and
+``inplace=True`` (one process each):
+
+* ``added``: peak minus the resident memory before ``convert``, in GiB: what the conversion needs
+  on top of the model it was given (with ``inplace=False`` that includes the copy it returns);
+* ``ratio``: ``added`` over the bytes of the model's parameters and buffers.
+
+The targets (issue 20): ratio <= 2.5 with a copy, <= 1.5 in place. Exit status 2 on a bad argument.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import common
+
+#: ratio targets: (peak - before) / parameter memory
+TARGETS = {False: 2.5, True: 1.5}
+
+
+def measure(spec: str, inplace: bool, pixels: int | None) -> dict[str, Any]:
+    """One conversion's memory, in this (fresh) process."""
+    import gc
+    import warnings
+
+    import torch
+
+    import normprop_fx
+
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    source, name = common.find_model(spec)
+    torch.manual_seed(0)
+    model = common.create_model(source, name)
+    shape = common.default_input_size(source, name, model)
+    if pixels:
+        shape = (shape[0], pixels, pixels)
+    tensors = list(model.parameters()) + list(model.buffers())
+    parameter_gb = sum(t.numel() * t.element_size() for t in tensors) / 2**30
+    gc.collect()
+    before = common.resident_memory_gb()
+    common.reset_peak_memory()
+    start = time.perf_counter()
+    converted = normprop_fx.convert(model, gamma_init=1.0, inplace=inplace, example_inputs=torch.empty(2, *shape))
+    seconds = time.perf_counter() - start
+    peak = common.peak_memory_gb()
+    if peak is None:
+        raise RuntimeError("this system has no /proc/self/status VmHWM: peak memory cannot be read")
+    samples = converted.normprop_report.calibration_samples
+    added = peak - before
+    return {"model": f"{source}:{name}", "inplace": inplace, "input_shape": list(shape),
+            "parameter_gb": round(parameter_gb, 3), "before_gb": round(before, 3), "peak_gb": round(peak, 3),
+            "added_gb": round(added, 3), "ratio": round(added / parameter_gb, 3),
+            "target": TARGETS[inplace], "met": added / parameter_gb <= TARGETS[inplace],
+            "calibration_samples": samples, "seconds": round(seconds, 1)}
+
+
+def _child(conn: Any, spec: str, inplace: bool, pixels: int | None) -> None:
+    try:
+        conn.send(measure(spec, inplace, pixels))
+    except BaseException as err:  # noqa: BLE001 - the parent reports it
+        conn.send({"model": spec, "inplace": inplace, "error": f"{type(err).__name__}: {err}"})
+
+
+def run_isolated(spec: str, inplace: bool, pixels: int | None) -> dict[str, Any]:
+    """:func:`measure` in a spawned process of its own."""
+    context = multiprocessing.get_context("spawn")
+    parent, child = context.Pipe()
+    process = context.Process(target=_child, args=(child, spec, inplace, pixels))
+    process.start()
+    child.close()
+    try:
+        return parent.recv()
+    except EOFError:
+        return {"model": spec, "inplace": inplace, "error": f"the process died (exit status {process.exitcode})"}
+    finally:
+        process.join()
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """The rows as a markdown table."""
+    lines = ["| model | input | inplace | parameters GiB | added by convert GiB | ratio (target) | calibration samples | convert s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | - | {r['inplace']} | - | - | {r['error']} | - | - |")
+            continue
+        verdict = "met" if r["met"] else "**not met**"
+        lines.append(f"| {r['model']} | {'x'.join(map(str, r['input_shape'][1:]))} | {r['inplace']} | "
+                     f"{r['parameter_gb']:.3f} | {r['added_gb']:.3f} | {r['ratio']:.2f} (<= {r['target']:g}: {verdict}) | "
+                     f"{r['calibration_samples']} | {r['seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = common.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="+", metavar="SOURCE:NAME", help="e.g. torchvision:resnet50 timm:regnety_320")
+    parser.add_argument("--pixels", type=int, default=None, help="input side instead of the model's own")
+    parser.add_argument("--json", type=Path, default=None, help="write the rows and the command here")
+    args = parser.parse_args(argv)
+    if args.pixels is not None and args.pixels <= 0:
+        parser.error(f"--pixels must be positive, got {args.pixels}")
+    for spec in args.models:
+        try:
+            common.find_model(spec)
+        except common.UnknownModelError as err:
+            parser.error(str(err))
+    rows = []
+    for spec in args.models:
+        for inplace in (False, True):
+            rows.append(run_isolated(spec, inplace, args.pixels))
+            print(json.dumps(rows[-1]), flush=True)
+    print(table(rows))
+    if args.json:
+        command = "python tools/convert_memory.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+        machine = {"command": command, "python": platform.python_version(), "processor": platform.processor() or platform.machine()}
+        args.json.write_text(json.dumps({"machine": machine, "rows": rows}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
