@@ -33,7 +33,7 @@ from .errors import InvalidOptionError, UntraceableModelError
 from .passes.graph_utils import channel_reduce_dims
 from .passes.inventory import NEVER_CALLED
 from .passes.trace import mode_dependent_modules
-from .statistics import measure_layer_statistics
+from .statistics import LayerStatistics, correction_scales, correction_spread, measure_layer_statistics
 
 logger = logging.getLogger(__name__)
 
@@ -645,3 +645,109 @@ def check_trained_conversion(
     except Exception as err:  # noqa: BLE001 - a failing model is a row, never a crash
         check.failures.append(_failure_line(stage, err))
     return check
+
+
+# --- statistics at the model's own resolution, over calibration seeds (issue 20) ----------------------------
+
+#: every model's worst NormProp layer should have its output std within this range at init...
+WORST_STD_RANGE = (0.5, 2.0)
+#: ... and its correction constants should move by at most this much (relative) between seeds
+SEED_SPREAD_TARGET = 0.05
+
+
+@dataclass
+class StatisticsCheck:
+    """What :func:`check_statistics` found for one model."""
+
+    name: str
+    input_shape: tuple[int, ...]
+    seeds: int
+    samples: int  #: N(0, I) samples the layer statistics are measured over
+    calibration_samples: int | None = None  #: the size of the sample the corrections are calibrated on
+    layers: int = 0  #: NormProp layer calls measured
+    within: int = 0  #: of those, with std in STD_TARGET and |mean| < MEAN_TARGET
+    min_std: float | None = None
+    min_std_layer: str | None = None
+    max_std: float | None = None
+    max_std_layer: str | None = None
+    worst_abs_mean: float | None = None
+    worst_mean_layer: str | None = None
+    #: largest relative spread (max - min) / mean of a correction constant over the seeds, and where
+    seed_spread: float | None = None
+    seed_spread_at: str | None = None
+    corrections: int = 0  #: Standardize corrections in the seed-0 conversion
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def worst_within_range(self) -> bool:
+        low, high = WORST_STD_RANGE
+        return self.min_std is not None and low <= self.min_std and self.max_std <= high
+
+    @property
+    def passed(self) -> bool:
+        """Converted and measured, its worst layer within WORST_STD_RANGE, its constants within
+        SEED_SPREAD_TARGET across seeds (a model without corrections has nothing to move)."""
+        return (not self.failures and self.layers > 0 and self.worst_within_range
+                and (self.seed_spread is None or self.seed_spread <= SEED_SPREAD_TARGET))
+
+    def to_dict(self) -> dict[str, Any]:
+        return _as_row(self, worst_within_range=self.worst_within_range)
+
+
+def check_statistics(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    name: str = "",
+    seeds: int = 3,
+    samples: int = 32,
+    batch_size: int = 8,
+    convert_options: dict[str, Any] | None = None,
+) -> StatisticsCheck:
+    """Convert ``model`` (left unchanged) at ``gamma_init=1`` once per calibration seed
+    ``0..seeds-1`` on an example input of ``input_shape`` (no batch dim), and measure every
+    NormProp layer's output mean and std in eval mode over ``samples`` N(0, I) samples
+    (``torch.Generator().manual_seed(1)``, run ``batch_size`` at a time) on the seed-0
+    conversion; the spread of every correction constant over the seeds. Only the constants of
+    the other conversions are kept, so at most two copies of the weights live at once. Never
+    raises for a failing model: the error is a line of ``failures``."""
+    shape = tuple(int(d) for d in input_shape)
+    if seeds < 1 or samples < 1 or batch_size < 1:
+        raise InvalidOptionError("seeds, samples and batch_size must be >= 1")
+    check = StatisticsCheck(name=name or type(model).__name__, input_shape=shape, seeds=seeds, samples=samples)
+    options = {"gamma_init": 1.0, "example_inputs": torch.empty(2, *shape), **(convert_options or {})}
+    scales = []
+    stage = "convert"
+    try:
+        for seed in range(seeds):
+            stage = "convert"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                converted = convert(model, calibration_seed=seed, **options)
+            scales.append(correction_scales(converted))
+            if seed == 0:
+                check.calibration_samples = conversion_report(converted).calibration_samples
+                stage = "statistics"
+                x = torch.randn(samples, *shape, generator=torch.Generator().manual_seed(1))
+                _record_statistics(check, measure_layer_statistics(converted.eval(), x, batch_size=batch_size))
+            del converted
+        check.corrections = len(scales[0])
+        if scales[0]:
+            check.seed_spread, check.seed_spread_at = correction_spread(scales)
+    except Exception as err:  # noqa: BLE001 - a failing model is a row, never a crash
+        check.failures.append(_failure_line(stage, err))
+    return check
+
+
+def _record_statistics(check: StatisticsCheck, stats: list[LayerStatistics]) -> None:
+    check.layers = len(stats)
+    if not stats:
+        check.failures.append("statistics: no NormProp layer ran")
+        return
+    low, high = STD_TARGET
+    check.within = sum(low <= s.std <= high and abs(s.mean) < MEAN_TARGET for s in stats)
+    smallest, largest = min(stats, key=lambda s: s.std), max(stats, key=lambda s: s.std)
+    worst_mean = max(stats, key=lambda s: abs(s.mean))
+    check.min_std, check.min_std_layer = smallest.std, smallest.path
+    check.max_std, check.max_std_layer = largest.std, largest.path
+    check.worst_abs_mean, check.worst_mean_layer = abs(worst_mean.mean), worst_mean.path

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -142,3 +143,64 @@ def test_bad_arguments_are_exit_2_one_line(tmp_path):
         result = _zoo(*args, "--results", str(tmp_path / "r.jsonl"))
         assert result.returncode == 2, (args, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_check_statistics_measures_every_layer_over_the_seeds():
+    """model_check.check_statistics: the seed-0 conversion's layers measured over 32 samples, the
+    corrections compared over 3 calibration seeds; the model given is left as it was."""
+    from normprop_fx.model_check import SEED_SPREAD_TARGET, check_statistics
+
+    torch.manual_seed(0)
+    model = zoo_models.Small()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    check = check_statistics(model, (3, 8, 8), name="Small")
+    assert check.failures == [] and check.layers == 1 and check.within == 1 and check.passed
+    assert 0.7 < check.min_std == check.max_std < 1.4 and check.min_std_layer == "conv"
+    assert check.calibration_samples >= 8 and check.corrections == 0 and check.seed_spread is None
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    row = check.to_dict()
+    assert row["passed"] and row["worst_within_range"] and row["input_shape"] == [3, 8, 8]
+
+    # a model whose corrections are measured on the sample: they move between seeds, a little
+    from test_calibration_sample import _se_net
+
+    se = check_statistics(_se_net(), (3, 16, 16))
+    assert se.corrections > 0 and se.seed_spread is not None and 0 < se.seed_spread < SEED_SPREAD_TARGET
+    assert se.layers == 2 and se.seed_spread_at.endswith("input_correction")
+    with pytest.raises(InvalidOptionError):
+        check_statistics(model, (3, 8, 8), seeds=0)
+
+
+def test_statistics_measured_in_batches_equal_one_batch():
+    from normprop_fx.statistics import measure_layer_statistics
+
+    torch.manual_seed(0)
+    converted = normprop_fx.convert(zoo_models.Small(), gamma_init=1.0, example_inputs=torch.empty(2, 3, 8, 8)).eval()
+    x = torch.randn(13, 3, 8, 8) * 3 + 1
+    whole, batched = measure_layer_statistics(converted, x), measure_layer_statistics(converted, x, batch_size=4)
+    assert [s.path for s in whole] == [s.path for s in batched] == ["conv"]
+    assert batched[0].mean == pytest.approx(whole[0].mean, rel=1e-5, abs=1e-6)
+    assert batched[0].std == pytest.approx(whole[0].std, rel=1e-5)
+
+
+def test_statistics_sweep_draws_and_writes_its_section(tmp_path):
+    pytest.importorskip("tqdm", reason="tools/zoo.py needs the zoo extra: pip install -e .[zoo]")
+    results, docs = tmp_path / "stats.jsonl", tmp_path / "zoo.md"
+    models = [f"python:zoo_models.{f}" for f in ("Small", "NoBatchNorm", "Untraceable")]
+    common = ["--models", *models, "--results", str(results), "--timeout", "60", "--memory-limit-gb", "2"]
+    run = _zoo(*common, "--check", "statistics", "--draw", "2", "--seed", "3")
+    assert run.returncode == 0, run.stderr
+    assert "2 models selected" in run.stdout
+    rows = {r["model"]: r for r in _rows(results)}
+    assert sorted(rows) == sorted(random.Random(3).sample(models, 2)) == [models[0], models[2]]
+    again = _zoo(*common, "--check", "statistics", "--draw", "2", "--seed", "3", "--no-check")
+    assert again.returncode == 0 and "2 already in" in again.stdout  # the same draw
+    small, untraceable = rows[models[0]], rows[models[2]]
+    assert small["check"] == "statistics" and small["input_shape"] == [3, 8, 8] and small["layers"] == 1
+    assert small["passed"] and not untraceable["passed"] and untraceable["failures"][0].startswith("convert")
+    page = _zoo("--models", *models, "--results", str(results), "--no-check", "--statistics-results", str(results),
+                "--write-docs", str(docs))
+    assert page.returncode == 0, page.stderr
+    text = docs.read_text()
+    assert "## Layer statistics at each model's own input size" in text
+    assert "--check statistics --draw 2 --seed 3" in text  # the command that made the rows

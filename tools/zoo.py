@@ -25,6 +25,7 @@ import json
 import multiprocessing
 import os
 import queue
+import random
 import re
 import shlex
 import sys
@@ -153,9 +154,18 @@ def check_one(key: str, options: dict[str, Any]) -> dict[str, Any]:
         if row["has_bn"]:
             torch.manual_seed(options["seed"])
             model = _build(key)
-            shape, tried = _input_shape(key, model, options["small_size"])
+            if options.get("check") == "statistics":  # at the model's own resolution, not the small one
+                source, _, name = key.partition(":")
+                shape, tried = tuple(common.default_input_size(source, name, model)), []
+            else:
+                shape, tried = _input_shape(key, model, options["small_size"])
             torch.manual_seed(options["seed"])
-            if options.get("check") == "trained":
+            if options.get("check") == "statistics":
+                from normprop_fx.model_check import check_statistics
+
+                row["check"] = "statistics"
+                result = check_statistics(model, shape, name=key)
+            elif options.get("check") == "trained":
                 from normprop_fx.model_check import check_trained_conversion
 
                 row["check"] = "trained"
@@ -468,10 +478,60 @@ def _trained_section(trained: dict[str, dict[str, Any]], keys: list[str], comman
     return lines
 
 
+def _statistics_section(rows: list[dict[str, Any]], command: str | None) -> list[str]:
+    """The layer statistics at each model's own input size and the seed spread of its corrections."""
+    from normprop_fx.model_check import MEAN_TARGET, SEED_SPREAD_TARGET, STD_TARGET, WORST_STD_RANGE
+
+    rows = sorted((r for r in rows if r.get("has_bn") is not False), key=lambda r: r["model"])
+    measured = [r for r in rows if r.get("layers")]
+    low, high = WORST_STD_RANGE
+    lines = ["## Layer statistics at each model's own input size", "",
+             (f"Each model converted at `gamma_init=1` on its own input size (timm's `pretrained_cfg`, torchvision's "
+              f"weights' crop size) once per calibration seed (0, 1, 2); every NormProp layer's output measured in eval "
+              f"mode over 32 N(0, I) samples on the seed-0 conversion (`normprop_fx.model_check.check_statistics`). "
+              f"Targets: >= 95% of all layers with std in [{STD_TARGET[0]}, {STD_TARGET[1]}] and |mean| < {MEAN_TARGET}; "
+              f"every model's worst layer std within [{low}, {high}]; correction constants within "
+              f"{SEED_SPREAD_TARGET:.0%} across the seeds."), "",
+             "| source | models | measured | layers within | worst layer in range | constants within the seed target | failed |",
+             "|---|---|---|---|---|---|---|"]
+    for source in SOURCES:
+        mine = [r for r in rows if r["model"].startswith(source + ":")]
+        if not mine:
+            continue
+        ok = [r for r in mine if r.get("layers")]
+        layers, within = sum(r["layers"] for r in ok), sum(r["within"] for r in ok)
+        spread = [r for r in ok if r.get("seed_spread") is None or r["seed_spread"] <= SEED_SPREAD_TARGET]
+        lines.append(f"| {source} | {len(mine)} | {len(ok)} | {_pct(within, layers)} of {layers} | "
+                     f"{_pct(sum(bool(r.get('worst_within_range')) for r in ok), len(ok))} | {_pct(len(spread), len(ok))} | "
+                     f"{len(mine) - len(ok)} |")
+    layers, within = sum(r["layers"] for r in measured), sum(r["within"] for r in measured)
+    share = within / layers if layers else 0.0
+    lines += ["", f"All layers: {within} of {layers} within ({share:.1%}; target 95%: "
+              f"{'met' if share >= 0.95 else '**not met**'}).", "",
+              "| model | input | calibration samples | layers within | std min (layer) | std max (layer) | worst abs(mean) | "
+              "seed spread (correction) | reason |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if not r.get("layers"):
+            reason = (r.get("failures") or ["-"])[0].replace("|", "\\|")
+            lines.append(f"| {r['model']} | - | - | - | - | - | - | - | {reason} |")
+            continue
+        flag = "" if r.get("worst_within_range") else " **out**"
+        spread = ("-" if r.get("seed_spread") is None else
+                  f"{r['seed_spread']:.1%}{'' if r['seed_spread'] <= SEED_SPREAD_TARGET else ' **over**'} ({r['seed_spread_at']})")
+        lines.append(f"| {r['model']} | {'x'.join(map(str, r['input_shape'][1:]))} | {r.get('calibration_samples')} | "
+                     f"{r['within']} / {r['layers']} | {r['min_std']:.3f} ({r['min_std_layer']}){flag} | "
+                     f"{r['max_std']:.3f} ({r['max_std_layer']}) | {r['worst_abs_mean']:.3f} | {spread} | |")
+    if command:
+        lines += ["", "Made with:", "", "```", command, "```"]
+    return lines + [""]
+
+
 def render_docs(rows: list[dict[str, Any]], command: str, selected: int | None = None,
-                trained: dict[str, dict[str, Any]] | None = None, trained_command: str | None = None) -> str:
+                trained: dict[str, dict[str, Any]] | None = None, trained_command: str | None = None,
+                statistics: list[dict[str, Any]] | None = None, statistics_command: str | None = None) -> str:
     """docs/zoo.md: summary counts per source first, then failures, then the table, then the command.
-    ``trained`` (rows of ``--check trained`` by model) adds its section and a column."""
+    ``trained`` (rows of ``--check trained`` by model) adds its section and a column; ``statistics``
+    (every row of a ``--check statistics`` results file) a section of its own."""
     lines = ["# Model-zoo sweep", "",
              ("Every model through `normprop_fx.check_model` at `gamma_init=1` on N(0, I) input, "
              "no pretrained weights. Generated by `tools/zoo.py`; do not edit by hand."), ""]
@@ -510,6 +570,8 @@ def render_docs(rows: list[dict[str, Any]], command: str, selected: int | None =
               "swept before that was recorded count as not known."), ""]
     if trained:
         lines += _trained_section(trained, [r["model"] for r in rows], trained_command)
+    if statistics:
+        lines += _statistics_section(statistics, statistics_command)
     failed = [r for r in rows if r.get("has_bn") is not False and not r.get("passed")]
     if failed:
         lines += ["## Failures by category", "", "| category | models | examples |", "|---|---|---|"]
@@ -595,11 +657,16 @@ def main(argv: list[str] | None = None) -> int:
                         "'memory' row, 0 for no limit (default 6: four people share 24 GiB here)")
     parser.add_argument("--small-size", type=int, default=64,
                         help="input side tried first (default 64); the model's default when the original fails on it")
-    parser.add_argument("--check", choices=("init", "trained"), default="init",
+    parser.add_argument("--check", choices=("init", "trained", "statistics"), default="init",
                         help="init: check_model at --gamma-init (default); trained: exact conversion of "
-                        "trained-looking BatchNorms")
+                        "trained-looking BatchNorms; statistics: layer statistics at the model's own input size "
+                        "and the spread of the corrections over 3 calibration seeds (model_check.check_statistics)")
     parser.add_argument("--trained-results", type=Path, default=None,
                         help="with --write-docs: a results file of --check trained rows to add to the page")
+    parser.add_argument("--statistics-results", type=Path, default=None,
+                        help="with --write-docs: a results file of --check statistics rows to add to the page")
+    parser.add_argument("--draw", type=int, default=None, metavar="N",
+                        help="check N of the selected models drawn at random with --seed (after --sample-every)")
     parser.add_argument("--gamma-init", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-check", action="store_true",
@@ -625,6 +692,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.sample_every < 1:
         parser.error("--sample-every must be at least 1")
     keys = keys[:: args.sample_every]
+    if args.draw is not None:
+        if args.draw < 1:
+            parser.error("--draw must be at least 1")
+        keys = sorted(random.Random(args.seed).sample(keys, min(args.draw, len(keys))))
     if not keys:
         parser.error("no model matches the source and filters")
 
@@ -659,11 +730,18 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"--trained-results {args.trained_results}: no such file")
             trained = load_results(args.trained_results)
             trained_command = _recorded_command(args.trained_results)
+        statistics, statistics_command = None, None
+        if args.statistics_results is not None:
+            if not args.statistics_results.exists():
+                parser.error(f"--statistics-results {args.statistics_results}: no such file")
+            statistics = list(load_results(args.statistics_results).values())
+            statistics_command = _recorded_command(args.statistics_results)
         made = _recorded_command(args.results)
         if made:  # the sweeps that made the rows, then the command that wrote the page
             command = f"{made}\n{command}"
         args.write_docs.write_text(render_docs(rows, command, selected=len(keys), trained=trained,
-                                               trained_command=trained_command))
+                                               trained_command=trained_command, statistics=statistics,
+                                               statistics_command=statistics_command))
         print(f"zoo.py: wrote {args.write_docs}")
     return 0
 
