@@ -30,7 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .convert import conversion_report, convert
 from .errors import InvalidOptionError, UntraceableModelError
-from .passes.graph_utils import channel_reduce_dims
+from .passes.graph_utils import channel_reduce_dims, restore_buffers, save_buffers
 from .passes.inventory import NEVER_CALLED
 from .passes.trace import mode_dependent_modules
 from .statistics import LayerStatistics, correction_scales, correction_spread, measure_layer_statistics
@@ -122,6 +122,7 @@ def check_model(
     batch_size: int = 2,
     statistics_batch_size: int = 4,
     convert_options: dict[str, Any] | None = None,
+    inplace: bool = False,
 ) -> ModelCheck:
     """Convert ``model`` (left unchanged) and check it on N(0, I) input of ``input_shape``
     (one sample, no batch dimension).
@@ -139,6 +140,11 @@ def check_model(
 
     Seed the RNG before calling for a reproducible result. Never raises for a failing model:
     every exception becomes a line of ``failures``.
+
+    ``inplace=True`` converts ``model`` itself (``convert(inplace=True)``; it is the converted
+    model afterwards), so the check holds one copy of the weights less (tools/zoo.py, which builds
+    every model for its check alone). Which parameters the original leaves without gradient is
+    then found before the conversion, on a batch of its own, with its buffers restored after.
     """
     shape = tuple(int(d) for d in input_shape)
     if not shape or any(d <= 0 for d in shape):
@@ -149,6 +155,17 @@ def check_model(
 
     # The moments are computed for the shape the model is checked on, as a user passes theirs.
     options = {"example_inputs": torch.empty(batch_size, *shape), **(convert_options or {})}
+    without_gradient = None  # found on the original when needed, unless it is converted in place
+    if inplace:
+        options["inplace"] = True
+        probe = torch.randn(batch_size, *shape, generator=torch.Generator().manual_seed(0))
+        saved, modes = save_buffers(model), [(m, m.training) for m in model.modules()]
+        without_gradient = _parameters_without_gradient(model, probe, copy_model=False)
+        restore_buffers(model, saved)
+        for m, training in modes:
+            m.training = training
+        for p in model.parameters():
+            p.grad = None
     converted = _convert(model, check, gamma_init, options)
     if converted is None:
         return check
@@ -161,7 +178,7 @@ def check_model(
         if not check.forward_ok:
             check.failures.append("forward: non-finite output")
         if outputs:
-            _run(check, "backward", lambda: _check_backward(converted, model, x, outputs, check))
+            _run(check, "backward", lambda: _check_backward(converted, model, x, outputs, check, without_gradient))
         else:
             check.failures.append("forward: the model returns no floating-point tensor")
         _run(check, "statistics", lambda: _check_statistics(converted, shape, statistics_batch_size, check))
@@ -293,11 +310,11 @@ def backward_coverage(model: nn.Module, outputs: list[torch.Tensor]) -> Gradient
 
 
 def _check_backward(converted: nn.Module, original: nn.Module, x: torch.Tensor,
-                    outputs: list[torch.Tensor], check: ModelCheck) -> None:
+                    outputs: list[torch.Tensor], check: ModelCheck, without_gradient: set[str] | None = None) -> None:
     coverage = backward_coverage(converted, outputs)
     missing = set(coverage.missing)
     if missing:
-        missing -= _parameters_without_gradient(original, x)
+        missing -= _parameters_without_gradient(original, x) if without_gradient is None else without_gradient
     nonfinite = sorted(coverage.nonfinite)
     check.backward_ok = not missing and not nonfinite
     if missing:
@@ -308,10 +325,12 @@ def _check_backward(converted: nn.Module, original: nn.Module, x: torch.Tensor,
         check.failures.append(f"backward: non-finite gradient in {len(nonfinite)} parameters, e.g. {nonfinite[0]}")
 
 
-def _parameters_without_gradient(model: nn.Module, x: torch.Tensor) -> set[str]:
+def _parameters_without_gradient(model: nn.Module, x: torch.Tensor, copy_model: bool = True) -> set[str]:
     """Parameters the *original* model leaves without gradient on ``x`` (unused heads...);
-    empty when the original cannot run in train mode (then every missing gradient counts)."""
-    model = copy.deepcopy(model)
+    empty when the original cannot run in train mode (then every missing gradient counts).
+    Runs on a copy unless ``copy_model`` is False (the caller restores buffers and gradients)."""
+    if copy_model:
+        model = copy.deepcopy(model)
     try:
         return set(backward_coverage(model, floating_outputs(dropout_off(model.train())(x))).missing)
     except Exception:  # noqa: BLE001 - documented: then every missing gradient counts

@@ -204,3 +204,17 @@ def test_statistics_sweep_draws_and_writes_its_section(tmp_path):
     text = docs.read_text()
     assert "## Layer statistics at each model's own input size" in text
     assert "--check statistics --draw 2 --seed 3" in text  # the command that made the rows
+
+
+@pytest.mark.parametrize("factory", [zoo_models.Small, zoo_models.UnusedParameters])
+def test_check_in_place_finds_what_the_copy_finds(factory):
+    """check_model(inplace=True) (tools/zoo.py: one copy of the weights less) gives the row the
+    copying check gives; the original's train-mode probe leaves its BatchNorm statistics as they
+    were, so the conversion still takes them as untrained."""
+    copied, in_place = _check(factory), None
+    torch.manual_seed(0)
+    model = factory()
+    in_place = normprop_fx.check_model(model, (3, 8, 8), name=factory.__name__, inplace=True)
+    # equal rows: had the probe left statistics behind, the BatchNorm would have counted as trained
+    # and its layer would not be at the gamma_init=1 statistics the copy measures
+    assert in_place.to_dict() | {"conversion_seconds": None} == copied.to_dict() | {"conversion_seconds": None}
