@@ -33,7 +33,7 @@ import threading
 import time
 import traceback
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -382,6 +382,14 @@ def _class_kept(rows: list[dict[str, Any]]) -> str:
     return f"{_pct(kept, len(known))} ({verdict})" + (f"; {unknown} not recorded" if unknown else "")
 
 
+def _by_source(rows: list[dict[str, Any]]) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """(source, its rows) for each source that has rows, in SOURCES order: a summary table's lines."""
+    for source in SOURCES:
+        mine = [r for r in rows if r["model"].startswith(source + ":")]
+        if mine:
+            yield source, mine
+
+
 def _peak(row: dict[str, Any]) -> str:
     """The worker's peak resident memory on the model (a model stopped for memory: what it had
     reached then, from its reason), '-' for rows swept before it was recorded."""
@@ -444,10 +452,7 @@ def _trained_section(trained: dict[str, dict[str, Any]], keys: list[str], comman
              "float64 <= 1e-10 | float64 forward in float32 in places | worst float64 | "
              "worst ratio of float32 roundings, converted / original |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for source in SOURCES:
-        mine = [r for r in rows if r["model"].startswith(source + ":")]
-        if not mine:
-            continue
+    for source, mine in _by_source(rows):
         n = len(mine)
         passed = sum(bool(r.get("passed")) for r in mine)
         verdict = "met" if passed / n >= TARGETS[source] else "**not met**"
@@ -495,10 +500,7 @@ def _statistics_section(rows: list[dict[str, Any]], command: str | None) -> list
               f"{SEED_SPREAD_TARGET:.0%} across the seeds."), "",
              "| source | models | measured | layers within | worst layer in range | constants within the seed target | failed |",
              "|---|---|---|---|---|---|---|"]
-    for source in SOURCES:
-        mine = [r for r in rows if r["model"].startswith(source + ":")]
-        if not mine:
-            continue
+    for source, mine in _by_source(rows):
         ok = [r for r in mine if r.get("layers")]
         layers, within = sum(r["layers"] for r in ok), sum(r["within"] for r in ok)
         spread = [r for r in ok if r.get("seed_spread") is None or r["seed_spread"] <= SEED_SPREAD_TARGET]
@@ -543,10 +545,7 @@ def render_docs(rows: list[dict[str, Any]], command: str, selected: int | None =
     if selected is not None and selected > len(rows):
         lines += [f"**A partial sweep: {len(rows)} of the {selected} models selected have results.**", ""]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for source in SOURCES:
-        mine = [r for r in rows if r["model"].startswith(source + ":")]
-        if not mine:
-            continue
+    for source, mine in _by_source(rows):
         bn = [r for r in mine if r.get("has_bn") is not False]
         n = len(bn)
         passed = sum(bool(r.get("passed")) for r in bn)
