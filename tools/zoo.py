@@ -529,9 +529,21 @@ def _statistics_section(rows: list[dict[str, Any]], command: str | None) -> list
     return lines + [""]
 
 
+def _memory_section(memory: dict[str, Any]) -> list[str]:
+    """tools/convert_memory.py's measurements: convert's peak memory over the parameter memory."""
+    import convert_memory
+
+    return ["## Conversion memory", "",
+            ("What `normprop_fx.convert` adds to a process's peak resident memory, over the bytes of the model's "
+             "parameters and buffers, each measured in a fresh process (`tools/convert_memory.py`; with "
+             "`inplace=False` the copy it returns is part of it). Targets: 2.5x with a copy, 1.5x in place."), "",
+            convert_memory.table(memory["rows"]), "", "Made with:", "", "```", memory["machine"]["command"], "```", ""]
+
+
 def render_docs(rows: list[dict[str, Any]], command: str, selected: int | None = None,
                 trained: dict[str, dict[str, Any]] | None = None, trained_command: str | None = None,
-                statistics: list[dict[str, Any]] | None = None, statistics_command: str | None = None) -> str:
+                statistics: list[dict[str, Any]] | None = None, statistics_command: str | None = None,
+                memory: dict[str, Any] | None = None) -> str:
     """docs/zoo.md: summary counts per source first, then failures, then the table, then the command.
     ``trained`` (rows of ``--check trained`` by model) adds its section and a column; ``statistics``
     (every row of a ``--check statistics`` results file) a section of its own."""
@@ -572,6 +584,8 @@ def render_docs(rows: list[dict[str, Any]], command: str, selected: int | None =
         lines += _trained_section(trained, [r["model"] for r in rows], trained_command)
     if statistics:
         lines += _statistics_section(statistics, statistics_command)
+    if memory:
+        lines += _memory_section(memory)
     failed = [r for r in rows if r.get("has_bn") is not False and not r.get("passed")]
     if failed:
         lines += ["## Failures by category", "", "| category | models | examples |", "|---|---|---|"]
@@ -665,6 +679,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --write-docs: a results file of --check trained rows to add to the page")
     parser.add_argument("--statistics-results", type=Path, default=None,
                         help="with --write-docs: a results file of --check statistics rows to add to the page")
+    parser.add_argument("--conversion-memory", type=Path, default=None, metavar="FILE",
+                        help="with --write-docs: the JSON of tools/convert_memory.py to add to the page")
     parser.add_argument("--draw", type=int, default=None, metavar="N",
                         help="check N of the selected models drawn at random with --seed (after --sample-every)")
     parser.add_argument("--gamma-init", type=float, default=1.0)
@@ -736,12 +752,17 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"--statistics-results {args.statistics_results}: no such file")
             statistics = list(load_results(args.statistics_results).values())
             statistics_command = _recorded_command(args.statistics_results)
+        memory = None
+        if args.conversion_memory is not None:
+            if not args.conversion_memory.exists():
+                parser.error(f"--conversion-memory {args.conversion_memory}: no such file")
+            memory = json.loads(args.conversion_memory.read_text())
         made = _recorded_command(args.results)
         if made:  # the sweeps that made the rows, then the command that wrote the page
             command = f"{made}\n{command}"
         args.write_docs.write_text(render_docs(rows, command, selected=len(keys), trained=trained,
                                                trained_command=trained_command, statistics=statistics,
-                                               statistics_command=statistics_command))
+                                               statistics_command=statistics_command, memory=memory))
         print(f"zoo.py: wrote {args.write_docs}")
     return 0
 
