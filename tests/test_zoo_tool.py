@@ -218,3 +218,18 @@ def test_check_in_place_finds_what_the_copy_finds(factory):
     # equal rows: had the probe left statistics behind, the BatchNorm would have counted as trained
     # and its layer would not be at the gamma_init=1 statistics the copy measures
     assert in_place.to_dict() | {"conversion_seconds": None} == copied.to_dict() | {"conversion_seconds": None}
+
+
+def test_amplified_rounding_is_told_from_batch_dependence():
+    """A network ill-conditioned at its input (a rounding-level change moves its output by O(1),
+    as timm's efficientnet_l2 at init does at some inputs) differs alone vs in a batch by O(1)
+    because a matmul sums in another order at another batch size. Swapping the other sample
+    leaves it bit for bit, and a 1e-15 change of its own input moves it as much: not batch
+    dependence, and the row says which samples were ill-conditioned. A real batch dependence
+    (test_batch_dependent_op_is_caught) fails the swap."""
+    check = _check(zoo_models.IllConditioned)
+    assert check.batch_max_relative_difference > 1e-3  # the raw alone-vs-batch difference
+    assert check.ill_conditioned and all(s["rounding_sensitivity"] > 1e-3 for s in check.ill_conditioned)
+    assert check.batch_independent and check.passed and not check.failures
+    dependent = _check(zoo_models.BatchDependent)
+    assert not dependent.batch_independent and dependent.ill_conditioned == []

@@ -104,3 +104,17 @@ class Hog(Small):
         held = torch.ones(2**29)  # 2 GiB, touched, then held
         time.sleep(3600)
         return x + held[0]
+
+
+class IllConditioned(Small):
+    """Batch independent, but ill-conditioned: a plain Linear (whose sums run in another order
+    alone than in a batch, ~1e-16 apart) then sin(1e17 * y), which turns any rounding difference
+    into an O(1) one, as a chaotic deep network at init can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 256)
+        self.amplify = nn.Linear(256, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sin(1e17 * self.amplify(torch.relu(self.fc(self.features(x).mean((2, 3))))))

@@ -580,6 +580,14 @@ def render_docs(rows: list[dict[str, Any]], command: str, selected: int | None =
               "**Class kept**: the converted model is of the user's class with its own forward (its root "
               "not rebuilt as a GraphModule, docs/method.md section 9), of the models converted; rows "
               "swept before that was recorded count as not known."), ""]
+    ill = [r for r in rows if r.get("ill_conditioned")]
+    if ill:
+        lines += [("**Ill-conditioned at init** (a sample's alone-vs-batch difference is amplified rounding, not batch "
+                   "dependence: with the other sample replaced it is bit for bit the same, and a 1e-15 relative change "
+                   "of its own input moves it as much; `model_check._ill_conditioned`): " + ", ".join(
+                       f"{r['model']} ({max(s['alone_vs_batch'] for s in r['ill_conditioned']):.1e} alone vs batch, "
+                       f"{max(s['rounding_sensitivity'] for s in r['ill_conditioned']):.1e} from a 1e-15 change)"
+                       for r in ill) + "."), ""]
     if trained:
         lines += _trained_section(trained, [r["model"] for r in rows], trained_command)
     if statistics:
