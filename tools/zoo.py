@@ -510,7 +510,8 @@ def _statistics_section(rows: list[dict[str, Any]], command: str | None) -> list
     layers, within = sum(r["layers"] for r in measured), sum(r["within"] for r in measured)
     share = within / layers if layers else 0.0
     lines += ["", f"All layers: {within} of {layers} within ({share:.1%}; target 95%: "
-              f"{'met' if share >= 0.95 else '**not met**'}).", "",
+              f"{'met' if share >= 0.95 else '**not met**'}). The rows are the models the commands below have "
+              "checked so far; rerunning them resumes where they stopped.", "",
               "| model | input | calibration samples | layers within | std min (layer) | std max (layer) | worst abs(mean) | "
               "seed spread (correction) | reason |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
