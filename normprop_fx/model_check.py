@@ -367,12 +367,14 @@ def _check_batch_independence(converted: nn.Module, x: torch.Tensor, check: Mode
     model = dropout_off(converted.train()).double()
     x = x.double()
     with torch.no_grad():
-        batched = _per_sample_outputs(model, x)
+        batched = floating_outputs(model(x))
         scale = max(max(t.abs().max().item() for t in batched), 1.0)
         n = x.shape[0]
-        alone = [_difference(_per_sample_outputs(model, x[i : i + 1]), batched, i, scale, (1, n)) for i in range(n)]
-        worst = max(alone)
-        counted = _ill_conditioned(model, x, batched, alone, scale, check) if worst > BATCH_INDEPENDENCE_RTOL else worst
+        alone = [floating_outputs(model(x[i : i + 1])) for i in range(n)]
+        differences = [_difference(alone[i], batched, i, scale, (1, n)) for i in range(n)]
+        worst = max(differences)
+        counted = (_ill_conditioned(model, x, batched, alone, differences, scale, check)
+                   if worst > BATCH_INDEPENDENCE_RTOL else worst)
     check.batch_max_relative_difference = worst
     check.batch_independent = counted <= BATCH_INDEPENDENCE_RTOL
     if not check.batch_independent:
@@ -385,8 +387,8 @@ def _check_batch_independence(converted: nn.Module, x: torch.Tensor, check: Mode
 ROUNDING_PERTURBATION = 1e-15
 
 
-def _ill_conditioned(model: nn.Module, x: torch.Tensor, batched: list[torch.Tensor], alone: list[float],
-                     scale: float, check: ModelCheck) -> float:
+def _ill_conditioned(model: nn.Module, x: torch.Tensor, batched: list[torch.Tensor], alone: list[list[torch.Tensor]],
+                     differences: list[float], scale: float, check: ModelCheck) -> float:
     """The batch difference that counts, when some sample alone differs from itself in the batch.
 
     Alone and in a batch, a conv or matmul sums in another order (other blocking for another
@@ -402,25 +404,20 @@ def _ill_conditioned(model: nn.Module, x: torch.Tensor, batched: list[torch.Tens
     generator = torch.Generator().manual_seed(1)
     others = torch.randn(x.shape, generator=generator, dtype=x.dtype)
     worst = 0.0
-    for i, difference in enumerate(alone):
+    for i, difference in enumerate(differences):
         if difference <= BATCH_INDEPENDENCE_RTOL:
             continue
         replaced = others.clone()
         replaced[i] = x[i]
-        swapped = _difference(_per_sample_outputs(model, replaced), batched, i, scale, (len(x), len(x)), position=i)
+        swapped = _difference(floating_outputs(model(replaced)), batched, i, scale, (len(x), len(x)), position=i)
         noise = torch.randn(x[i : i + 1].shape, generator=generator, dtype=x.dtype)
-        reference = _per_sample_outputs(model, x[i : i + 1])
-        moved = _per_sample_outputs(model, x[i : i + 1] * (1 + ROUNDING_PERTURBATION * noise))
-        sensitivity = _difference(moved, reference, 0, scale, (1, 1))
+        moved = floating_outputs(model(x[i : i + 1] * (1 + ROUNDING_PERTURBATION * noise)))
+        sensitivity = _difference(moved, alone[i], 0, scale, (1, 1))
         if swapped <= BATCH_INDEPENDENCE_RTOL and difference <= 10 * sensitivity:
             check.ill_conditioned.append({"sample": i, "alone_vs_batch": difference, "rounding_sensitivity": sensitivity})
             continue
         worst = max(worst, difference if swapped <= BATCH_INDEPENDENCE_RTOL else max(difference, swapped))
     return worst
-
-
-def _per_sample_outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    return floating_outputs(model(x))
 
 
 def _difference(outputs: list[torch.Tensor], references: list[torch.Tensor], i: int, scale: float,
