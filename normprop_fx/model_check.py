@@ -42,6 +42,11 @@ STD_TARGET = (0.7, 1.4)
 #: ... and |mean| below this.
 MEAN_TARGET = 0.3
 
+def within_target(layer: LayerStatistics) -> bool:
+    """A NormProp layer's measured output within STD_TARGET and MEAN_TARGET."""
+    return STD_TARGET[0] <= layer.std <= STD_TARGET[1] and abs(layer.mean) < MEAN_TARGET
+
+
 #: Batch independence is checked in float64. A batch-dependent op (a BatchNorm left in train
 #: mode) moves a sample's output by O(1) relative to the output scale; what is left between a
 #: sample run alone and inside a batch is summation order (different conv blocking per batch
@@ -352,7 +357,7 @@ def _check_statistics(converted: nn.Module, shape: tuple[int, ...], batch: int, 
     check.worst_abs_mean = abs(worst_mean.mean)
     check.worst_mean_layer = worst_mean.path
     low, high = STD_TARGET
-    outside = [s for s in stats if not (low <= s.std <= high and abs(s.mean) < MEAN_TARGET)]
+    outside = [s for s in stats if not within_target(s)]
     check.within_std_target = not outside
     if outside:
         s = outside[0]
@@ -816,8 +821,7 @@ def _record_statistics(check: StatisticsCheck, stats: list[LayerStatistics]) -> 
     if not stats:
         check.failures.append("statistics: no NormProp layer ran")
         return
-    low, high = STD_TARGET
-    check.within = sum(low <= s.std <= high and abs(s.mean) < MEAN_TARGET for s in stats)
+    check.within = sum(within_target(s) for s in stats)
     smallest, largest = min(stats, key=lambda s: s.std), max(stats, key=lambda s: s.std)
     worst_mean = max(stats, key=lambda s: abs(s.mean))
     check.min_std, check.min_std_layer = smallest.std, smallest.path

@@ -18,7 +18,7 @@ import warnings
 import torch
 
 import normprop_fx
-from normprop_fx.model_check import MEAN_TARGET, STD_TARGET
+from normprop_fx.model_check import within_target
 from normprop_fx.statistics import correction_spread, measure_layer_statistics
 
 
@@ -50,7 +50,7 @@ def main() -> None:
             used = converted.normprop_report.calibration_samples
             converted_models.append(converted)
             layers = measure_layer_statistics(converted, test)
-            outside = sum(not (STD_TARGET[0] <= s.std <= STD_TARGET[1] and abs(s.mean) < MEAN_TARGET) for s in layers)
+            outside = sum(not within_target(s) for s in layers)
             stats.append(f"{outside}/{len(layers)} outside, std {min(s.std for s in layers):.3f}..{max(s.std for s in layers):.3f}")
         spread, where = correction_spread(converted_models)
         print(f"{spec}: {used} samples; constants spread {spread:.3f} at {where}; " + "; ".join(stats), flush=True)
