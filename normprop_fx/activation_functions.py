@@ -31,34 +31,40 @@ class ActivationFunction:
     defaults: every parameter the activation takes, with its default value.
     kinks: the inputs where ``fn`` is not smooth, given the parameters; numerical
         integration splits its domain there.
+    backward_reads_output: autograd's backward of ``fn`` reads its output (ReLU, tanh,
+        sigmoid), so that output must not be overwritten in place while a gradient is
+        recorded; the others read their input only.
+    takes_inplace: ``fn`` takes ``inplace=True`` (and then overwrites its input).
     """
 
     fn: Callable[..., torch.Tensor]
     defaults: Mapping[str, Any] = field(default_factory=dict)
     kinks: Callable[[Mapping[str, Any]], tuple[float, ...]] = lambda p: ()
+    backward_reads_output: bool = False
+    takes_inplace: bool = False
 
 
 ACTIVATION_FUNCTIONS: dict[str, ActivationFunction] = {
     "identity": ActivationFunction(_identity),
-    "relu": ActivationFunction(F.relu, kinks=lambda p: (0.0,)),
-    "relu6": ActivationFunction(F.relu6, kinks=lambda p: (0.0, 6.0)),
-    "leaky_relu": ActivationFunction(F.leaky_relu, {"negative_slope": 0.01}, lambda p: (0.0,)),
+    "relu": ActivationFunction(F.relu, kinks=lambda p: (0.0,), backward_reads_output=True, takes_inplace=True),
+    "relu6": ActivationFunction(F.relu6, kinks=lambda p: (0.0, 6.0), takes_inplace=True),
+    "leaky_relu": ActivationFunction(F.leaky_relu, {"negative_slope": 0.01}, lambda p: (0.0,), takes_inplace=True),
     "hardtanh": ActivationFunction(
-        F.hardtanh, {"min_val": -1.0, "max_val": 1.0}, lambda p: (p["min_val"], p["max_val"])
+        F.hardtanh, {"min_val": -1.0, "max_val": 1.0}, lambda p: (p["min_val"], p["max_val"]), takes_inplace=True
     ),
-    "elu": ActivationFunction(F.elu, {"alpha": 1.0}, lambda p: (0.0,)),
-    "celu": ActivationFunction(F.celu, {"alpha": 1.0}, lambda p: (0.0,)),
-    "selu": ActivationFunction(F.selu, kinks=lambda p: (0.0,)),
-    "silu": ActivationFunction(F.silu),
-    "mish": ActivationFunction(F.mish),
+    "elu": ActivationFunction(F.elu, {"alpha": 1.0}, lambda p: (0.0,), takes_inplace=True),
+    "celu": ActivationFunction(F.celu, {"alpha": 1.0}, lambda p: (0.0,), takes_inplace=True),
+    "selu": ActivationFunction(F.selu, kinks=lambda p: (0.0,), takes_inplace=True),
+    "silu": ActivationFunction(F.silu, takes_inplace=True),
+    "mish": ActivationFunction(F.mish, takes_inplace=True),
     "gelu": ActivationFunction(F.gelu, {"approximate": "none"}),
-    "hardswish": ActivationFunction(F.hardswish, kinks=lambda p: (-3.0, 3.0)),
-    "hardsigmoid": ActivationFunction(F.hardsigmoid, kinks=lambda p: (-3.0, 3.0)),
+    "hardswish": ActivationFunction(F.hardswish, kinks=lambda p: (-3.0, 3.0), takes_inplace=True),
+    "hardsigmoid": ActivationFunction(F.hardsigmoid, kinks=lambda p: (-3.0, 3.0), takes_inplace=True),
     "softplus": ActivationFunction(
         F.softplus, {"beta": 1.0, "threshold": 20.0}, lambda p: (p["threshold"] / p["beta"],)
     ),
-    "tanh": ActivationFunction(torch.tanh),
-    "sigmoid": ActivationFunction(torch.sigmoid),
+    "tanh": ActivationFunction(torch.tanh, backward_reads_output=True),
+    "sigmoid": ActivationFunction(torch.sigmoid, backward_reads_output=True),
 }
 
 
@@ -84,7 +90,10 @@ class ActivationSpec:
     def kinks(self) -> tuple[float, ...]:
         return tuple(float(k) for k in self.function.kinks(self.kwargs))
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
+        """The activation of ``x``; ``inplace=True`` overwrites ``x`` where ``fn`` can."""
+        if inplace and self.function.takes_inplace:
+            return self.function.fn(x, **self.kwargs, inplace=True)
         return self.function.fn(x, **self.kwargs)
 
     def __str__(self) -> str:

@@ -105,7 +105,7 @@ class NormPropAffine(nn.Module):
         a, c = self.activation.eager_input_affine()
         if (a, c) != (1.0, 0.0):
             scale, shift = scale * a, shift * a + c
-        return self.activation.eager_from_input_affine(torch.addcmul(shift.reshape(shape), x, scale.reshape(shape)))
+        return self.activation.eager_from_input_affine(torch.addcmul(shift.reshape(shape), x, scale.reshape(shape)), inplace=True)
 
     def extra_repr(self) -> str:
         init = f"gamma_init={self.gamma_init:.6g}" if self.input_scale is None else "init=trained (running statistics kept)"

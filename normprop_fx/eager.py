@@ -60,6 +60,22 @@ def scalar_affine(x: torch.Tensor, scale: float, shift: float) -> torch.Tensor:
     return torch.addcmul(_scalar(shift, x), x, _scalar(scale, x))
 
 
+def scalar_affine_(x: torch.Tensor, scale: float, shift: float) -> torch.Tensor:
+    """``x * scale + shift`` written into ``x`` itself (a fresh tensor nothing else reads): two
+    in-place passes, which on CPU cost less than :func:`scalar_affine`'s one pass into a new
+    activation-sized tensor (a 25 MB tensor: ~2 ms in place, 5-14 ms for the addcmul into a
+    fresh one, whose pages are mapped and zeroed on first touch; 1 thread)."""
+    if scale != 1.0:
+        x = x.mul_(scale)
+    return x if shift == 0.0 else x.add_(shift)
+
+
+def records_gradient(x: torch.Tensor) -> bool:
+    """Whether autograd records an op on ``x`` (then an in-place op must not overwrite a tensor
+    some backward reads)."""
+    return x.requires_grad and torch.is_grad_enabled()
+
+
 def _scalar(value: float, like: torch.Tensor) -> torch.Tensor:
     return torch.full((), value, dtype=like.dtype, device=like.device)
 

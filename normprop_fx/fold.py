@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .affine import NormPropAffine
-from .eager import is_compiling, scalar_affine
+from .eager import is_compiling, records_gradient, scalar_affine, scalar_affine_
 from .errors import NormPropError
 from .layers import NormPropLayer, NormPropLinear, _NormPropConvNd
 from .normalized_activation import NormalizedActivation
@@ -96,6 +96,9 @@ class ConstantAffine(nn.Module):
         self.register_buffer("scale", torch.as_tensor(scale).detach().clone())
         self.register_buffer("shift", torch.as_tensor(shift).detach().clone())
         self.channel_dim = channel_dim
+        #: overwrite the input (fold sets it where the input is a fresh tensor nothing else
+        #: reads); only while no gradient is recorded, and never scripted, traced or compiled
+        self.inplace = False
         self._cache_scalars()
         self.register_load_state_dict_post_hook(_cache_scalars_after_load)  # (a lambda would not pickle)
 
@@ -112,6 +115,8 @@ class ConstantAffine(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._scalars is not None:
             if not torch.jit.is_scripting():  # (TorchScript compiles only the line after this block)
+                if self._in_place(x):
+                    return scalar_affine_(x, self._scalars[0], self._scalars[1])
                 if not is_compiling():
                     return scalar_affine(x, self._scalars[0], self._scalars[1])  # eager: one pass, not two
             return x * self._scalars[0] + self._scalars[1]
@@ -119,7 +124,15 @@ class ConstantAffine(nn.Module):
         if self.channel_dim is not None:
             shape = (-1,) + (1,) * (x.dim() - 2)
             scale, shift = scale.reshape(shape), shift.reshape(shape)
+        if not torch.jit.is_scripting():
+            if self._in_place(x):
+                return x.mul_(scale).add_(shift)
         return torch.addcmul(shift, x, scale)
+
+    @torch.jit.unused
+    def _in_place(self, x: torch.Tensor) -> bool:
+        return (getattr(self, "inplace", False) and not isinstance(x, fx.Proxy) and not is_compiling()
+                and not torch.jit.is_tracing() and not records_gradient(x))
 
     def extra_repr(self) -> str:
         def fmt(t: torch.Tensor) -> str:
@@ -161,12 +174,14 @@ def fold(converted: nn.Module) -> fx.GraphModule:
             "NormProp modules expanded": _expand_normprop_modules(gm),
             "one-element affines made scalars": _one_element_affines_as_scalars(gm),
             "affines merged into the affine after them": _merge_consecutive_affines(gm),
+            "made the only reader of their input, its adds reading them instead": _adds_read_the_affine(gm),
             "moved in front of a max pool or clamp": _move_affines(gm, backward=True),
             "merged after those moves": _merge_consecutive_affines(gm),
             "folded into the layer or add that computes their input": _fold_affines_into_preceding_ops(gm),
             "moved behind a pool, flatten or reshape": _move_affines(gm, backward=False),
             "folded into the layer that reads them": _fold_affines_into_following_layers(gm),
             "folded into the add that reads them": _fold_affines_into_following_adds(gm),
+            "activations and affines computed in place": _compute_in_place(gm),
         }
     gm.delete_all_unused_submodules()
     _drop_string_annotations(gm)
@@ -498,6 +513,47 @@ def _merge_consecutive_affines(gm: fx.GraphModule) -> int:
 
 # --- pass 3: move a scalar affine past the ops it commutes with --------------------------------
 
+
+def _adds_read_the_affine(gm: fx.GraphModule) -> int:
+    """A scalar affine ``A = m * s + t`` whose input ``m`` is read by residual adds too becomes
+    ``m``'s only reader, so that the next sub-pass can move it in front of ``m``'s max pool and
+    clamp into the layer that computes ``m`` (resnet18: the correction after the stem's max pool,
+    read by the first block's conv and its residual add). Each add ``p_factor * p + m_factor * m``
+    reads ``A`` instead, ``m = (A - t) / s``: ``p' + (m_factor / s) * A`` with
+    ``p' = p_factor * p - m_factor * t / s`` computed by ``p``'s layer (a plain Conv/Linear called
+    once, its only reader the add). Done only when every other reader of ``m`` is such an add."""
+    calls = module_uses(gm)
+    rewritten = 0
+    for node, affine in _affine_nodes(gm):
+        m = node.args[0]
+        if not (affine.is_scalar and affine._scalars[0] != 0 and isinstance(m, fx.Node)):
+            continue
+        adds = [user for user in m.users if user is not node]
+        plans = [plan for add in adds if (plan := _add_reading(gm, add, m, calls)) is not None]
+        if not adds or len(plans) != len(adds):
+            continue
+        s, t = affine._scalars
+        m.append(node)  # A right after m: before every add that will read it
+        for add, p, layer, p_factor, m_factor in plans:
+            _rewrite_add(gm, add, p, layer, p_factor, -m_factor * t / s, node, m_factor / s)
+        rewritten += 1
+    return rewritten
+
+
+def _add_reading(gm: fx.GraphModule, add: fx.Node, m: fx.Node, calls: dict[str, int]) -> tuple | None:
+    """``(add, p, p's layer, p_factor, m_factor)`` when ``add`` is ``p_factor * p + m_factor * m``
+    with ``p`` computed by a plain Conv/Linear called once whose only reader is ``add``."""
+    operands = _add_operands(add)
+    if operands is None:
+        return None
+    a, b, alpha = operands
+    if (a is m) == (b is m):
+        return None  # m on neither side, or on both
+    p, p_factor, m_factor = (a, 1.0, alpha) if b is m else (b, alpha, 1.0)
+    layer = _plain_layer_call(gm, p, calls, add)
+    return None if layer is None else (add, p, layer, p_factor, m_factor)
+
+
 #: Ops a positive scalar affine ``x * s + t`` (s > 0) commutes with: max pools (the max of
 #: affinely mapped values is the mapped max; their -inf padding stays -inf) and the clamp that
 #: fold writes for the ReLU family, whose bounds map too.
@@ -756,6 +812,48 @@ def _fold_affines_into_following_adds(gm: fx.GraphModule) -> int:
         gm.graph.erase_node(node)
         folded += 1
     return folded
+
+
+# --- pass 7: overwrite fresh tensors -------------------------------------------------------------
+
+#: The activation functions fold writes that take ``inplace=True``.
+_IN_PLACE_ACTIVATIONS = (F.hardtanh, F.relu, F.relu6, F.leaky_relu, F.elu, F.celu, F.selu, F.silu, F.mish, F.hardswish,
+                         F.hardsigmoid)
+#: Functions whose output is a new tensor, never an input or a view of one.
+_FRESH_OUTPUT_FUNCTIONS = (operator.add, torch.add, operator.mul, torch.mul)
+
+
+def _compute_in_place(gm: fx.GraphModule) -> int:
+    """Let an activation, or a ConstantAffine called once, overwrite its input where that input
+    is a fresh tensor nothing else reads: the output of a plain Conv/Linear, of an add or a
+    product, or of an out-of-place activation, or what such a tensor became in place. A BN-folded
+    torchvision model does the same with its ``ReLU(inplace=True)`` / ``SiLU(inplace=True)``; on
+    CPU a new activation-sized tensor costs more than the pass that fills it (its pages are
+    mapped and zeroed on first touch; ``eager.scalar_affine_``). The affines do it only while no
+    gradient is recorded (:meth:`ConstantAffine._in_place`); an in-place activation under
+    autograd is what ``nn.SiLU(inplace=True)`` is."""
+    calls = module_uses(gm)
+    fresh: set[fx.Node] = set()
+    count = 0
+    for node in gm.graph.nodes:
+        source = node.args[0] if node.args else None
+        overwritable = isinstance(source, fx.Node) and source in fresh and len(source.users) == 1
+        if node.op == "call_function" and node.target in _IN_PLACE_ACTIVATIONS:
+            if overwritable and len(node.args) == 1 and not node.kwargs.get("inplace", False):
+                node.kwargs = {**node.kwargs, "inplace": True}
+                count += 1
+            fresh.add(node)  # a new tensor, or the fresh one it overwrote
+        elif node.op == "call_function" and node.target in _FRESH_OUTPUT_FUNCTIONS:
+            fresh.add(node)
+        elif node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            if type(module) is nn.Linear or type(module) in _CONVS.values():
+                fresh.add(node)
+            elif isinstance(module, ConstantAffine) and overwritable and calls.get(node.target, 0) == 1:
+                module.inplace = True
+                fresh.add(node)
+                count += 1
+    return count
 
 
 # --- what stays ---------------------------------------------------------------------------------

@@ -192,7 +192,7 @@ class NormPropLayer(nn.Module):
         channel = (-1,) if isinstance(self, NormPropLinear) else (-1,) + (1,) * self._dims  # (batched or not)
         s = (self.gamma * scale / norm_with_eps(self.weight, self.eps)).to(y.dtype).reshape(channel)
         t = (self.beta * scale + shift).to(y.dtype).reshape(channel)
-        return self.activation.eager_from_input_affine(torch.addcmul(t, y, s))
+        return self.activation.eager_from_input_affine(torch.addcmul(t, y, s), inplace=True)
 
     def _eager_forward(self, x: torch.Tensor, linear_op: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
                        padding: Any = None) -> torch.Tensor:
@@ -206,7 +206,7 @@ class NormPropLayer(nn.Module):
         if self._normalize_output(x, padding):
             return self._output_normalized(linear_op(self.weight, None))
         weight, bias = self._eager_weight_bias()
-        return self.activation.eager_from_input_affine(linear_op(weight, bias))
+        return self.activation.eager_from_input_affine(linear_op(weight, bias), inplace=True)
 
     def _eager_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The weight and bias of the eager form (normprop_fx/eager.py): the activation's input

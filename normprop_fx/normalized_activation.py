@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .activation_functions import ActivationSpec, activation
-from .eager import is_compiling, scalar_affine
+from .eager import is_compiling, records_gradient, scalar_affine, scalar_affine_
 from .moments import activation_constants
 from .piecewise_linear import PIECEWISE_LINEAR, clamp_bounds, normalized_piecewise_linear, positively_homogeneous
 from .standardize import corrected_input
@@ -99,7 +99,8 @@ class NormalizedActivation(nn.Module):
                 return normalized_piecewise_linear(x, self.spec, self._scale, self._shift)
             return self.spec(x) * self._scale + self._shift
         scale, shift = self.eager_input_affine()
-        return self.eager_from_input_affine(scalar_affine(x, scale, shift))
+        v = scalar_affine(x, scale, shift)
+        return self.eager_from_input_affine(v, inplace=v is not x)
 
     # --- the eager form (normprop_fx/eager.py): the output as ``g(u * a + c)`` --------------------
 
@@ -125,14 +126,27 @@ class NormalizedActivation(nn.Module):
         lo, hi = bounds
         return lo * self._scale + self._shift, math.inf if hi is None else hi * self._scale + self._shift
 
-    def eager_from_input_affine(self, v: torch.Tensor) -> torch.Tensor:
+    def eager_from_input_affine(self, v: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
         """The output, from ``v = u * a + c`` with ``(a, c)`` = :meth:`eager_input_affine`: one
         clamp for the clamp family, else the activation and what is left of the affine (one
-        ``addcmul`` or one add)."""
+        ``addcmul`` or one add).
+
+        ``inplace=True`` (the caller's ``v`` is a fresh tensor nothing else reads, a layer's
+        output) applies the activation (the clamp, SiLU...) to ``v`` itself when no gradient is
+        recorded, as ``nn.ReLU(inplace=True)`` after a BatchNorm does: no new activation-sized
+        tensor is allocated, and on CPU a fresh allocation of that size costs more than the pass
+        (its pages are mapped and zeroed on first touch). When autograd records, the activation
+        stays out of place: autograd would clone ``v`` before an in-place ``hardtanh_`` or
+        ``silu_`` (their backward reads the input), which is the allocation again plus a copy.
+
+        The affine after any other activation is written into the activation's fresh output
+        (:func:`~normprop_fx.eager.scalar_affine_`) unless autograd records and the
+        activation's backward reads that output (tanh, sigmoid)."""
         if self.spec.is_identity:
             return v
+        inplace = inplace and not (isinstance(v, torch.fx.Proxy) or records_gradient(v))
         if self.is_plain:
-            return self.spec(v)
+            return self.spec(v, inplace=inplace)
         clamp = self.output_clamp()
         if clamp is not None:
             # hardtanh is the clamp with the fast backward: torch.clamp's takes a mask and a
@@ -142,10 +156,12 @@ class NormalizedActivation(nn.Module):
                 # flat piece (a zero filter's output, the shift rounded to fp16) would otherwise
                 # sit just above the float32 bound and take the gradient of the sloped piece
                 clamp = tuple(float(torch.tensor(b, dtype=v.dtype)) for b in clamp)
-            return F.hardtanh(v, *clamp)
-        if positively_homogeneous(self.spec):
-            return scalar_affine(self.spec(v), 1.0, self._shift)
-        return scalar_affine(self.spec(v), self._scale, self._shift)
+            return F.hardtanh(v, *clamp, inplace=inplace)
+        scale = 1.0 if positively_homogeneous(self.spec) else self._scale  # (its scale went in front)
+        y = self.spec(v, inplace=inplace)
+        if isinstance(y, torch.fx.Proxy) or (self.spec.function.backward_reads_output and records_gradient(y)):
+            return scalar_affine(y, scale, self._shift)
+        return scalar_affine_(y, scale, self._shift)
 
     def extra_repr(self) -> str:
         s = f"{self.spec}, mean={self.mean:.6g}, std={self.std:.6g}" if self.standardize else f"{self.spec}, not standardized"

@@ -163,6 +163,53 @@ def test_eager_normprop_conv_makes_as_many_activation_passes_as_a_plain_conv_and
         assert len(_activation_passes(normprop, x)) > len(expected)
 
 
+def _new_activation_tensors(module: nn.Module, x: torch.Tensor, *, grad: bool) -> list[str]:
+    """The ops of a forward that write a new activation-sized tensor (in-place ops, whose
+    names end in ``_``, write into one that exists)."""
+    counter = _ActivationSizedOps(x.numel())
+    x = x.detach().requires_grad_(grad)
+    with counter, torch.set_grad_enabled(grad):
+        module(x)
+    return [op for op in counter.ops if not op.endswith("_")]
+
+
+@pytest.mark.parametrize(("act", "plain_act", "grad"), [
+    ("relu", nn.ReLU(inplace=True), False),
+    ("relu6", nn.ReLU6(inplace=True), False),
+    ("silu", nn.SiLU(inplace=True), False),
+    ("silu", nn.SiLU(), True),
+    ("hardswish", nn.Hardswish(), True),
+    ("gelu", nn.GELU(), True),
+])
+def test_eager_normprop_conv_allocates_as_many_activation_tensors_as_a_plain_conv_and_activation(act, plain_act, grad):
+    """The clamp overwrites the conv's output when no gradient is recorded (inference), as
+    ReLU(inplace=True) after a BatchNorm does, and the normalization after any other activation
+    overwrites the activation's output, in training too: on CPU a new activation-sized tensor
+    costs more than the pass that fills it. (In training a clamp stays out of place: autograd
+    would clone its input.)"""
+    x = torch.randn(4, 8, 16, 16)
+    plain = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), plain_act)
+    normprop = _randomized(NormPropConv2d(8, 8, 3, padding=1, activation=act))
+    expected = _new_activation_tensors(plain, x, grad=grad)
+    assert _new_activation_tensors(normprop, x, grad=grad) == expected
+    with compiled_form():
+        assert len(_new_activation_tensors(normprop, x, grad=grad)) > len(expected)
+
+
+def test_an_activation_whose_backward_reads_its_output_is_not_overwritten_in_training():
+    """tanh's backward reads its output: with a gradient recorded the normalization goes into a
+    new tensor, and the gradient is the compiled form's."""
+    torch.manual_seed(0)
+    layer = _randomized(NormPropConv2d(3, 4, 3, padding=1, activation="tanh")).double()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(layer(x).square().sum(), x)
+    with compiled_form():
+        (expected,) = torch.autograd.grad(layer(x).square().sum(), x)
+    torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        assert _new_activation_tensors(layer, x, grad=False) == ["convolution", "tanh"]
+
+
 @pytest.mark.parametrize("make", [lambda: NormPropConv2d(3, 4, 3, padding=1), lambda: NormPropLinear(6, 4, activation="relu6"),
                                   lambda: NormPropAffine(3, activation="relu")], ids=["conv", "linear", "affine"])
 def test_a_hook_on_the_activation_sees_its_input_as_in_the_compiled_form(make):
