@@ -114,6 +114,11 @@ def test_standardize_before_plain_conv(conv, mean_offset, folds):
     gm = traced(_StandardizeThenConv(conv, _per_channel(4, mean_offset) * (mean_offset != 0), _per_channel(4, 0.5)))
     folded = assert_fold_is_exact(gm, torch.randn(2, 4, 9, 9))
     assert affines(folded) == (0 if folds else 1)
+    if not folds:  # the conv took the per-channel scale; the shift stays, one add
+        (kept,) = [m for m in folded.modules() if isinstance(m, ConstantAffine)]
+        assert torch.equal(kept.scale, torch.ones_like(kept.scale))
+        assert folded.fold_report.counts["scales folded into the zero-padded layer that reads them (the shift kept)"] == 1
+        assert "(the layer took the scale)" in str(folded.fold_report)
 
 
 def test_standardize_before_normprop_conv_and_linear():
