@@ -4,3 +4,4 @@ python tools/zoo.py --source torchvision --check statistics --memory-limit-gb 4 
 python tools/zoo.py --source timm --draw 215 --seed 0 --check statistics --memory-limit-gb 4 --timeout 1200 --results docs/zoo-statistics.jsonl
 # the models over 4 GiB, at 14 GiB
 python tools/zoo.py --redo --check statistics --models torchvision:vgg11_bn torchvision:vgg13_bn torchvision:vgg19_bn timm:coatnet_3_224 timm:coatnet_rmlp_3_rw_224 torchvision:regnet_y_128gf --memory-limit-gb 14 --timeout 1200 --results docs/zoo-statistics.jsonl
+python tools/zoo.py --source timm --draw 215 --seed 0 --check statistics --memory-limit-gb 4 --timeout 1200 --results docs/zoo-statistics.jsonl
