@@ -178,6 +178,7 @@ def fold(converted: nn.Module) -> fx.GraphModule:
             "moved in front of a max pool or clamp": _move_affines(gm, backward=True),
             "merged after those moves": _merge_consecutive_affines(gm),
             "folded into the layer or add that computes their input": _fold_affines_into_preceding_ops(gm),
+            "taken into the channel gate and the pool that read them": _fold_affines_into_gates(gm),
             "moved behind a pool, flatten or reshape": _move_affines(gm, backward=False),
             "folded into the layer that reads them": _fold_affines_into_following_layers(gm),
             "scales folded into the zero-padded layer that reads them (the shift kept)": _fold_scales_into_following_layers(gm),
@@ -751,6 +752,83 @@ def _rewrite_add(gm: fx.GraphModule, add: fx.Node, p: fx.Node, layer: nn.Module,
 
 def _out_features(layer: nn.Module) -> int:
     return layer.out_features if type(layer) is nn.Linear else layer.out_channels
+
+
+# --- pass 4b: an affine read by a squeeze-excitation block ---------------------------------------
+
+#: Averages over spatial dimensions a scalar affine commutes with (an SE block's squeeze).
+_SQUEEZES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+_SQUEEZE_FUNCTIONS = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)
+_MULS = (operator.mul, torch.mul)
+
+
+def gated_affine(x: torch.Tensor, gate: torch.Tensor, scale: float, shift: float) -> torch.Tensor:
+    """``(x * scale + shift) * gate``, in one pass over ``x`` when ``gate`` is smaller than ``x``
+    (a squeeze-excitation gate, one value a channel): ``addcmul(gate * shift, x, gate * scale)``,
+    the two products over the gate alone. Else, and under torch.jit tracing (where the sizes
+    are traced values and a trace records one branch), as written."""
+    if not torch.jit.is_tracing() and gate.numel() < x.numel():
+        return torch.addcmul(gate * shift, x, gate * scale)
+    return (x * scale + shift) * gate
+
+
+torch.fx.wrap("gated_affine")  # a leaf of a torch.fx trace of a folded model
+
+
+def _fold_affines_into_gates(gm: fx.GraphModule) -> int:
+    """A scalar affine ``A = y s + t`` read only by a squeeze-excitation block, its average pool
+    (or ``mean``) and the product with the gate, needs no pass of its own: the pool reads ``y``
+    and a copy of the affine goes after the pool (``pool(A) = pool(y) s + t``, then folded into
+    the SE's first conv by the next sub-passes), and ``A * gate`` becomes
+    :func:`gated_affine` of ``y`` (one ``addcmul``, as many passes as the product alone). The SiLU
+    normalization of each EfficientNet/MobileNetV3 SE block."""
+    taken = 0
+    for node, affine in _affine_nodes(gm):
+        y = node.args[0]
+        users = list(node.users)
+        if not (affine.is_scalar and isinstance(y, fx.Node) and users):
+            continue
+        pools = [u for u in users if _is_squeeze(gm, u, node)]
+        products = [u for u in users if u.op == "call_function" and u.target in _MULS and len(u.args) == 2
+                     and not u.kwargs and list(u.args).count(node) == 1]
+        if not products or len(pools) + len(products) != len(users):
+            continue
+        s, t = affine._scalars
+        for pool in pools:
+            pool.replace_input_with(node, y)
+            copy_target = _free_name(gm, f"{node.target}_after_pool")
+            gm.add_submodule(copy_target, ConstantAffine(affine.scale.clone(), affine.shift.clone()))
+            readers = list(pool.users)
+            with gm.graph.inserting_after(pool):
+                after = gm.graph.call_module(copy_target, (pool,))
+            for reader in readers:
+                reader.replace_input_with(pool, after)
+        for product in products:
+            gate = product.args[1] if product.args[0] is node else product.args[0]
+            with gm.graph.inserting_before(product):
+                gated = gm.graph.call_function(gated_affine, (y, gate, s, t))
+            product.replace_all_uses_with(gated)
+            gm.graph.erase_node(product)
+        gm.graph.erase_node(node)
+        taken += 1
+    return taken
+
+
+def _is_squeeze(gm: fx.GraphModule, node: fx.Node, reads: fx.Node) -> bool:
+    """``node`` averages ``reads`` over its spatial dimensions: an adaptive average pool, or a
+    ``mean`` over dimensions other than 0 and 1 (timm's SE: ``x.mean((2, 3), keepdim=True)``)."""
+    if node.args[:1] != (reads,) or reads in node.args[1:] or reads in node.kwargs.values():
+        return False
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), _SQUEEZES)
+    if node.op == "call_function":
+        return node.target in _SQUEEZE_FUNCTIONS
+    if node.op == "call_method" and node.target == "mean":
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        dims = (dims,) if isinstance(dims, int) else dims
+        return isinstance(dims, (tuple, list)) and len(dims) > 0 and all(isinstance(d, int) and (d >= 2 or d < 0) for d in dims) \
+            and set(node.kwargs) <= {"dim", "keepdim"}
+    return False
 
 
 # --- pass 5: fold an affine into the Conv/Linear that reads it ---------------------------------

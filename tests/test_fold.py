@@ -20,6 +20,7 @@ from normprop_fx import (
     Standardize,
 )
 from normprop_fx.errors import NormPropError
+from normprop_fx.fold import gated_affine
 
 NORMPROP_TYPES = (normprop_fx.NormPropLayer, normprop_fx.NormalizedActivation, NormPropAffine, Standardize)
 
@@ -420,3 +421,49 @@ def test_an_affine_read_beside_a_residual_add_goes_into_the_layer_before_the_max
     folded = assert_fold_is_exact(gm, torch.randn(2, 3, 8, 8))
     assert affines(folded) == 0
     assert folded.fold_report.counts["made the only reader of their input, its adds reading them instead"] == 1
+
+
+class _TimmStyleSE(nn.Module):
+    """timm's SqueezeExcite: the squeeze is ``x.mean((2, 3), keepdim=True)``."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.reduce, self.expand = nn.Conv2d(c, 2, 1), nn.Conv2d(2, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.expand(torch.relu(self.reduce(x.mean((2, 3), keepdim=True)))).sigmoid()
+
+
+@pytest.mark.parametrize("se", [lambda: torchvision.ops.SqueezeExcitation(4, 2, scale_activation=nn.Hardsigmoid),
+                                lambda: _TimmStyleSE(4)], ids=["torchvision", "timm"])
+@pytest.mark.parametrize("also_read", [False, True])
+def test_the_affine_in_front_of_a_squeeze_excitation_block_goes_into_its_gate(se, also_read):
+    """A SiLU layer's normalization read by an SE block's pool and gate product leaves no affine:
+    the pool's copy goes into the SE's first conv and the product becomes one addcmul
+    (fold.gated_affine). Read by anything else too, it stays."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = NormPropConv2d(3, 4, 1, activation="silu")
+            self.se = se()
+            self.head = nn.Conv2d(4, 2, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.layer(x)
+            out = self.head(self.se(y))
+            return out + y.sum() if also_read else out
+
+    torch.manual_seed(0)
+    gm = traced(Net())
+    randomize_normprop_parameters(gm)
+    folded = assert_fold_is_exact(gm, torch.randn(2, 3, 6, 6))
+    taken = folded.fold_report.counts["taken into the channel gate and the pool that read them"]
+    assert (taken, affines(folded)) == ((0, 1) if also_read else (1, 0))
+    assert any(n.target is gated_affine for n in folded.graph.nodes) != also_read
+
+
+def test_gated_affine_is_the_product_it_replaces():
+    x, gate = torch.randn(2, 4, 5, 5, dtype=torch.float64), torch.rand(2, 4, 1, 1, dtype=torch.float64)
+    for g in (gate, torch.rand(2, 4, 5, 5, dtype=torch.float64)):  # a channel gate, and a full-size one
+        torch.testing.assert_close(gated_affine(x, g, 1.7, -0.4), (x * 1.7 - 0.4) * g)
