@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .activation_functions import ACTIVATION_FUNCTIONS
 from .affine import NormPropAffine
 from .eager import is_compiling, records_gradient, scalar_affine, scalar_affine_
 from .errors import NormPropError
@@ -125,8 +126,8 @@ class ConstantAffine(nn.Module):
             shape = (-1,) + (1,) * (x.dim() - 2)
             scale, shift = scale.reshape(shape), shift.reshape(shape)
         if not torch.jit.is_scripting():
-            if self._in_place(x):
-                return x.mul_(scale).add_(shift)
+            if self._in_place(x) and torch.broadcast_shapes(x.shape, scale.shape, shift.shape) == x.shape:
+                return x.mul_(scale).add_(shift)  # (in place only where the buffers do not widen x)
         return torch.addcmul(shift, x, scale)
 
     @torch.jit.unused
@@ -927,9 +928,8 @@ def _fold_affines_into_following_adds(gm: fx.GraphModule) -> int:
 
 # --- pass 7: overwrite fresh tensors -------------------------------------------------------------
 
-#: The activation functions fold writes that take ``inplace=True``.
-_IN_PLACE_ACTIVATIONS = (F.hardtanh, F.relu, F.relu6, F.leaky_relu, F.elu, F.celu, F.selu, F.silu, F.mish, F.hardswish,
-                         F.hardsigmoid)
+#: The activation functions that take ``inplace=True`` (the activation table's, F.hardtanh among them).
+_IN_PLACE_ACTIVATIONS = frozenset(row.fn for row in ACTIVATION_FUNCTIONS.values() if row.takes_inplace)
 #: Functions whose output is a new tensor, never an input or a view of one.
 _FRESH_OUTPUT_FUNCTIONS = (operator.add, torch.add, operator.mul, torch.mul)
 

@@ -467,3 +467,13 @@ def test_gated_affine_is_the_product_it_replaces():
     x, gate = torch.randn(2, 4, 5, 5, dtype=torch.float64), torch.rand(2, 4, 1, 1, dtype=torch.float64)
     for g in (gate, torch.rand(2, 4, 5, 5, dtype=torch.float64)):  # a channel gate, and a full-size one
         torch.testing.assert_close(gated_affine(x, g, 1.7, -0.4), (x * 1.7 - 0.4) * g)
+
+
+def test_an_in_place_constant_affine_never_widens_its_input():
+    """A per-channel affine whose buffers would broadcast its input wider computes out of place."""
+    affine = ConstantAffine(torch.full((1, 1, 1), 2.0), torch.ones(1, 1, 1))
+    affine.inplace = True
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        out = affine(x)
+    assert out.shape == (1, 3, 4) and torch.equal(out[0], x * 2 + 1)
