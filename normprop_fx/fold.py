@@ -904,21 +904,11 @@ def _fold_affines_into_following_adds(gm: fx.GraphModule) -> int:
     for node, affine in _affine_nodes(gm):
         if not affine.is_scalar or len(node.users) != 1:
             continue
-        add = next(iter(node.users))
-        operands = _add_operands(add)
-        if operands is None:
+        reading = _add_reading(gm, next(iter(node.users)), node, calls)
+        if reading is None:
             continue
-        a, b, alpha = operands
+        add, p, layer, p_factor, q_factor = reading
         s, t = affine._scalars
-        if b is node and a is not node:
-            p, p_factor, q_factor = a, 1.0, alpha
-        elif a is node and b is not node:
-            p, p_factor, q_factor = b, alpha, 1.0
-        else:
-            continue
-        layer = _plain_layer_call(gm, p, calls, add)
-        if layer is None:
-            continue
         # p_factor * p + q_factor * (q s + t) = p' + (q_factor s) q,  p' = p_factor * p + q_factor t
         _rewrite_add(gm, add, p, layer, p_factor, q_factor * t, node.args[0], q_factor * s)
         gm.graph.erase_node(node)
