@@ -63,8 +63,8 @@ def scalar_affine(x: torch.Tensor, scale: float, shift: float) -> torch.Tensor:
 def scalar_affine_(x: torch.Tensor, scale: float, shift: float) -> torch.Tensor:
     """``x * scale + shift`` written into ``x`` itself (a fresh tensor nothing else reads): two
     in-place passes, which on CPU cost less than :func:`scalar_affine`'s one pass into a new
-    activation-sized tensor (a 25 MB tensor: ~2 ms in place, 5-14 ms for the addcmul into a
-    fresh one, whose pages are mapped and zeroed on first touch; 1 thread)."""
+    activation-sized tensor, whose pages are mapped and zeroed on first touch (what the in-place
+    forms gained side by side: docs/bench.md, notes, ``tools/bench_ab.py --base c502f3e``)."""
     if scale != 1.0:
         x = x.mul_(scale)
     return x if shift == 0.0 else x.add_(shift)
