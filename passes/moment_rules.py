@@ -356,12 +356,17 @@ def _linear(ctx: MomentInterpreter, n: fx.Node, value: torch.Tensor, module: nn.
         def run(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
             return call(x, w, b) if call is not None else torch.nn.functional.linear(x, w, b)
     else:
-        source, weight = n.args[0], _env_value(ctx, n.args[1])
-        bias = _env_value(ctx, n.args[2]) if len(n.args) > 2 else n.kwargs.get("bias")
-        rest = n.args[3:]
+        # F.conv2d(x, w, b, stride, ...) / F.linear(x, w, b), any argument possibly by keyword
+        # (timm's BlurPool2d passes stride= and groups=).
+        args, kwargs = list(n.args), dict(n.kwargs)
+        source = args.pop(0) if args else kwargs.pop("input")
+        weight = _env_value(ctx, args.pop(0) if args else kwargs.pop("weight"))
+        bias = _env_value(ctx, args.pop(0) if args else kwargs.pop("bias", None))
+        rest = [_env_value(ctx, a) for a in args]
+        options = {k: _env_value(ctx, v) for k, v in kwargs.items()}
 
         def run(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-            return n.target(x, w, b, *rest)
+            return n.target(x, w, b, *rest, **options)
     m = ctx.moments.get(source)
     if not isinstance(m, Moments):
         raise NoRule

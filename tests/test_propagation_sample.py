@@ -90,3 +90,32 @@ def test_summary_lists_estimated_and_unknown_moments():
     assert "measured on the Gaussian sample" in text or "Gaussian sample" in text
     report = normprop_fx.conversion_report(converted)
     assert report.unknown_moments == ()
+
+
+class BlurThenConv(nn.Module):
+    """timm's BlurPool2d form: a fixed depthwise low-pass filter called as
+    ``F.conv2d(x, filt, stride=2, groups=C)``, its options by keyword, between two conv-BNs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.register_buffer("filt", (torch.tensor([1.0, 2.0, 1.0]).outer(torch.tensor([1.0, 2.0, 1.0])) / 16).expand(16, 1, 3, 3).clone())
+        self.conv2, self.bn2 = nn.Conv2d(16, 16, 1, bias=False), nn.BatchNorm2d(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect"), self.filt, stride=2, groups=16)
+        return self.bn2(self.conv2(x))
+
+
+def test_functional_conv_with_keyword_options_has_moments():
+    """A functional conv whose stride and groups are keywords gets its moments from the plain
+    weighted-layer rule (they were unknown, so the next layer got no correction: std 0.38)."""
+    torch.manual_seed(0)
+    converted = normprop_fx.convert(BlurThenConv(), gamma_init=1.0, example_inputs=torch.empty(2, 3, 32, 32))
+    report = normprop_fx.conversion_report(converted)
+    assert report.unknown_moments == ()
+    assert any(c.consumer == "conv2" for c in report.corrections)
+    torch.manual_seed(1)
+    stats = {s.path: s for s in normprop_fx.measure_layer_statistics(converted, torch.randn(16, 3, 32, 32))}
+    assert 0.85 <= stats["conv2"].std <= 1.15
