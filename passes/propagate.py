@@ -71,7 +71,6 @@ from .moment_rules import (
     METHOD_RULES,
     MODULE_RULES,
     RULES,
-    STRUCTURAL,
     Moments,
     NoRule,
     flat_moments,
@@ -198,6 +197,18 @@ class MomentInterpreter(fx.Interpreter):
         moments = self.moments.get(source) if source is not None else None
         needs_correction = isinstance(moments, Moments) and not moments.constant and not moments.is_standard()
         if isinstance(module, NORMPROP_CONSUMERS):
+            if moments is None and source is not None and not is_trained(module) and _is_float_tensor(self.env[source]):
+                # Unknown moments are no reason to assume a standardized input: the sample's own
+                # per-channel moments are the only estimate left (reported as unknown already).
+                moments = sample_moments(self.env[source])
+                needs_correction = not moments.is_standard()
+                if needs_correction:
+                    consumer = describe_node(n, self.module)
+                    self.estimated.append(f"input of {consumer} (moments unknown: measured on the Gaussian sample)")
+                    n.meta[CORRECTION] = InputCorrection(moments, "moments unknown: measured on the Gaussian sample")
+                    args, kwargs = self.fetch_args_kwargs_from_env(n)
+                    with torch.no_grad():
+                        return module(_standardized(args[0], moments), *args[1:], **kwargs)
             if needs_correction and not is_trained(module):
                 moments, note = self._calibrated(n, source, moments)
                 n.meta[CORRECTION] = InputCorrection(moments, note)
@@ -273,14 +284,20 @@ class MomentInterpreter(fx.Interpreter):
             elif not isinstance(module, (NormPropAffine, NormalizedActivation)):
                 particles = None
             return Moments.normalized_activation(value.dim(), spec, particles)
+        if _computed_from_constants(n, self.moments, self.env):
+            # Every tensor it reads is a constant (a buffer, a parameter, a literal): so is its
+            # value, whatever the op (a relative-position MLP over fixed coordinates, an indexed
+            # bias table). Its value on the sample is exact; a rule would read the constant's
+            # full-shape mean as a batch of moments and fail on it.
+            return tree_map(lambda v: Moments.of_constant(v) if _is_float_tensor(v) else None, value)
         form = _activation_form(n, module)
         if form is not None:
             return self._activation(n, value, module, form)
         kind = MODULE_RULES.get(type(module)) if module is not None else (
             FUNCTION_RULES.get(n.target) if n.op == "call_function" else METHOD_RULES.get(n.target)
         )
-        inputs = [self.moments.get(a) if isinstance(a, fx.Node) else None for a in tensor_args(n)]
-        if kind is None or any(m is None for m in inputs) and kind not in (STRUCTURAL,):
+        inputs = self._input_moments(n)
+        if kind is None or any(m is None for m in inputs):
             return self._probe(n, value, module)
         try:
             return RULES[kind](self, n, value, module)
@@ -305,6 +322,12 @@ class MomentInterpreter(fx.Interpreter):
         particles = activation_particles(spec, moments.particles, moments.average_mean, moments.average_std)
         return Moments(out_mean, out_var, moments.structural, particles=particles)
 
+    def _input_moments(self, n: fx.Node) -> list[Any]:
+        """The moments of the inputs of ``n`` that hold tensors on the sample (flattened; None:
+        unknown). Inputs that hold no tensor (a size or an int read off a shape) have no moments
+        and need none: they are fixed by the input shapes."""
+        return flat_moments([self.moments.get(a) for a in tensor_args(n) if _has_tensor(self.env.get(a))])
+
     # -- running the op on moments -------------------------------------------------------------
 
     def apply(
@@ -321,12 +344,14 @@ class MomentInterpreter(fx.Interpreter):
             if isinstance(a, fx.Node):
                 m = (moments or {}).get(a, self.moments.get(a))
                 v = self.env[a]
+                if isinstance(m, Moments) and m.constant and isinstance(v, torch.Tensor) and not v.is_floating_point():
+                    return v  # an integer or boolean constant indexes or masks: its value, never its moments
                 if isinstance(m, Moments) and isinstance(v, torch.Tensor):
                     return pick(m, v.shape)
                 if isinstance(m, (tuple, list)) and isinstance(v, (tuple, list)):
                     return type(v)(pick(mi, vi.shape) if isinstance(mi, Moments) else vi for mi, vi in zip(m, v))
-                if isinstance(v, torch.Tensor):
-                    raise NoRule
+                if _has_tensor(v):
+                    raise NoRule  # unknown moments: never run the op on the sample's own values
                 return v
             return a
 
@@ -337,7 +362,7 @@ class MomentInterpreter(fx.Interpreter):
     # -- the fallback: a Gaussian probe --------------------------------------------------------------
 
     def _probe(self, n: fx.Node, value: Any, module: nn.Module | None) -> Any:
-        inputs = flat_moments([self.moments.get(a) for a in tensor_args(n)])
+        inputs = self._input_moments(n)
         if any(m is None for m in inputs):
             return None
         runs = max(1, min(PROBE_MAX_RUNS, math.ceil(PROBE_SAMPLES / max(1, _elements_per_channel(value)))))
@@ -380,6 +405,28 @@ def _standardized(x: torch.Tensor, moments: Moments) -> torch.Tensor:
     mean = mean.to(x.device, x.dtype)
     scale = standardizing_scale(var)[0].to(x.device, x.dtype)
     return (x - mean) * scale
+
+
+#: Ops whose result is random even on constant inputs (not constant-folded).
+_RANDOM_OPS = frozenset({
+    torch.rand_like, torch.randn_like, torch.randint_like, torch.bernoulli, torch.normal, torch.poisson,
+    torch.multinomial, "bernoulli", "bernoulli_", "normal_", "uniform_", "random_", "exponential_",
+})
+
+
+def _computed_from_constants(n: fx.Node, moments: dict[fx.Node, Any], env: dict[fx.Node, Any]) -> bool:
+    """Whether ``n`` reads tensors, and only constant ones (and no randomness). Inputs that are
+    no tensors (sizes, ints read off shapes) are fixed by the input shapes and do not count."""
+    if n.op != "call_module" and n.target in _RANDOM_OPS:
+        return False
+    inputs = flat_moments([moments.get(a) for a in tensor_args(n) if _has_tensor(env.get(a))])
+    return bool(inputs) and all(isinstance(m, Moments) and m.constant for m in inputs)
+
+
+def _has_tensor(v: Any) -> bool:
+    if isinstance(v, (tuple, list)):
+        return any(_has_tensor(x) for x in v)
+    return isinstance(v, torch.Tensor)
 
 
 def _elements_per_channel(value: Any) -> int:

@@ -119,3 +119,117 @@ def test_functional_conv_with_keyword_options_has_moments():
     torch.manual_seed(1)
     stats = {s.path: s for s in normprop_fx.measure_layer_statistics(converted, torch.randn(16, 3, 32, 32))}
     assert 0.85 <= stats["conv2"].std <= 1.15
+
+
+class ConstantBias(nn.Module):
+    """A bias computed from a buffer alone (MaxViT's relative-position MLP over fixed
+    coordinates): a constant with no batch dim, added to a scaled conv-BN output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.register_buffer("coords", torch.randn(8, 8, 2))
+        self.mlp = nn.Linear(2, 8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = 4 * self.bn1(self.conv1(x)) + self.mlp(self.coords).permute(2, 0, 1)
+        return self.bn2(self.conv2(h))
+
+
+class IndexedChannels(nn.Module):
+    """Channels picked by an integer buffer (torchvision MaxViT's relative-position index)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.register_buffer("order", torch.randperm(8))
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn2(self.conv2((4 * self.bn1(self.conv1(x)))[:, self.order]))
+
+
+@pytest.mark.parametrize("model", [ConstantBias, IndexedChannels], ids=["constant-mlp", "integer-index"])
+def test_ops_on_constants_keep_the_moments_known(model):
+    """An op that reads only constants is a constant (its value on the sample, exact), and an
+    integer constant indexes by its value: before, both made the moments unknown, the next
+    layer got no correction and its std was 3.6-3.7; in MaxViT that compounded over the blocks
+    to std 1e10."""
+    torch.manual_seed(0)
+    converted = normprop_fx.convert(model(), gamma_init=1.0, example_inputs=torch.empty(2, 3, 8, 8))
+    report = normprop_fx.conversion_report(converted)
+    assert report.unknown_moments == ()
+    assert any(c.consumer == "conv2" for c in report.corrections)
+    torch.manual_seed(1)
+    stats = {s.path: s for s in normprop_fx.measure_layer_statistics(converted.eval(), torch.randn(64, 3, 8, 8))}
+    assert 0.85 <= stats["conv2"].std <= 1.15
+
+
+class Unknowable(nn.Module):
+    """A scaled conv-BN output through an op no rule or probe can take (an op that fails on
+    any input but the real one), then a conv-BN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn2(self.conv2(_only_on_real_values(4 * self.bn1(self.conv1(x)))))
+
+
+@torch.fx.wrap
+def _only_on_real_values(x: torch.Tensor) -> torch.Tensor:
+    if float(x.detach().abs().amax()) > 1e3 or x.shape[0] > 64:
+        raise RuntimeError("refuses probes")
+    return x + 0.0
+
+
+def test_unknown_moments_get_a_correction_measured_on_the_sample(monkeypatch):
+    """Unknown moments are no reason to assume a standardized input: the consumer's input is
+    standardized with the sample's own per-channel moments, and the report says so."""
+    from normprop_fx.passes import propagate
+
+    def no_probe(self, n, value, module):
+        return None  # no moments: the op cannot be probed
+
+    monkeypatch.setattr(propagate.MomentInterpreter, "_probe", no_probe)
+    torch.manual_seed(0)
+    converted = normprop_fx.convert(Unknowable(), gamma_init=1.0, example_inputs=torch.empty(2, 3, 8, 8))
+    report = normprop_fx.conversion_report(converted)
+    assert any("moments unknown: measured on the Gaussian sample" in op for op in report.estimated_ops)
+    torch.manual_seed(1)
+    stats = {s.path: s for s in normprop_fx.measure_layer_statistics(converted.eval(), torch.randn(64, 3, 8, 8))}
+    assert 0.85 <= stats["conv2"].std <= 1.15
+
+
+class UpsampledGate(nn.Module):
+    """GhostNetV2/V3's DFC attention in small: a gate computed at half resolution and upsampled to
+    the main map's size, read from its shape (``F.interpolate(size=(h, w))``: int-valued nodes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.gate = nn.Conv2d(3, 16, 1)  # no BN: a raw sigmoid gate, mean ~0.5
+        self.conv2, self.bn2 = nn.Conv2d(16, 16, 1, bias=False), nn.BatchNorm2d(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        g = torch.sigmoid(self.gate(torch.nn.functional.avg_pool2d(x, 2)))
+        out = out * torch.nn.functional.interpolate(g, size=(out.shape[-2], out.shape[-1]), mode="nearest")
+        return torch.relu(self.bn2(self.conv2(out)))
+
+
+def test_size_arguments_read_from_a_shape_do_not_make_moments_unknown():
+    """The probe of interpolate(size=(h, w)) ignores the int nodes h and w; before, their missing
+    moments made the gate product's moments unknown, silently, and conv2 got no correction
+    (mean -0.35, std 0.51)."""
+    torch.manual_seed(0)
+    converted = normprop_fx.convert(UpsampledGate(), gamma_init=1.0, example_inputs=torch.empty(2, 3, 16, 16))
+    report = normprop_fx.conversion_report(converted)
+    assert report.unknown_moments == ()
+    assert [c.consumer for c in report.corrections] == ["conv2"]
+    torch.manual_seed(1)
+    last = normprop_fx.measure_layer_statistics(converted.eval(), torch.randn(16, 3, 16, 16))[-1]
+    assert 0.85 <= last.std <= 1.15 and abs(last.mean) < 0.1
