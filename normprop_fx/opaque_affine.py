@@ -50,10 +50,25 @@ class OpaqueNormPropAffine(nn.Module):
         values = x.detach().double().transpose(0, 1).reshape(x.shape[1], -1)
         if not bool(torch.isfinite(values).all()):
             return  # stays unmeasured (an identity), and propagation reports it
-        mean = values.mean(1)
+        # Per-channel moments, each only as far as the sample can tell it from the others
+        # (shrunk to the average over channels by its sampling noise, see _shrunk): the values of
+        # one sample can be far from independent (at init, attention makes the tokens of a sample
+        # nearly alike), and a per-channel variance from a few dozen effective values is off by
+        # +-30% per channel, which 1/sqrt(var) turns into a bias that compounds through depth.
+        groups = values.tensor_split(min(_NOISE_GROUPS, values.shape[1]), dim=1)
+        group_means = torch.stack([g.mean(1) for g in groups])
+        mean = _shrunk(values.mean(1), group_means)
+        # One variance for all channels (as for the corrections in the graph: no per-channel
+        # noise), measured on each group around the means of the others: held-out values see the
+        # means' sampling error as other inputs will, which the values that fitted them hide.
+        squares = 0.0
+        for k, g in enumerate(groups):
+            others = torch.cat([group_means[:k], group_means[k + 1:]])
+            held_out = _shrunk(others.mean(0), others) if len(others) else mean
+            squares += float(((g - held_out[:, None]) ** 2).sum())
+        var = torch.full_like(mean, squares / values.numel())
         # A channel that is nearly constant on the sample would get a huge constant scale that
         # other inputs do not warrant: its variance is floored at a tenth of the channels' mean.
-        var = values.var(1, unbiased=False)
         var = var.clamp_min(0.1 * float(var.mean()))
         shape = (-1,) + (1,) * (x.dim() - 2)
         self.correction = Standardize(
@@ -62,3 +77,24 @@ class OpaqueNormPropAffine(nn.Module):
             reason="measured on the Gaussian sample (inside a module torch.fx does not trace)",
         )
         self.measured = True
+
+
+#: Contiguous groups of the sample (whole samples, mostly: dim 0 comes first) whose disagreement
+#: measures the sampling noise of a per-channel estimate.
+_NOISE_GROUPS = 8
+
+
+def _shrunk(estimate: torch.Tensor, per_group: torch.Tensor) -> torch.Tensor:
+    """Per-channel ``estimate`` (C,) pulled toward its mean over channels by as much as its spread
+    over channels is sampling noise: ``per_group`` (G, C) are the same estimates on G disjoint
+    groups of the sample, whose variance / G is each channel's noise (empirical Bayes, one weight
+    for all channels). Noise-free channel differences are kept; pure noise becomes one scalar."""
+    groups, channels = per_group.shape
+    if groups < 2 or channels < 2:
+        return estimate
+    noise = float(per_group.var(0).mean()) / groups
+    spread = float(estimate.var())
+    signal = max(0.0, spread - noise)
+    weight = signal / (signal + noise) if signal + noise > 0 else 1.0
+    center = estimate.mean()
+    return center + weight * (estimate - center)

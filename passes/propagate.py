@@ -185,8 +185,19 @@ class MomentInterpreter(fx.Interpreter):
         except Exception as err:  # noqa: BLE001 - an unforeseen op: unknown moments, reported
             self.moments[n] = None
             self.unknown.append(f"{describe_node(n, self.module)}: {type(err).__name__}: {err}")
+        else:
+            if self.moments[n] is None and n.op not in ("output", "placeholder", "get_attr") and _holds_float_tensor(value):
+                self._report_unknown(n)
         n.meta[MOMENTS] = self.moments[n]
         return value
+
+    def _report_unknown(self, n: fx.Node) -> None:
+        """A float value got no moments without an error (no rule, and the probe gave none):
+        report the node where that starts; the values computed from it are unknown too and say
+        nothing more."""
+        unknown_inputs = [a for a in tensor_args(n) if _holds_float_tensor(self.env.get(a)) and self.moments.get(a) is None]
+        if not unknown_inputs:
+            self.unknown.append(f"{describe_node(n, self.module)}: moments unknown (no rule applies and the Gaussian probe gave none)")
 
     def _run_as_corrected(self, n: fx.Node) -> Any:
         """Run ``n`` on the sample as the converted model will: a consumer (NormProp layer,
@@ -323,10 +334,10 @@ class MomentInterpreter(fx.Interpreter):
         return Moments(out_mean, out_var, moments.structural, particles=particles)
 
     def _input_moments(self, n: fx.Node) -> list[Any]:
-        """The moments of the inputs of ``n`` that hold tensors on the sample (flattened; None:
-        unknown). Inputs that hold no tensor (a size or an int read off a shape) have no moments
-        and need none: they are fixed by the input shapes."""
-        return flat_moments([self.moments.get(a) for a in tensor_args(n) if _has_tensor(self.env.get(a))])
+        """The moments of the inputs of ``n`` that hold float tensors on the sample (flattened;
+        None: unknown). The other inputs (a size or an int read off a shape, an integer index, a
+        mask) have no moments and need none: the op reads them as they are."""
+        return flat_moments([self.moments.get(a) for a in tensor_args(n) if _holds_float_tensor(self.env.get(a))])
 
     # -- running the op on moments -------------------------------------------------------------
 
@@ -350,7 +361,7 @@ class MomentInterpreter(fx.Interpreter):
                     return pick(m, v.shape)
                 if isinstance(m, (tuple, list)) and isinstance(v, (tuple, list)):
                     return type(v)(pick(mi, vi.shape) if isinstance(mi, Moments) else vi for mi, vi in zip(m, v))
-                if _has_tensor(v):
+                if _holds_float_tensor(v):
                     raise NoRule  # unknown moments: never run the op on the sample's own values
                 return v
             return a
@@ -419,14 +430,17 @@ def _computed_from_constants(n: fx.Node, moments: dict[fx.Node, Any], env: dict[
     no tensors (sizes, ints read off shapes) are fixed by the input shapes and do not count."""
     if n.op != "call_module" and n.target in _RANDOM_OPS:
         return False
-    inputs = flat_moments([moments.get(a) for a in tensor_args(n) if _has_tensor(env.get(a))])
+    inputs = flat_moments([moments.get(a) for a in tensor_args(n) if _holds_float_tensor(env.get(a))])
     return bool(inputs) and all(isinstance(m, Moments) and m.constant for m in inputs)
 
 
-def _has_tensor(v: Any) -> bool:
+def _holds_float_tensor(v: Any) -> bool:
+    """A float tensor, or a container (tuple, list, named tuple, dict) with one somewhere inside."""
+    if isinstance(v, dict):
+        return any(_holds_float_tensor(x) for x in v.values())
     if isinstance(v, (tuple, list)):
-        return any(_has_tensor(x) for x in v)
-    return isinstance(v, torch.Tensor)
+        return any(_holds_float_tensor(x) for x in v)
+    return _is_float_tensor(v)
 
 
 def _elements_per_channel(value: Any) -> int:
