@@ -35,6 +35,11 @@ class ActivationFunction:
         sigmoid), so that output must not be overwritten in place while a gradient is
         recorded; the others read their input only.
     takes_inplace: ``fn`` takes ``inplace=True`` (and then overwrites its input).
+    gate: ``fn``'s range is (0, 1): when its output only multiplies other values it is a gate
+        (GhostNetV2/V3's DFC attention, CBAM), and it stays raw (``passes.graph_utils.is_gate``).
+        Normalized to (0, 1) moments it would be ~1.2x its centred input, and the product
+        quadratic in each sample's scale: over a stack of gated blocks the samples' scales
+        spread apart (timm ghostnetv3_130: one sample's variance 0.01-34 by block 8).
     """
 
     fn: Callable[..., torch.Tensor]
@@ -42,6 +47,7 @@ class ActivationFunction:
     kinks: Callable[[Mapping[str, Any]], tuple[float, ...]] = lambda p: ()
     backward_reads_output: bool = False
     takes_inplace: bool = False
+    gate: bool = False
 
 
 ACTIVATION_FUNCTIONS: dict[str, ActivationFunction] = {
@@ -59,12 +65,12 @@ ACTIVATION_FUNCTIONS: dict[str, ActivationFunction] = {
     "mish": ActivationFunction(F.mish, takes_inplace=True),
     "gelu": ActivationFunction(F.gelu, {"approximate": "none"}),
     "hardswish": ActivationFunction(F.hardswish, kinks=lambda p: (-3.0, 3.0), takes_inplace=True),
-    "hardsigmoid": ActivationFunction(F.hardsigmoid, kinks=lambda p: (-3.0, 3.0), takes_inplace=True),
+    "hardsigmoid": ActivationFunction(F.hardsigmoid, kinks=lambda p: (-3.0, 3.0), takes_inplace=True, gate=True),
     "softplus": ActivationFunction(
         F.softplus, {"beta": 1.0, "threshold": 20.0}, lambda p: (p["threshold"] / p["beta"],)
     ),
     "tanh": ActivationFunction(torch.tanh, backward_reads_output=True),
-    "sigmoid": ActivationFunction(torch.sigmoid, backward_reads_output=True),
+    "sigmoid": ActivationFunction(torch.sigmoid, backward_reads_output=True, gate=True),
 }
 
 

@@ -6,6 +6,7 @@ can use it (the layering is in ``passes/__init__.py``).
 
 from __future__ import annotations
 
+import operator
 from collections import Counter
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,7 @@ __all__ = [
     "free_module_name",
     "hand_over",
     "has_submodule",
+    "is_gate",
     "module_calls",
     "module_uses",
     "normalizable_activation",
@@ -194,6 +196,39 @@ def normalizable_activation(
     except UnsupportedActivationError as err:
         return None, str(err)
     return spec, None
+
+
+#: Ops that only move, repeat or resize a gate on its way to the product it scales.
+_GATE_CARRIERS = {
+    ("call_function", torch.nn.functional.interpolate), ("call_function", torch.flatten),
+    ("call_function", torch.reshape), ("call_function", torch.unsqueeze), ("call_function", torch.repeat_interleave),
+    *(("call_method", m) for m in ("view", "reshape", "expand", "expand_as", "unsqueeze", "repeat", "flatten",
+                                   "permute", "transpose", "contiguous", "to", "type_as")),
+}
+_PRODUCTS = {
+    ("call_function", torch.mul), ("call_method", "mul"), ("call_method", "mul_"),
+}
+
+
+def is_gate(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether every use of ``node``'s value multiplies another value: directly, or after ops
+    that only move, repeat or resize it (interpolate, expand, view...; nn.Upsample, nn.Identity). Such a (0, 1)
+    activation is a gate and stays raw (``ActivationFunction.gate``)."""
+    import operator
+
+    if not node.users:
+        return False
+    for user in node.users:
+        key = (user.op, user.target)
+        if key in _PRODUCTS or (user.op == "call_function" and user.target in (operator.mul, operator.imul)):
+            if sum(a is node for a in user.args) != 1 or len(user.args) != 2 or not all(isinstance(a, fx.Node) for a in user.args):
+                return False  # a square, or a product with a constant: no gate
+            continue
+        carries = key in _GATE_CARRIERS or (
+            user.op == "call_module" and isinstance(modules.get(str(user.target)), (nn.Upsample, nn.Identity)))
+        if not (carries and user.args and user.args[0] is node and is_gate(user, modules)):
+            return False
+    return True
 
 
 def save_buffers(module: nn.Module | None) -> list[tuple[torch.Tensor, torch.Tensor]]:

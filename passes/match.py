@@ -29,7 +29,7 @@ from normprop_fx.batchnorm_state import batchnorm_state
 from normprop_fx.records import LeftBatchNorm
 
 from .describe import describe_node
-from .graph_utils import module_uses, normalizable_activation, owner_stack
+from .graph_utils import is_gate, module_uses, normalizable_activation, owner_stack
 from .input_shape import SHAPE
 from .patterns import (
     BATCH_NORM_TYPES,
@@ -181,7 +181,7 @@ def _match_at(
             f"{len(sites[norm_node.target])} calls): replacing it would change those reads"
         )
     if unit is not None:
-        act_node, spec, kept, notes = None, *_unit_activation(norm, unit)
+        act_node, spec, kept, notes = None, *_unit_activation(norm, unit, is_gate(norm_node, modules))
     else:
         act_node, spec, notes = _activation_after(gm, modules, norm_node)
         kept = ()
@@ -249,9 +249,10 @@ def _feeds_only(gm: fx.GraphModule, producer: str, norm_calls: list[fx.Node]) ->
 
 
 def _unit_activation(
-    norm: nn.Module, unit: NormActUnit
+    norm: nn.Module, unit: NormActUnit, gate: bool = False
 ) -> tuple[ActivationSpec, tuple[tuple[str, nn.Module], ...], tuple[str, ...]]:
-    """The activation of a norm-activation unit to fuse, and its modules that stay after it."""
+    """The activation of a norm-activation unit to fuse, and its modules that stay after it.
+    ``gate``: the unit's output only multiplies other values, so a (0, 1) activation stays raw."""
     identity = activation("identity")
     drop, act = getattr(norm, unit.drop), getattr(norm, unit.act)
     drop_is_identity = lookup_by_type({nn.Identity: True}, drop) is not None
@@ -262,6 +263,10 @@ def _unit_activation(
         spec, why = normalizable_activation(form, None, act)
         if spec is None:
             note = (f"its activation {type(act).__name__} is not normalized: {why}",)
+        elif spec.function.gate and gate:
+            note = (f"its activation {type(act).__name__} is a gate (its output only multiplies other values): "
+                    "it stays raw, on the standardized output",)
+            spec = None
     else:
         reason = lookup_by_type(UNSUPPORTED_ACTIVATIONS, act) or own_forward_reason(MODULE_ACTIVATION_FORMS, act)
         note = (f"its activation {type(act).__name__} is not normalized: {reason or 'not a known activation'}",)
@@ -310,5 +315,8 @@ def _activation_after(
     spec, why = normalizable_activation(form, user, module)
     if spec is None:
         return None, identity, (f"{describe_node(user, gm)} after the BatchNorm is not normalized: {why}",)
+    if spec.function.gate and is_gate(user, modules):
+        return None, identity, (f"{describe_node(user, gm)} after the BatchNorm is a gate (its output only multiplies "
+                                "other values): it stays raw, on the standardized output",)
     return user, spec, ()
 

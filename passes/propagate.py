@@ -62,6 +62,7 @@ from .graph_utils import (
     NORMPROP_CONSUMERS,
     NORMPROP_MODULES,
     channel_moments,
+    is_gate,
     normalizable_activation,
     restore_buffers,
     save_buffers,
@@ -267,6 +268,8 @@ class MomentInterpreter(fx.Interpreter):
         if form is None:
             return None
         spec, _ = normalizable_activation(form, n, module)
+        if spec is not None and spec.function.gate and is_gate(n, self.modules):
+            return None  # a gate stays raw (ActivationFunction.gate)
         return None if spec is None or spec.is_identity else spec
 
     # -- dispatch ---------------------------------------------------------------------------

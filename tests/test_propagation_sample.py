@@ -305,3 +305,48 @@ def test_opaque_corrections_are_stable_across_calibration_seeds():
     assert spread < 0.4
     for c in converted:
         assert normprop_fx.measure_layer_statistics(c, test)[-1].std < 1.75
+
+
+class GatedBlock(nn.Module):
+    """GhostNetV2/V3's DFC attention in small: a conv-BN at half resolution, a sigmoid, upsampled
+    to the main branch's size, gating it; a residual stack of these."""
+
+    def __init__(self, c: int, unit: bool) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.short = nn.Conv2d(c, c, 1, bias=False)
+        # the gate's BN with a separate nn.Sigmoid, or timm's BatchNormAct2d unit with the sigmoid inside
+        if unit:
+            from timm.layers import BatchNormAct2d
+            self.short_bn, self.gate = BatchNormAct2d(c, act_layer=nn.Sigmoid), nn.Identity()
+        else:
+            self.short_bn, self.gate = nn.BatchNorm2d(c), nn.Sigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn(self.conv(x)))
+        g = self.gate(self.short_bn(self.short(torch.nn.functional.avg_pool2d(x, 2))))
+        return x + out * torch.nn.functional.interpolate(g, size=(out.shape[-2], out.shape[-1]), mode="nearest")
+
+
+@pytest.mark.parametrize("unit", [False, True], ids=["sigmoid-module", "batchnormact-unit"])
+def test_a_sigmoid_gate_stays_raw(unit):
+    """A (0, 1) activation whose output only multiplies other values is a gate: it stays raw on
+    the standardized output (normalized, it was ~1.2x its input and each product quadratic in the
+    sample's scale). The gated stack keeps every layer within the statistics bounds."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          *(GatedBlock(16, unit) for _ in range(6)), nn.Conv2d(16, 16, 1), nn.BatchNorm2d(16))
+    converted = normprop_fx.convert(model, gamma_init=1.0, example_inputs=torch.empty(2, 3, 16, 16))
+    report = normprop_fx.conversion_report(converted)
+    assert sum("is a gate" in note for r in report.rewrites for note in r.notes) == 6
+    gate_layer = converted[3].short
+    assert gate_layer.activation.spec.is_identity
+    torch.manual_seed(1)
+    x = torch.randn(64, 3, 16, 16)
+    seen = []
+    sigmoid = converted[3].short_bn_act if unit else converted[3].gate  # the unit's activation stays after the layer
+    hook = sigmoid.register_forward_hook(lambda m, a, o: seen.append(o))
+    stats = normprop_fx.measure_layer_statistics(converted.eval(), x)
+    hook.remove()
+    assert 0.0 < float(seen[0].min()) and float(seen[0].max()) < 1.0  # the raw sigmoid
+    assert all(0.7 <= s.std <= 1.4 and abs(s.mean) < 0.3 for s in stats)
