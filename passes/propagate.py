@@ -298,7 +298,7 @@ class MomentInterpreter(fx.Interpreter):
             elif not isinstance(module, (NormPropAffine, NormalizedActivation)):
                 particles = None
             return Moments.normalized_activation(value.dim(), spec, particles)
-        if _computed_from_constants(n, self.moments, self.env):
+        if _reads_only_constants(n, self._input_moments(n)):
             # Every tensor it reads is a constant (a buffer, a parameter, a literal): so is its
             # value, whatever the op (a relative-position MLP over fixed coordinates, an indexed
             # bias table). Its value on the sample is exact; a rule would read the constant's
@@ -428,12 +428,11 @@ _RANDOM_OPS = frozenset({
 })
 
 
-def _computed_from_constants(n: fx.Node, moments: dict[fx.Node, Any], env: dict[fx.Node, Any]) -> bool:
-    """Whether ``n`` reads tensors, and only constant ones (and no randomness). Inputs that are
-    no tensors (sizes, ints read off shapes) are fixed by the input shapes and do not count."""
+def _reads_only_constants(n: fx.Node, inputs: list[Any]) -> bool:
+    """Whether ``n`` reads float tensors, all of them constants (``inputs``: their moments), and
+    draws no random numbers: then its value is a constant too."""
     if n.op != "call_module" and n.target in _RANDOM_OPS:
         return False
-    inputs = flat_moments([moments.get(a) for a in tensor_args(n) if _holds_float_tensor(env.get(a))])
     return bool(inputs) and all(isinstance(m, Moments) and m.constant for m in inputs)
 
 
