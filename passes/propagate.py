@@ -195,7 +195,9 @@ class MomentInterpreter(fx.Interpreter):
     def _report_unknown(self, n: fx.Node) -> None:
         """A float value got no moments without an error (no rule, and the probe gave none):
         report the node where that starts; the values computed from it are unknown too and say
-        nothing more."""
+        nothing more. A value that only leaves the model (a named tuple of outputs) needs none."""
+        if all(user.op == "output" for user in n.users):
+            return
         unknown_inputs = [a for a in tensor_args(n) if _holds_float_tensor(self.env.get(a)) and self.moments.get(a) is None]
         if not unknown_inputs:
             self.unknown.append(f"{describe_node(n, self.module)}: moments unknown (no rule applies and the Gaussian probe gave none)")
