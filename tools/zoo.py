@@ -511,7 +511,9 @@ def _statistics_section(rows: list[dict[str, Any]], command: str | None) -> list
     share = within / layers if layers else 0.0
     lines += ["", f"All layers: {within} of {layers} within ({share:.1%}; target 95%: "
               f"{'met' if share >= 0.95 else '**not met**'}). The rows are the models the commands below have "
-              "checked so far; rerunning them resumes where they stopped.", "",
+              "checked so far; rerunning them resumes where they stopped. Where the deepest residual networks miss, "
+              "their samples' own scales have spread apart with depth, which no constant correction undoes "
+              "([docs/method.md](method.md) section 6, measured with `tools/calibration_stability.py --per-sample`).", "",
               "| model | input | calibration samples | layers within | std min (layer) | std max (layer) | worst abs(mean) | "
               "seed spread (correction) | reason |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
