@@ -121,6 +121,16 @@ def test_functional_conv_with_keyword_options_has_moments():
     assert 0.85 <= stats["conv2"].std <= 1.15
 
 
+def _converted_stats(model: nn.Module, side: int = 8) -> tuple[normprop_fx.ConversionReport, dict]:
+    """``model`` converted at gamma_init=1 on (2, 3, side, side), its report, and its NormProp
+    layers' statistics over 64 N(0, I) samples, by path."""
+    torch.manual_seed(0)
+    converted = normprop_fx.convert(model, gamma_init=1.0, example_inputs=torch.empty(2, 3, side, side))
+    torch.manual_seed(1)
+    stats = normprop_fx.measure_layer_statistics(converted.eval(), torch.randn(64, 3, side, side))
+    return normprop_fx.conversion_report(converted), {s.path: s for s in stats}
+
+
 class ConstantBias(nn.Module):
     """A bias computed from a buffer alone (MaxViT's relative-position MLP over fixed
     coordinates): a constant with no batch dim, added to a scaled conv-BN output."""
@@ -157,18 +167,15 @@ def test_ops_on_constants_keep_the_moments_known(model):
     layer got no correction and its std was 3.6-3.7; in MaxViT that compounded over the blocks
     to std 1e10."""
     torch.manual_seed(0)
-    converted = normprop_fx.convert(model(), gamma_init=1.0, example_inputs=torch.empty(2, 3, 8, 8))
-    report = normprop_fx.conversion_report(converted)
+    report, stats = _converted_stats(model())
     assert report.unknown_moments == ()
     assert any(c.consumer == "conv2" for c in report.corrections)
-    torch.manual_seed(1)
-    stats = {s.path: s for s in normprop_fx.measure_layer_statistics(converted.eval(), torch.randn(64, 3, 8, 8))}
     assert 0.85 <= stats["conv2"].std <= 1.15
 
 
 class Unknowable(nn.Module):
-    """A scaled conv-BN output through an op no rule or probe can take (an op that fails on
-    any input but the real one), then a conv-BN."""
+    """A scaled conv-BN output through an op no rule takes (the test makes its probe fail too),
+    then a conv-BN."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -181,9 +188,7 @@ class Unknowable(nn.Module):
 
 @torch.fx.wrap
 def _only_on_real_values(x: torch.Tensor) -> torch.Tensor:
-    if float(x.detach().abs().amax()) > 1e3 or x.shape[0] > 64:
-        raise RuntimeError("refuses probes")
-    return x + 0.0
+    return x.clone()
 
 
 def test_unknown_moments_get_a_correction_measured_on_the_sample(monkeypatch):
@@ -196,11 +201,8 @@ def test_unknown_moments_get_a_correction_measured_on_the_sample(monkeypatch):
 
     monkeypatch.setattr(propagate.MomentInterpreter, "_probe", no_probe)
     torch.manual_seed(0)
-    converted = normprop_fx.convert(Unknowable(), gamma_init=1.0, example_inputs=torch.empty(2, 3, 8, 8))
-    report = normprop_fx.conversion_report(converted)
+    report, stats = _converted_stats(Unknowable())
     assert any("moments unknown: measured on the Gaussian sample" in op for op in report.estimated_ops)
-    torch.manual_seed(1)
-    stats = {s.path: s for s in normprop_fx.measure_layer_statistics(converted.eval(), torch.randn(64, 3, 8, 8))}
     assert 0.85 <= stats["conv2"].std <= 1.15
 
 
@@ -253,11 +255,8 @@ def test_moments_that_go_unknown_without_an_error_are_reported():
     """Where a value's moments become unknown with no exception, the report names the op (it
     said nothing), and the next layer's input is standardized on the sample."""
     torch.manual_seed(0)
-    converted = normprop_fx.convert(MaxGate(), gamma_init=1.0, example_inputs=torch.empty(2, 3, 8, 8))
-    report = normprop_fx.conversion_report(converted)
+    report, stats = _converted_stats(MaxGate())
     assert any("moments unknown" in line for line in report.unknown_moments)
-    torch.manual_seed(1)
-    stats = {s.path: s for s in normprop_fx.measure_layer_statistics(converted.eval(), torch.randn(64, 3, 8, 8))}
     assert 0.8 <= stats["conv2"].std <= 1.25
 
 
