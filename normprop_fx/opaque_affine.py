@@ -3,8 +3,8 @@
 timm's not-traceable attention blocks (MobileViT, ConvAttention, BilinearAttnTransform, ...) and
 the user's ``leaf_modules`` are single nodes of the traced graph, so no moment rule sees their
 inside. A BatchNorm in there is replaced in place by this module: a
-:class:`~normprop_fx.standardize.Standardize` whose per-channel mean and scale are *measured* on
-the Gaussian sample that moment propagation runs the model on (they stay constants afterwards,
+:class:`~normprop_fx.standardize.Standardize` whose mean (per channel) and scale (one for all
+channels) are *measured* on the Gaussian sample that moment propagation runs the model on (they stay constants afterwards,
 like every other correction), then a :class:`~normprop_fx.affine.NormPropAffine`, then, for a
 norm-activation unit such as timm's ``BatchNormAct2d``, its own drop and activation modules.
 
@@ -24,9 +24,9 @@ from .standardize import Standardize
 
 class OpaqueNormPropAffine(nn.Module):
     """``after(affine(correction(x)))``; ``correction`` is measured on the first call made while
-    :attr:`measuring` is True (moment propagation sets it for its sample run): per-channel mean
-    and variance of its input, the variance floored at a tenth of the mean over channels. A
-    sample with non-finite values leaves it unmeasured (an identity)."""
+    :attr:`measuring` is True (moment propagation sets it for its sample run): per-channel means of
+    its input shrunk by their sampling noise, and one variance for all channels. A sample with
+    non-finite values leaves it unmeasured (an identity)."""
 
     def __init__(self, affine: NormPropAffine, after: nn.Module | None = None, *, calibrate: bool = True) -> None:
         super().__init__()
@@ -66,10 +66,7 @@ class OpaqueNormPropAffine(nn.Module):
             others = torch.cat([group_means[:k], group_means[k + 1:]])
             held_out = _shrunk(others.mean(0), others) if len(others) else mean
             squares += float(((g - held_out[:, None]) ** 2).sum())
-        var = torch.full_like(mean, squares / values.numel())
-        # A channel that is nearly constant on the sample would get a huge constant scale that
-        # other inputs do not warrant: its variance is floored at a tenth of the channels' mean.
-        var = var.clamp_min(0.1 * float(var.mean()))
+        var = torch.full_like(mean, squares / values.numel())  # one variance: no channel can be near-constant alone
         shape = (-1,) + (1,) * (x.dim() - 2)
         self.correction = Standardize(
             mean.float().reshape(shape).to(x.device),

@@ -212,10 +212,8 @@ _PRODUCTS = {
 
 def is_gate(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """Whether every use of ``node``'s value multiplies another value: directly, or after ops
-    that only move, repeat or resize it (interpolate, expand, view...; nn.Upsample, nn.Identity). Such a (0, 1)
-    activation is a gate and stays raw (``ActivationFunction.gate``)."""
-    import operator
-
+    that only move, repeat or resize it (interpolate, expand, view...; nn.Upsample, nn.Identity).
+    Such a (0, 1) activation is a gate and stays raw (``ActivationFunction.gate``)."""
     if not node.users:
         return False
     for user in node.users:

@@ -248,6 +248,10 @@ def _feeds_only(gm: fx.GraphModule, producer: str, norm_calls: list[fx.Node]) ->
     )
 
 
+#: What a rewrite's notes say of a gate activation left out of the NormProp layer.
+_GATE_NOTE = "is a gate (its output only multiplies other values): it stays raw, on the standardized output"
+
+
 def _unit_activation(
     norm: nn.Module, unit: NormActUnit, gate: bool = False
 ) -> tuple[ActivationSpec, tuple[tuple[str, nn.Module], ...], tuple[str, ...]]:
@@ -264,8 +268,7 @@ def _unit_activation(
         if spec is None:
             note = (f"its activation {type(act).__name__} is not normalized: {why}",)
         elif spec.function.gate and gate:
-            note = (f"its activation {type(act).__name__} is a gate (its output only multiplies other values): "
-                    "it stays raw, on the standardized output",)
+            note = (f"its activation {type(act).__name__} {_GATE_NOTE}",)
             spec = None
     else:
         reason = lookup_by_type(UNSUPPORTED_ACTIVATIONS, act) or own_forward_reason(MODULE_ACTIVATION_FORMS, act)
@@ -316,7 +319,6 @@ def _activation_after(
     if spec is None:
         return None, identity, (f"{describe_node(user, gm)} after the BatchNorm is not normalized: {why}",)
     if spec.function.gate and is_gate(user, modules):
-        return None, identity, (f"{describe_node(user, gm)} after the BatchNorm is a gate (its output only multiplies "
-                                "other values): it stays raw, on the standardized output",)
+        return None, identity, (f"{describe_node(user, gm)} after the BatchNorm {_GATE_NOTE}",)
     return user, spec, ()
 
