@@ -125,7 +125,8 @@ class ConversionReport:
     corrections: list[Correction] = field(default_factory=list)
     normalized_activations: list[NormalizedStandalone] = field(default_factory=list)
     estimated_ops: tuple[str, ...] = ()  #: ops whose moments a Gaussian probe or the sample estimated
-    #: ops whose moments could not be computed (with the error): nothing downstream is corrected
+    #: ops where moments could not be computed (with the error, or where they went unknown without
+    #: one); a NormProp layer reading such a value is standardized on the sample's own moments
     unknown_moments: tuple[str, ...] = ()
     input_shapes: tuple[tuple[int, ...], ...] = ()  #: the shapes the nominal moments were computed for
     #: Gaussian samples moment propagation calibrated on (None: none ran, e.g. a trained network)
