@@ -206,7 +206,8 @@ _GATE_CARRIERS = {
                                    "permute", "transpose", "contiguous", "to", "type_as")),
 }
 _PRODUCTS = {
-    ("call_function", torch.mul), ("call_method", "mul"), ("call_method", "mul_"),
+    ("call_function", operator.mul), ("call_function", operator.imul), ("call_function", torch.mul),
+    ("call_method", "mul"), ("call_method", "mul_"),
 }
 
 
@@ -218,7 +219,7 @@ def is_gate(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
         return False
     for user in node.users:
         key = (user.op, user.target)
-        if key in _PRODUCTS or (user.op == "call_function" and user.target in (operator.mul, operator.imul)):
+        if key in _PRODUCTS:
             if sum(a is node for a in user.args) != 1 or len(user.args) != 2 or not all(isinstance(a, fx.Node) for a in user.args):
                 return False  # a square, or a product with a constant: no gate
             continue

@@ -211,20 +211,19 @@ class MomentInterpreter(fx.Interpreter):
         moments = self.moments.get(source) if source is not None else None
         needs_correction = isinstance(moments, Moments) and not moments.constant and not moments.is_standard()
         if isinstance(module, NORMPROP_CONSUMERS):
-            if moments is None and source is not None and not is_trained(module) and _is_float_tensor(self.env[source]):
+            note: str | None = None
+            if is_trained(module):
+                needs_correction = False  # a trained layer reads its input as it is
+            elif moments is None and source is not None and _is_float_tensor(self.env[source]):
                 # Unknown moments are no reason to assume a standardized input: the sample's own
                 # per-channel moments are the only estimate left (reported as unknown already).
-                moments = sample_moments(self.env[source])
+                moments, note = sample_moments(self.env[source]), "moments unknown: measured on the Gaussian sample"
                 needs_correction = not moments.is_standard()
                 if needs_correction:
-                    consumer = describe_node(n, self.module)
-                    self.estimated.append(f"input of {consumer} (moments unknown: measured on the Gaussian sample)")
-                    n.meta[CORRECTION] = InputCorrection(moments, "moments unknown: measured on the Gaussian sample")
-                    args, kwargs = self.fetch_args_kwargs_from_env(n)
-                    with torch.no_grad():
-                        return module(_standardized(args[0], moments), *args[1:], **kwargs)
-            if needs_correction and not is_trained(module):
+                    self.estimated.append(f"input of {describe_node(n, self.module)} ({note})")
+            elif needs_correction:
                 moments, note = self._calibrated(n, source, moments)
+            if needs_correction:
                 n.meta[CORRECTION] = InputCorrection(moments, note)
                 args, kwargs = self.fetch_args_kwargs_from_env(n)
                 with torch.no_grad():
