@@ -33,7 +33,6 @@ from .errors import InvalidOptionError, UntraceableModelError
 from .passes.graph_utils import channel_reduce_dims, restore_buffers, save_buffers
 from .passes.inventory import NEVER_CALLED
 from .passes.trace import mode_dependent_modules
-from .sample_outliers import OUTLIER_WORDS
 from .statistics import LayerStatistics, correction_scales, correction_spread, measure_layer_statistics
 
 logger = logging.getLogger(__name__)
@@ -754,8 +753,6 @@ class StatisticsCheck:
     seed_spread: float | None = None
     seed_spread_at: str | None = None
     corrections: int = 0  #: Standardize corrections in the seed-0 conversion
-    #: of those, the ones measured without isolated outlier samples (normprop_fx.sample_outliers)
-    outlier_corrections: int = 0
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -806,9 +803,7 @@ def check_statistics(
                 converted = convert(model, calibration_seed=seed, **options)
             scales.append(correction_scales(converted))
             if seed == 0:
-                report = conversion_report(converted)
-                check.calibration_samples = report.calibration_samples
-                check.outlier_corrections = sum(OUTLIER_WORDS in c.reason for c in report.corrections)
+                check.calibration_samples = conversion_report(converted).calibration_samples
                 stage = "statistics"
                 x = torch.randn(samples, *shape, generator=torch.Generator().manual_seed(1))
                 _record_statistics(check, measure_layer_statistics(converted.eval(), x, batch_size=batch_size))

@@ -19,16 +19,14 @@ import torch
 from torch import nn
 
 from .affine import NormPropAffine
-from .sample_outliers import outlying_samples
 from .standardize import Standardize
 
 
 class OpaqueNormPropAffine(nn.Module):
     """``after(affine(correction(x)))``; ``correction`` is measured on the first call made while
     :attr:`measuring` is True (moment propagation sets it for its sample run): per-channel means of
-    its input shrunk by their sampling noise, and one variance for all channels, over the samples
-    but isolated outliers (``normprop_fx.sample_outliers``). A sample with non-finite values
-    leaves it unmeasured (an identity)."""
+    its input shrunk by their sampling noise, and one variance for all channels. A sample with
+    non-finite values leaves it unmeasured (an identity)."""
 
     def __init__(self, affine: NormPropAffine, after: nn.Module | None = None, *, calibrate: bool = True) -> None:
         super().__init__()
@@ -49,13 +47,9 @@ class OpaqueNormPropAffine(nn.Module):
 
     @torch.no_grad()
     def _measure(self, x: torch.Tensor) -> None:
-        if not bool(torch.isfinite(x).all()):
-            return  # stays unmeasured (an identity), and propagation reports it
-        # A rare input that the network at init blows up says nothing of the others' scale.
-        outliers = outlying_samples(x)
-        if outliers is not None:
-            x = x[outliers.keep]
         values = x.detach().double().transpose(0, 1).reshape(x.shape[1], -1)
+        if not bool(torch.isfinite(values).all()):
+            return  # stays unmeasured (an identity), and propagation reports it
         # Per-channel moments, each only as far as the sample can tell it from the others
         # (shrunk to the average over channels by its sampling noise, see _shrunk): the values of
         # one sample can be far from independent (at init, attention makes the tokens of a sample
@@ -77,8 +71,7 @@ class OpaqueNormPropAffine(nn.Module):
         self.correction = Standardize(
             mean.float().reshape(shape).to(x.device),
             (var + 1e-5).rsqrt().float().reshape(shape).to(x.device),
-            reason="measured on the Gaussian sample (inside a module torch.fx does not trace)"
-                   + (f"; {outliers.note()}" if outliers is not None else ""),
+            reason="measured on the Gaussian sample (inside a module torch.fx does not trace)",
         )
         self.measured = True
 

@@ -54,7 +54,6 @@ from normprop_fx.moments import activation_moments
 from normprop_fx.normalized_activation import NormalizedActivation
 from normprop_fx.opaque_affine import OpaqueNormPropAffine
 from normprop_fx.records import TRAINED_INIT, Correction
-from normprop_fx.sample_outliers import outlying_samples
 from normprop_fx.standardize import standardizing_scale
 
 from .calibration_sample import sample_shape
@@ -242,30 +241,21 @@ class MomentInterpreter(fx.Interpreter):
         """The moments a consumer's correction uses. Estimated moments (through plain weighted
         layers or a probe: they depend on the weights) get their variance scaled so that, on the
         sample, the corrected input has unit variance over all channels (one scalar, so no
-        per-channel noise enters) and over the samples but isolated outliers
-        (``normprop_fx.sample_outliers``). Structural moments are kept unless the sample is off by more
+        per-channel noise enters). Structural moments are kept unless the sample is off by more
         than STRUCTURAL_TOLERANCE: per-channel mean offsets that depend on the weights can build
         up through many blocks, and the structural rules cannot see them. Returns the moments and,
         when the sample rescaled them, how."""
         x = self.env[source]
         mean, var = per_channel(moments, x.dim())
-        # A rare input that the network at init blows up says nothing of the others' scale
-        # (normprop_fx.sample_outliers); a mean that varies within a channel keeps every sample.
-        outliers = outlying_samples(x, mean) if x.dim() >= 2 and mean.numel() <= x.shape[1] else None
-        kept = x[outliers.keep] if outliers is not None else x
-        spread = float(channel_moments(kept, center=mean)[1].mean())
+        spread = float(channel_moments(x, center=mean)[1].mean())
         nominal = float(var.expand((1, *x.shape[1:])).mean()) if x.dim() >= 1 else float(var)
         if not (spread > 0 and nominal > 0):
             return moments, None
         ratio = spread / nominal
         if moments.structural and abs(math.log(ratio)) <= math.log1p(STRUCTURAL_TOLERANCE):
             return moments, None
-        consumer = describe_node(n, self.module)
-        self.estimated.append(calibration_estimate(consumer, moments.structural, ratio))
+        self.estimated.append(calibration_estimate(describe_node(n, self.module), moments.structural, ratio))
         note = calibration_note(moments.structural, ratio, nominal)
-        if outliers is not None:
-            self.estimated.append(f"input of {consumer}: {outliers.note()}")
-            note = f"{note}; {outliers.note()}"
         return Moments(moments.mean, moments.var * ratio, False, particles=moments.particles), note
 
     def _standalone_spec(self, n: fx.Node, module: nn.Module | None, moments: Moments) -> ActivationSpec | None:

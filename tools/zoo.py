@@ -526,19 +526,10 @@ def _statistics_section(rows: list[dict[str, Any]], command: str | None) -> list
                   f"{r['seed_spread']:.1%}{'' if r['seed_spread'] <= SEED_SPREAD_TARGET else ' **over**'} ({r['seed_spread_at']})")
         lines.append(f"| {r['model']} | {'x'.join(map(str, r['input_shape'][1:]))} | {r.get('calibration_samples')} | "
                      f"{r['within']} / {r['layers']} | {r['min_std']:.3f} ({r['min_std_layer']}){flag} | "
-                     f"{r['max_std']:.3f} ({r['max_std_layer']}) | {r['worst_abs_mean']:.3f} | {spread} | "
-                     f"{_outlier_words(r.get('outlier_corrections'))} |")
+                     f"{r['max_std']:.3f} ({r['max_std_layer']}) | {r['worst_abs_mean']:.3f} | {spread} | |")
     if command:
         lines += ["", "Made with:", "", "```", command, "```"]
     return lines + [""]
-
-
-def _outlier_words(count: int | None) -> str:
-    """The reason column of a measured statistics row: how many seed-0 corrections were measured
-    without isolated outlier samples (normprop_fx.sample_outliers); blank for none or an older row."""
-    if not count:
-        return ""
-    return f"{count} correction{'s' if count > 1 else ''} measured without an outlying calibration sample"
 
 
 def _memory_section(memory: dict[str, Any]) -> list[str]:
