@@ -401,9 +401,9 @@ class MomentInterpreter(fx.Interpreter):
         """N(mean, var) of ``shape``, drawn in float64 and returned in float32. The compact moments
         broadcast in place into the noise: ``mean + var.sqrt() * noise`` on the moments expanded
         to ``shape`` made three full-size float64 temporaries besides the noise (the sqrt of an
-        expanded view is full size), 3.5 GiB at one probe of timm maxvit_tiny_tf_512, the peak of its
-        whole conversion. The values are the same, bit for bit (each element is one product and
-        one sum either way)."""
+        expanded view is full size); at the probe of timm maxvit_tiny_tf_512 that peaked its whole
+        conversion, the node's transient memory went from 3.5 to 2.0 GiB. The values are the same,
+        bit for bit (each element is one product and one sum either way)."""
         noise = torch.randn(shape, generator=self.generator, dtype=torch.float64)
         return noise.mul_(m.var.sqrt()).add_(m.mean).float()
 
