@@ -26,8 +26,8 @@ from .errors import InvalidOptionError, NormPropError
 from .moments import activation_constants
 from .normalized_activation import NormalizedActivation
 from .records import NORMPROP_INIT, TRAINED_INIT
-from .standardize import corrected_input
-from .weight_norm import norm_with_eps, normalized_rows
+from .standardize import Standardize, absorbable_correction, corrected_input
+from .weight_norm import normalized_rows
 
 GammaInit = str | float
 
@@ -36,10 +36,6 @@ GammaInit = str | float
 # patches this module's global name, the one normalized_weight calls.)
 torch.fx.wrap("normalized_rows")
 
-
-#: The batch size the eager form's choice of side assumes (NormPropLayer._normalize_output): the
-#: CPU benchmark's (tools/bench.py), whatever the batch at hand.
-FORM_BATCH = 16
 
 #: Added to the squared filter norm: a zero filter gives a zero output and finite gradients
 #: (the weight gradient of a zero row is scaled by 1/sqrt(eps) = 1e4, still finite in fp16),
@@ -161,63 +157,73 @@ class NormPropLayer(nn.Module):
     def normalized_weight(self) -> torch.Tensor:
         return normalized_weight(self.weight, self.gamma, self.eps, weight_dim=self._weight_dim)
 
-    def _normalize_output(self, x: torch.Tensor, padding: Any = None) -> bool:
-        """Eager: whether to normalize on the output rather than on the weight. The layer is
-        linear in its weight, so ``conv(x, W * s) = conv(x, W) * s`` per output channel: scaling
-        the output costs passes over the output, scaling the weight passes over the weight (and
-        about twice as many, forward and backward). Deep layers at small inputs have a weight
-        many times their output (resnet18's last stage at 128 px and batch 16: 2.4M weights, 131k
-        outputs per conv), and take the output form there. A torch.fx Proxy (its shape unknown)
-        and a torch.jit trace take the weight form.
+    def _weight_absorbed_correction(self, x: torch.Tensor) -> Standardize | None:
+        """The input correction the eager form computes in the normalized weight and the bias
+        (:meth:`_eager_weight_bias`) instead of in a pass over ``x``, or None: where that is the
+        same function, i.e. where the layer adds no zero padding around the corrected input
+        (:meth:`_pads_with_zeros`), and for a per-channel correction only where each weight
+        column reads one input channel (an ungrouped conv)."""
+        correction = absorbable_correction(self, x)
+        if correction is None or has_hooks(self.activation) or self._pads_with_zeros():
+            return None
+        if correction.is_scalar or self._per_input_channel(correction) is not None:
+            return correction
+        return None
 
-        The choice depends on one sample's output, as if the batch were :data:`FORM_BATCH`, not
-        on the batch at hand: the two forms round differently, and at a ReLU kink a rounding
-        difference flips a value's gradient, so a sample's gradient would change with the batch
-        it is in (a DDP/FSDP rank's half batch against one process's whole batch, per-sample
-        gradients against a batch)."""
-        if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing():
-            return False  # (jit tracing: the shapes are traced values, and a trace fixes them anyway)
-        batched = x.dim() > (1 if isinstance(self, NormPropLinear) else self._dims + 1)
-        per_sample = self._output_numel(x, padding) // (x.shape[0] if batched and x.shape[0] else 1)
-        return 3 * FORM_BATCH * per_sample < self.weight.numel()
+    def _pads_with_zeros(self) -> bool:
+        return False
 
-    def _output_numel(self, x: torch.Tensor, padding: Any) -> int:
-        raise NotImplementedError
+    def _per_input_channel(self, correction: Standardize) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(mean, scale)`` as vectors over the weight's input dim (dim 1), or None."""
+        return None
 
-    def _output_normalized(self, y: torch.Tensor) -> torch.Tensor:
-        """The activation's output from ``y``, the layer's output with the raw weight and no bias
-        (see :meth:`_normalize_output`): ``y * (gamma a / ||W||) + (beta a + c)`` per output
-        channel, one addcmul, then what the activation computes after its input affine."""
-        scale, shift = self.activation.eager_input_affine()
-        channel = (-1,) if isinstance(self, NormPropLinear) else (-1,) + (1,) * self._dims  # (batched or not)
-        s = (self.gamma * scale / norm_with_eps(self.weight, self.eps)).to(y.dtype).reshape(channel)
-        t = (self.beta * scale + shift).to(y.dtype).reshape(channel)
-        return self.activation.eager_from_input_affine(torch.addcmul(t, y, s), inplace=True)
-
-    def _eager_forward(self, x: torch.Tensor, linear_op: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
-                       padding: Any = None) -> torch.Tensor:
-        """The eager form (normprop_fx/eager.py) of a layer whose Conv/Linear op on ``x`` is
+    def _eager_forward(self, linear_op: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+                       correction: Standardize | None = None) -> torch.Tensor:
+        """The eager form (normprop_fx/eager.py) of a layer whose Conv/Linear op on its input is
         ``linear_op(weight, bias)``: with hooks on the activation, the activation called as a
-        module on its own input (the hooks see what they see in the compiled form); else
-        normalized on the output or on the weight (:meth:`_normalize_output`), the activation's
-        input affine computed by the layer."""
+        module on its own input (the hooks see what they see in the compiled form); else the
+        activation's input affine computed by the layer, in its normalized weight and its bias.
+
+        The weight is always the side normalized. (Until 2026-12-06 layers whose weight had
+        over 3x the elements of their output normalized the output instead; with the weight
+        normalization's fused backward (weight_norm.py) the weight side measured faster on every
+        shape tried, down to 512x512x3x3 on 2x2 maps and Linear(2048, 128) at batch 2:
+        docs/bench.md, notes.)"""
         if has_hooks(self.activation):
             return self.activation(linear_op(self.normalized_weight(), self.beta))
-        if self._normalize_output(x, padding):
-            return self._output_normalized(linear_op(self.weight, None))
-        weight, bias = self._eager_weight_bias()
+        weight, bias = self._eager_weight_bias(correction)
         return self.activation.eager_from_input_affine(linear_op(weight, bias), inplace=True)
 
-    def _eager_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _eager_weight_bias(self, correction: Standardize | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The weight and bias of the eager form (normprop_fx/eager.py): the activation's input
         affine ``u * a + c`` is computed by the layer itself, ``gamma * a`` normalizing the weight
-        and ``beta * a + c`` the bias, O(channels) work instead of a pass over the output."""
+        and ``beta * a + c`` the bias, O(channels) work instead of a pass over the output.
+
+        With ``correction`` (:meth:`_weight_absorbed_correction`), the input correction
+        ``(x - m) * s`` too: ``W (x - m) s = (W s) x - (W s) m``, a scalar ``s`` in gamma, a
+        per-channel one multiplying the weight's input columns, and ``(W s) m`` summed into the
+        bias: O(weights) work instead of a pass over the input, forward and backward."""
         # (weight read first: a torch.fx trace then lists the parameters in the layer's order)
         weight, gamma, beta = self.weight, self.gamma, self.beta
         scale, shift = self.activation.eager_input_affine()
         if (scale, shift) != (1.0, 0.0):
             gamma, beta = gamma * scale, beta * scale + shift
-        return normalized_weight(weight, gamma, self.eps, weight_dim=self._weight_dim), beta
+        if correction is None:
+            return normalized_weight(weight, gamma, self.eps, weight_dim=self._weight_dim), beta
+        per_channel = None if correction.is_scalar else self._per_input_channel(correction)
+        if per_channel is None:
+            gamma = gamma * correction.scale.to(gamma.dtype).reshape(())
+        w = normalized_weight(weight, gamma, self.eps, weight_dim=self._weight_dim)
+        columns = (1, -1) + (1,) * (self._weight_dim - 2)
+        if per_channel is not None:
+            w = w * per_channel[1].to(w.dtype).reshape(columns)
+        if not correction.subtracts_mean:
+            return w, beta
+        if per_channel is None:
+            shift_out = w.sum(tuple(range(1, self._weight_dim))) * correction.mean.to(w.dtype).reshape(())
+        else:
+            shift_out = w.reshape(w.shape[0], w.shape[1], -1).sum(2) @ per_channel[0].to(w.dtype)
+        return w, beta - shift_out.to(beta.dtype)
 
     def keep_batchnorm_function(
         self, state: BatchNormState, conv_bias: torch.Tensor | None, *, where: str = ""
@@ -303,13 +309,12 @@ class NormPropLinear(NormPropLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        x = corrected_input(self, x)
+        correction = self._weight_absorbed_correction(x)
+        if correction is None:
+            x = corrected_input(self, x)
         if is_compiling():
             return self.activation(F.linear(x, self.normalized_weight(), self.beta))
-        return self._eager_forward(x, lambda weight, bias: F.linear(x, weight, bias))
-
-    def _output_numel(self, x: torch.Tensor, padding: Any) -> int:
-        return x.numel() // self.in_features * self.out_features
+        return self._eager_forward(lambda weight, bias: F.linear(x, weight, bias), correction)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self._normprop_repr()}"
@@ -390,7 +395,9 @@ class _NormPropConvNd(NormPropLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        x = corrected_input(self, x)
+        correction = self._weight_absorbed_correction(x)
+        if correction is None:
+            x = corrected_input(self, x)
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding: Any = 0
@@ -404,22 +411,20 @@ class _NormPropConvNd(NormPropLayer):
             y = conv(x, self.normalized_weight(), None, self.stride, padding, self.dilation, self.groups)
             return self.activation(y + self.beta.reshape(-1, *([1] * self._dims)))
         return self._eager_forward(
-            x, lambda weight, bias: conv(x, weight, bias, self.stride, padding, self.dilation, self.groups), padding)
+            lambda weight, bias: conv(x, weight, bias, self.stride, padding, self.dilation, self.groups), correction)
 
-    def _output_numel(self, x: torch.Tensor, padding: Any) -> int:
-        """The number of elements of the conv's output on ``x`` (already padded by F.pad when
-        ``padding`` is 0 for a non-zeros padding_mode)."""
-        numel = x.numel() // x.shape[-self._dims - 1] * self.out_channels
-        for i in range(self._dims):
-            size = x.shape[x.dim() - self._dims + i]
-            k, d, st = self.kernel_size[i], self.dilation[i], self.stride[i]
-            if padding == "same":
-                out = size
-            else:
-                pad = 0 if padding == "valid" else (padding[i] if isinstance(padding, tuple) else padding)
-                out = (size + 2 * pad - d * (k - 1) - 1) // st + 1
-            numel = numel // size * max(out, 0)
-        return numel
+    def _pads_with_zeros(self) -> bool:
+        """Whether the conv adds zeros around its input (padding_mode "zeros" with a padding):
+        then a shifted input's border differs from the shifted zero-padded one. The other
+        padding modes copy input values, which an affine commutes with."""
+        return self.padding_mode == "zeros" and any(self._reversed_padding_repeated_twice)
+
+    def _per_input_channel(self, correction: Standardize) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A correction of shape (C_in, 1, ..., 1) of an ungrouped conv, as two C_in vectors."""
+        shape = (self.in_channels,) + (1,) * self._dims
+        if self.groups != 1 or tuple(correction.mean.shape) != shape or tuple(correction.scale.shape) != shape:
+            return None
+        return correction.mean.reshape(-1), correction.scale.reshape(-1)
 
     def extra_repr(self) -> str:
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"

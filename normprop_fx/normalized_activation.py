@@ -12,7 +12,7 @@ from .activation_functions import ActivationSpec, activation
 from .eager import is_compiling, records_gradient, scalar_affine, scalar_affine_
 from .moments import activation_constants
 from .piecewise_linear import PIECEWISE_LINEAR, clamp_bounds, normalized_piecewise_linear, positively_homogeneous
-from .standardize import corrected_input
+from .standardize import absorbable_correction, corrected_input
 
 # A leaf function of torch.fx: a plain symbolic trace of this module would otherwise trace into
 # the autograd.Function's forward and record ``f(u) * scale + shift`` with plain autograd, whose
@@ -89,6 +89,14 @@ class NormalizedActivation(nn.Module):
         return (self._scale, self._shift) == (1.0, 0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        correction = absorbable_correction(self, x)
+        if correction is not None and correction.is_scalar and not (self.spec.is_identity or self.is_plain):
+            # eager: the scalar input correction ``(x - m) * s`` and the input affine ``v * a + c``
+            # are one affine, one pass over x instead of two
+            scale, shift = self.eager_input_affine()
+            s = correction.scale.to(x.dtype).reshape(()) * scale
+            return self.eager_from_input_affine(torch.addcmul(shift - correction.mean.to(x.dtype).reshape(()) * s, x, s),
+                                                inplace=True)
         x = corrected_input(self, x)  # a moment correction of a standalone activation's input, if any
         if self.spec.is_identity:
             return x

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .eager import is_compiling
+from .eager import has_hooks, is_compiling
 
 #: A channel whose variance on the calibration sample is below this fraction of the median
 #: channel's is taken as nearly constant there (docs/method.md section 6). Its 1/sqrt(variance)
@@ -65,6 +65,10 @@ class Standardize(nn.Module):
         #: Fixed at construction (a Python bool, so forward has no data-dependent branch).
         self.subtracts_mean = bool((mean != 0).any())
 
+    @property
+    def is_scalar(self) -> bool:
+        return self.mean.numel() == 1 and self.scale.numel() == 1
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = self.scale.to(x.dtype)
         if not self.subtracts_mean:
@@ -99,6 +103,20 @@ def attach_input_correction(module: nn.Module, correction: Standardize) -> None:
 def input_correction(module: nn.Module) -> Standardize | None:
     """The correction ``module`` applies to its input first, or None."""
     return module._modules.get(INPUT_CORRECTION)  # type: ignore[return-value]
+
+
+def absorbable_correction(module: nn.Module, x: torch.Tensor) -> Standardize | None:
+    """``module``'s input correction when its eager form may compute it inside its own affine
+    instead of as a pass of its own over ``x``: in eager mode (the compiled form fuses it
+    anyway), on a tensor (a torch.fx trace records the correction as a module), and with no
+    hooks on the correction (a hook sees the correction's output, so it is computed). Whether
+    ``module`` can absorb it exactly is the caller's question (a scalar correction into a
+    normalized activation's affine; into a layer's weight and bias where no zero padding is
+    added after it)."""
+    correction = input_correction(module)
+    if correction is None or is_compiling() or isinstance(x, torch.fx.Proxy) or has_hooks(correction):
+        return None
+    return correction
 
 
 def corrected_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -49,7 +49,7 @@ MODULES = [
     ("conv1d-reflect-relu6", lambda: NormPropConv1d(3, 4, 3, padding=1, padding_mode="reflect", activation="relu6"), (2, 3, 9)),
     ("conv3d-grouped-relu", lambda: NormPropConv3d(4, 4, 3, groups=2, activation="relu"), (1, 4, 5, 5, 5)),
     ("conv2d-trained", _trained_conv, (2, 3, 6, 6)),
-    # weights much larger than the output: normalized on the output (layers.py, _normalize_output)
+    # weights much larger than the output (until 2026-12-06 these normalized their output instead)
     ("conv2d-deep-relu", lambda: NormPropConv2d(64, 64, 3, padding=1), (1, 64, 3, 3)),
     ("conv2d-deep-strided-silu", lambda: NormPropConv2d(32, 64, 3, stride=2, activation="silu"), (2, 32, 5, 5)),
     ("conv2d-deep-same-leaky", lambda: NormPropConv2d(32, 32, 3, padding="same", activation="leaky_relu"), (1, 32, 2, 2)),
@@ -65,6 +65,45 @@ MODULES = [
     ("standardize-scalar", lambda: Standardize(torch.tensor(0.4), torch.tensor(1.5)), (2, 3, 4)),
     ("standardize-channels", lambda: Standardize(torch.rand(3, 1, 1) - 0.5, torch.rand(3, 1, 1) + 0.5), (2, 3, 4, 4)),
 ]
+
+
+def _input_corrected(module: nn.Module, channels: int | None, *, mean: bool = True) -> nn.Module:
+    """``module`` with a Standardize on its input: scalar (``channels`` None) or per channel
+    (shape (channels, 1, 1)), off zero mean unless ``mean`` is False."""
+    from normprop_fx.standardize import attach_input_correction
+
+    g = torch.Generator().manual_seed(5)
+    shape = () if channels is None else (channels, 1, 1)
+    m = torch.randn(shape, generator=g) if mean else torch.zeros(shape)
+    attach_input_correction(module, Standardize(m, torch.rand(shape, generator=g) + 0.5))
+    return module
+
+
+#: Modules with an input correction: where the eager form computes it in the layer's own affine
+#: (1x1 convs, padding modes that copy values, a Linear, a standardized activation) and where it
+#: cannot (zero padding, a per-channel correction of a grouped conv or of an activation).
+CORRECTED_MODULES = [
+    ("conv1x1-channels", lambda: _input_corrected(NormPropConv2d(5, 4, 1, activation="relu"), 5), (2, 5, 6, 6)),
+    ("conv1x1-channels-no-mean", lambda: _input_corrected(NormPropConv2d(5, 4, 1, activation="silu"), 5, mean=False), (2, 5, 6, 6)),
+    ("conv1x1-scalar-hardswish", lambda: _input_corrected(NormPropConv2d(5, 4, 1, activation="hardswish"), None), (2, 5, 6, 6)),
+    ("conv3x3-reflect-channels", lambda: _input_corrected(NormPropConv2d(3, 4, 3, padding=1, padding_mode="reflect"), 3), (2, 3, 6, 6)),
+    ("conv3x3-zero-padded-scalar", lambda: _input_corrected(NormPropConv2d(3, 4, 3, padding=1), None), (2, 3, 6, 6)),
+    ("conv3x3-valid-scalar", lambda: _input_corrected(NormPropConv2d(3, 4, 3, activation="relu6"), None), (2, 3, 6, 6)),
+    ("conv1x1-grouped-channels", lambda: _input_corrected(NormPropConv2d(4, 4, 1, groups=2), 4), (2, 4, 5, 5)),
+    ("conv1x1-grouped-scalar", lambda: _input_corrected(NormPropConv2d(4, 4, 1, groups=2), None), (2, 4, 5, 5)),
+    ("linear-scalar", lambda: _input_corrected(NormPropLinear(6, 4, activation="leaky_relu"), None), (5, 6)),
+    ("conv1x1-trained-channels", lambda: _input_corrected(_trained_conv_1x1(), 3), (2, 3, 6, 6)),
+    *[(f"activation-{a}-scalar", lambda a=a: _input_corrected(NormalizedActivation(a), None), (2, 3, 4, 4))
+      for a in ("relu", "relu6", "leaky_relu", "silu", "tanh")],
+    ("activation-relu-channels", lambda: _input_corrected(NormalizedActivation("relu"), 3), (2, 3, 4, 4)),
+    ("activation-plain-scalar", lambda: _input_corrected(NormalizedActivation("relu", standardize=False), None), (2, 3, 4, 4)),
+]
+
+
+def _trained_conv_1x1() -> NormPropConv2d:
+    layer = NormPropConv2d(3, 5, 1, activation="relu")
+    layer.keep_batchnorm_function(batchnorm_state(trained_batchnorm(5)), None)
+    return layer
 
 
 def _randomized(module: nn.Module) -> nn.Module:
@@ -86,7 +125,7 @@ def _forward_backward(module: nn.Module, x: torch.Tensor, form: contextlib.Abstr
     return [y.detach(), *torch.autograd.grad(y, leaves, cotangent)]
 
 
-@pytest.mark.parametrize(("name", "make", "shape"), MODULES, ids=[m[0] for m in MODULES])
+@pytest.mark.parametrize(("name", "make", "shape"), MODULES + CORRECTED_MODULES, ids=[m[0] for m in MODULES + CORRECTED_MODULES])
 def test_eager_form_equals_compiled_form(name, make, shape):
     torch.manual_seed(0)
     module = _randomized(make()).double()
@@ -163,6 +202,46 @@ def test_eager_normprop_conv_makes_as_many_activation_passes_as_a_plain_conv_and
         assert len(_activation_passes(normprop, x)) > len(expected)
 
 
+@pytest.mark.parametrize(("make", "absorbed"), [
+    (lambda: _input_corrected(NormPropConv2d(8, 8, 1), 8), True),
+    (lambda: _input_corrected(NormPropConv2d(8, 8, 1, activation="silu"), None), True),
+    (lambda: _input_corrected(NormPropConv2d(8, 8, 3, padding=1, padding_mode="replicate"), 8), True),
+    (lambda: _input_corrected(NormPropConv2d(8, 8, 3, padding=1), None), False),
+    (lambda: _input_corrected(NormPropConv2d(8, 8, 1, groups=2), 8), False),
+], ids=["1x1-channels", "1x1-scalar", "replicate-channels", "zero-padded", "grouped-channels"])
+def test_an_input_correction_costs_no_activation_pass_where_the_layer_can_absorb_it(make, absorbed):
+    """Where no zero padding follows it, the eager form computes a layer's input correction in
+    its normalized weight and bias: the layer makes the passes of the same layer without the
+    correction, forward and backward. Elsewhere it costs its pass (forward and backward)."""
+    from normprop_fx.standardize import INPUT_CORRECTION
+
+    x = torch.randn(4, 8, 16, 16)
+    layer = _randomized(make())
+    passes = _activation_passes(layer, x)
+    correction = layer._modules.pop(INPUT_CORRECTION)
+    without = _activation_passes(layer, x)
+    layer.add_module(INPUT_CORRECTION, correction)
+    assert (len(passes) == len(without)) is absorbed, (passes, without)
+
+
+@pytest.mark.parametrize("act", ["relu", "relu6", "leaky_relu"])
+def test_a_scalar_input_correction_of_an_activation_is_one_affine_with_its_normalization(act):
+    """A standalone normalized activation with a scalar input correction (a residual sum's
+    correction) computes the correction and its own input affine as one pass. (SiLU and the
+    like have no input affine to merge it into: the correction is their one extra pass.)"""
+    from normprop_fx.standardize import INPUT_CORRECTION
+
+    x = torch.randn(4, 8, 16, 16)
+    activation = _input_corrected(NormalizedActivation(act), None)
+    passes = _activation_passes(activation, x)
+    correction = activation._modules.pop(INPUT_CORRECTION)
+    without = _activation_passes(activation, x)
+    assert len(passes) == len(without), (passes, without)
+    with compiled_form():
+        activation.add_module(INPUT_CORRECTION, correction)
+        assert len(_activation_passes(activation, x)) > len(without)
+
+
 def _new_activation_tensors(module: nn.Module, x: torch.Tensor, *, grad: bool) -> list[str]:
     """The ops of a forward that write a new activation-sized tensor (in-place ops, whose
     names end in ``_``, write into one that exists)."""
@@ -231,29 +310,77 @@ def test_a_hook_on_the_activation_sees_its_input_as_in_the_compiled_form(make):
     torch.testing.assert_close(eager_fast, expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize(("make", "shape", "on_output"), [
-    (lambda: NormPropConv2d(64, 64, 3, padding=1), (1, 64, 3, 3), True),
-    (lambda: NormPropConv2d(64, 64, 3, padding=1), (1, 64, 32, 32), False),
-    (lambda: NormPropConv2d(64, 64, 3, padding=1), (64, 3, 3), True),  # unbatched
-    (lambda: NormPropLinear(2048, 128), (2, 2048), True),
-    (lambda: NormPropLinear(8, 8), (32, 8), False),
-], ids=["deep-conv", "early-conv", "unbatched-conv", "wide-linear", "narrow-linear"])
-def test_the_cheaper_side_is_normalized(make, shape, on_output):
-    """The output form where the weight has 3x more elements than the output of a batch of
-    FORM_BATCH, else the weight form; both are the same function
-    (test_eager_form_equals_compiled_form)."""
-    layer = make()
-    x = torch.randn(shape)
-    numel = layer(x).numel()
-    assert layer._normalize_output(x, getattr(layer, "padding", None)) is on_output
-    if isinstance(layer, NormPropConv2d):
-        assert layer._output_numel(x, layer.padding) == numel
+def _plain_normalized_rows(w: torch.Tensor, gamma: torch.Tensor, eps: float) -> torch.Tensor:
+    """``gamma_i * w_i / sqrt(||w_i||^2 + eps)`` in plain ops, differentiated by autograd."""
+    norm = (w.reshape(w.shape[0], -1).square().sum(1) + eps).sqrt()
+    return w * (gamma / norm).reshape(-1, *([1] * (w.dim() - 1)))
 
 
-@pytest.mark.parametrize("batch", [1, 2, 4, 16, 64])
-def test_the_side_does_not_depend_on_the_batch(batch):
-    """A sample computes the same operations in any batch: the choice follows one sample's output
-    (a DDP/FSDP rank's half batch and one process's whole batch take the same form)."""
-    layer = NormPropConv2d(64, 64, 3, padding=1)
-    for size, on_output in ((3, True), (16, False)):
-        assert layer._normalize_output(torch.randn(batch, 64, size, size), layer.padding) is on_output
+class _CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(6, 4, 3, 3), (5, 7), (4, 3, 5)], ids=["conv2d", "linear", "conv1d"])
+def test_weight_normalization_backward_is_fused_and_exact(shape, dtype):
+    """A first-order CPU backward of the weight normalization is ATen's fused weight-norm
+    backward (weight_norm._fused_backward), given the norms with eps: the gradients of the plain
+    formula to rounding, also for a zero filter and a filter of norm 1e-5 (where eps matters)."""
+    from normprop_fx.weight_norm import normalized_rows
+
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(shape, generator=g, dtype=dtype)
+    w0[1] = 0.0
+    w0[2] *= 1e-5
+    gamma0 = torch.rand(shape[0], generator=g, dtype=dtype) + 0.5
+    grad_out = torch.randn(shape, generator=g, dtype=dtype)
+    grads = []
+    for fn in (normalized_rows, _plain_normalized_rows):
+        w, gamma = w0.clone().requires_grad_(), gamma0.clone().requires_grad_()
+        out = fn(w, gamma, 1e-8)
+        counter = _CountOps()
+        with counter:
+            out.backward(grad_out)
+        grads.append((out.detach(), w.grad, gamma.grad, counter.names))
+    (out, gw, gg, ops), (ref_out, ref_gw, ref_gg, ref_ops) = grads
+    assert "aten._weight_norm_interface_backward" in ops and "aten._weight_norm_interface_backward" not in ref_ops
+    tol = {"rtol": 1e-6, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    torch.testing.assert_close(out, ref_out, **tol)
+    torch.testing.assert_close(gg, ref_gg, **tol)
+    # the zero filter's gradient is scaled by 1/sqrt(eps) = 1e4: compare relative to each row's size
+    for row in range(shape[0]):
+        scale = ref_gw[row].abs().max()
+        torch.testing.assert_close(gw[row] / scale, ref_gw[row] / scale, **tol)
+
+
+def test_weight_normalization_backward_unfused_where_it_must_be():
+    """A differentiable backward (create_graph: double backward) and a torch.func transform
+    (vmap over per-sample gradients) take the plain ops, and still give the plain formula's
+    derivatives."""
+    from normprop_fx.weight_norm import normalized_rows
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(4, 3, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    gamma = torch.rand(4, generator=g, dtype=torch.float64, requires_grad=True)
+    counter = _CountOps()
+    with counter:
+        (gw,) = torch.autograd.grad(normalized_rows(w, gamma, 1e-8).square().sum(), w, create_graph=True)
+    assert "aten._weight_norm_interface_backward" not in counter.names
+    (ref_gw,) = torch.autograd.grad(_plain_normalized_rows(w, gamma, 1e-8).square().sum(), w, create_graph=True)
+    torch.testing.assert_close(gw, ref_gw)
+    torch.testing.assert_close(torch.autograd.grad(gw.sum(), w)[0], torch.autograd.grad(ref_gw.sum(), w)[0])
+
+    x = torch.randn(5, 3, 6, 6, generator=g, dtype=torch.float64)
+
+    def loss(weight: torch.Tensor, sample: torch.Tensor, fn) -> torch.Tensor:  # noqa: ANN001
+        return torch.nn.functional.conv2d(sample[None], fn(weight, gamma.detach(), 1e-8)).square().sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, None))(w.detach(), x, normalized_rows)
+    expected = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, None))(w.detach(), x, _plain_normalized_rows)
+    torch.testing.assert_close(per_sample, expected)

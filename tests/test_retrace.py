@@ -40,9 +40,9 @@ def exact(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 
 def to_rounding(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """A whole network, float32: a traced graph normalizes every layer on its weight (the shape
-    is not known at trace time), the module its deep layers on their output (layers.py,
-    _normalize_output), the same function rounded differently."""
+    """A whole network, float32: the same function, which a traced graph may round
+    differently from the module (a jit trace divides by the norm where the module multiplies by
+    its inverse: weight_norm.normalized_rows)."""
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
