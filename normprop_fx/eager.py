@@ -16,7 +16,10 @@ activations they take and in what the backward saves.
   ``u``: a NormProp conv then costs one conv and one clamp, as a plain conv and ReLU do. Each
   remaining affine is one ``torch.addcmul``. Being made of native ops, this form also gives
   torch.func (``jvp``, ``hessian``, ``vmap``), ``torch.jit`` and the legacy ONNX exporter what they
-  need.
+  need. Two autograd.Functions remain, each where plain autograd alone runs: the weight
+  normalization (weight_norm.py; with a ``jvp`` and a vmap rule, and plain ops under a jit
+  trace) and the in-place clamp of a training step (:func:`clamp_fresh`; native ops under every
+  tracer and transform, :func:`plain_autograd`).
 """
 
 from __future__ import annotations
@@ -74,6 +77,50 @@ def records_gradient(x: torch.Tensor) -> bool:
     """Whether autograd records an op on ``x`` (then an in-place op must not overwrite a tensor
     some backward reads)."""
     return x.requires_grad and torch.is_grad_enabled()
+
+
+def plain_autograd(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a tensor that plain PyTorch autograd records, with no tracer or transform
+    that a Python autograd.Function would get in the way of: not a torch.fx Proxy, not under
+    torch.jit tracing (a trace cannot save the Function into a file), not a torch.func wrapped
+    tensor (``jvp``, ``vmap``: native ops have their rules), not compiling."""
+    return (records_gradient(x) and not isinstance(x, torch.fx.Proxy) and not torch.jit.is_tracing()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(x) and not is_compiling())
+
+
+class _ClampInPlace(torch.autograd.Function):
+    """``hardtanh_(v, lo, hi)`` under autograd without the clone autograd makes for the native
+    in-place op (whose backward formula reads the input): the backward reads the output instead,
+    which selects the same elements, exactly: ``lo < y < hi`` holds for ``y = clamp(v, lo, hi)``
+    exactly where it holds for ``v`` (on the flat pieces ``y`` is the bound itself)."""
+
+    @staticmethod
+    def forward(ctx, v: torch.Tensor, lo: float, hi: float) -> torch.Tensor:  # noqa: ANN001
+        ctx.mark_dirty(v)
+        y = torch.nn.functional.hardtanh(v, lo, hi, inplace=True)
+        ctx.save_for_backward(y)
+        ctx.lo, ctx.hi = lo, hi
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        (y,) = ctx.saved_tensors
+        return torch.ops.aten.hardtanh_backward(grad, y, ctx.lo, ctx.hi), None, None
+
+
+def clamp_fresh(v: torch.Tensor, lo: float, hi: float, *, fresh: bool) -> torch.Tensor:
+    """``clamp(v, lo, hi)`` (``F.hardtanh``). ``fresh``: ``v`` is a new tensor nothing else
+    reads (a layer's output), so the clamp overwrites it: natively when no gradient is recorded,
+    through :class:`_ClampInPlace` under plain autograd (the training step writes no new
+    activation-sized tensor, as ``ReLU(inplace=True)`` after a BatchNorm does), out of place
+    under tracers and transforms."""
+    if not fresh or isinstance(v, torch.fx.Proxy):
+        return torch.nn.functional.hardtanh(v, lo, hi)
+    if not records_gradient(v):
+        return torch.nn.functional.hardtanh(v, lo, hi, inplace=True)
+    if plain_autograd(v):
+        return _ClampInPlace.apply(v, lo, hi)
+    return torch.nn.functional.hardtanh(v, lo, hi)
 
 
 def _scalar(value: float, like: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .activation_functions import ActivationSpec, activation
-from .eager import is_compiling, records_gradient, scalar_affine, scalar_affine_
+from .eager import clamp_fresh, is_compiling, records_gradient, scalar_affine, scalar_affine_
 from .moments import activation_constants
 from .piecewise_linear import PIECEWISE_LINEAR, clamp_bounds, normalized_piecewise_linear, positively_homogeneous
 from .standardize import absorbable_correction, corrected_input
@@ -140,18 +140,20 @@ class NormalizedActivation(nn.Module):
         ``addcmul`` or one add).
 
         ``inplace=True`` (the caller's ``v`` is a fresh tensor nothing else reads, a layer's
-        output) applies the activation (the clamp, SiLU...) to ``v`` itself when no gradient is
-        recorded, as ``nn.ReLU(inplace=True)`` after a BatchNorm does: no new activation-sized
-        tensor is allocated, and on CPU a fresh allocation of that size costs more than the pass
-        (its pages are mapped and zeroed on first touch). When autograd records, the activation
-        stays out of place: autograd would clone ``v`` before an in-place ``hardtanh_`` or
-        ``silu_`` (their backward reads the input), which is the allocation again plus a copy.
+        output) applies the activation to ``v`` itself, as ``nn.ReLU(inplace=True)`` after a
+        BatchNorm does: no new activation-sized tensor is allocated, and on CPU a fresh
+        allocation of that size costs more than the pass (its pages are mapped and zeroed on
+        first touch). The clamp family does so in training too (:func:`~normprop_fx.eager.clamp_fresh`:
+        an autograd.Function whose backward reads the clamp's output; the native ``hardtanh_``
+        would have autograd clone ``v``, its backward reads the input). Other activations (SiLU...)
+        stay out of place while autograd records: their in-place forms' backward needs the input.
 
         The affine after any other activation is written into the activation's fresh output
         (:func:`~normprop_fx.eager.scalar_affine_`) unless autograd records and the
         activation's backward reads that output (tanh, sigmoid)."""
         if self.spec.is_identity:
             return v
+        fresh = inplace
         inplace = inplace and not (isinstance(v, torch.fx.Proxy) or records_gradient(v))
         if self.is_plain:
             return self.spec(v, inplace=inplace)
@@ -164,7 +166,7 @@ class NormalizedActivation(nn.Module):
                 # flat piece (a zero filter's output, the shift rounded to fp16) would otherwise
                 # sit just above the float32 bound and take the gradient of the sloped piece
                 clamp = tuple(float(torch.tensor(b, dtype=v.dtype)) for b in clamp)
-            return F.hardtanh(v, *clamp, inplace=inplace)
+            return clamp_fresh(v, *clamp, fresh=fresh)
         scale = 1.0 if positively_homogeneous(self.spec) else self._scale  # (its scale went in front)
         y = self.spec(v, inplace=inplace)
         if isinstance(y, torch.fx.Proxy) or (self.spec.function.backward_reads_output and records_gradient(y)):

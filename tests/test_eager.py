@@ -91,6 +91,7 @@ CORRECTED_MODULES = [
     ("conv3x3-valid-scalar", lambda: _input_corrected(NormPropConv2d(3, 4, 3, activation="relu6"), None), (2, 3, 6, 6)),
     ("conv1x1-grouped-channels", lambda: _input_corrected(NormPropConv2d(4, 4, 1, groups=2), 4), (2, 4, 5, 5)),
     ("conv1x1-grouped-scalar", lambda: _input_corrected(NormPropConv2d(4, 4, 1, groups=2), None), (2, 4, 5, 5)),
+    ("linear-3d-relu-scalar", lambda: _input_corrected(NormPropLinear(6, 4), None), (2, 5, 6)),
     ("linear-scalar", lambda: _input_corrected(NormPropLinear(6, 4, activation="leaky_relu"), None), (5, 6)),
     ("conv1x1-trained-channels", lambda: _input_corrected(_trained_conv_1x1(), 3), (2, 3, 6, 6)),
     *[(f"activation-{a}-scalar", lambda a=a: _input_corrected(NormalizedActivation(a), None), (2, 3, 4, 4))
@@ -254,6 +255,7 @@ def _new_activation_tensors(module: nn.Module, x: torch.Tensor, *, grad: bool) -
 
 @pytest.mark.parametrize(("act", "plain_act", "grad"), [
     ("relu", nn.ReLU(inplace=True), False),
+    ("relu", nn.ReLU(inplace=True), True),
     ("relu6", nn.ReLU6(inplace=True), False),
     ("silu", nn.SiLU(inplace=True), False),
     ("silu", nn.SiLU(), True),
@@ -261,11 +263,10 @@ def _new_activation_tensors(module: nn.Module, x: torch.Tensor, *, grad: bool) -
     ("gelu", nn.GELU(), True),
 ])
 def test_eager_normprop_conv_allocates_as_many_activation_tensors_as_a_plain_conv_and_activation(act, plain_act, grad):
-    """The clamp overwrites the conv's output when no gradient is recorded (inference), as
-    ReLU(inplace=True) after a BatchNorm does, and the normalization after any other activation
-    overwrites the activation's output, in training too: on CPU a new activation-sized tensor
-    costs more than the pass that fills it. (In training a clamp stays out of place: autograd
-    would clone its input.)"""
+    """The clamp overwrites the conv's output, as ReLU(inplace=True) after a BatchNorm does, in
+    training too (eager._ClampInPlace: the native in-place clamp would have autograd clone its
+    input), and the normalization after any other activation overwrites the activation's
+    output: on CPU a new activation-sized tensor costs more than the pass that fills it."""
     x = torch.randn(4, 8, 16, 16)
     plain = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), plain_act)
     normprop = _randomized(NormPropConv2d(8, 8, 3, padding=1, activation=act))
@@ -273,6 +274,41 @@ def test_eager_normprop_conv_allocates_as_many_activation_tensors_as_a_plain_con
     assert _new_activation_tensors(normprop, x, grad=grad) == expected
     with compiled_form():
         assert len(_new_activation_tensors(normprop, x, grad=grad)) > len(expected)
+
+
+@pytest.mark.parametrize("act", ["relu6", "hardtanh"])
+def test_a_bounded_clamp_allocates_less_in_training_than_the_native_in_place_one(act):
+    """nn.ReLU6(inplace=True) in training makes autograd clone its input; the NormProp layer's
+    clamp writes into its conv output and allocates nothing."""
+    x = torch.randn(4, 8, 16, 16)
+    plain = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), {"relu6": nn.ReLU6(inplace=True), "hardtanh": nn.Hardtanh(inplace=True)}[act])
+    normprop = _randomized(NormPropConv2d(8, 8, 3, padding=1, activation=act))
+    assert _new_activation_tensors(normprop, x, grad=True) == ["convolution"]
+    assert _new_activation_tensors(plain, x, grad=True) == ["convolution", "clone"]
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning")
+def test_the_in_place_clamp_stays_out_of_place_under_tracers_and_transforms():
+    """torch.func (jvp, vmap(grad)) and torch.jit.trace get the native out-of-place clamp: the
+    in-place one is a Python autograd.Function (eager._ClampInPlace)."""
+    layer = _randomized(NormPropConv2d(3, 4, 3, padding=1)).double()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    params = dict(layer.named_parameters())
+    tangents = {k: torch.randn_like(v) for k, v in params.items()}
+    def f(p):  # noqa: ANN001, ANN202
+        return torch.func.functional_call(layer, p, (x,))
+
+    _, jvp_out = torch.func.jvp(f, (params,), (tangents,))
+    h = 1e-6
+    with torch.no_grad():
+        plus = f({k: v + h * tangents[k] for k, v in params.items()})
+        minus = f({k: v - h * tangents[k] for k, v in params.items()})
+    torch.testing.assert_close(jvp_out, (plus - minus) / (2 * h), rtol=1e-5, atol=1e-6)
+    per_sample = torch.func.vmap(torch.func.grad(lambda p, s: torch.func.functional_call(layer, p, (s[None],)).sum()),
+                                 in_dims=(None, 0))(params, x)
+    assert per_sample["weight"].shape == (2, *layer.weight.shape)
+    traced = torch.jit.trace(layer, x, check_trace=False)
+    assert "prim::PythonOp" not in str(traced.graph)
 
 
 def test_an_activation_whose_backward_reads_its_output_is_not_overwritten_in_training():
