@@ -11,7 +11,9 @@ backward is written out, one pass for the per-row dot product ``<G_i, W_i>`` and
     dL/dW_i = s_i * G_i - s_i * inv_i^2 * <G_i, W_i> * W_i,   s_i = gamma_i * inv_i,
     dL/dgamma_i = inv_i * <G_i, W_i>,                         inv_i = (||W_i||^2 + eps)^-1/2
 
-(tools/bench.py, docs/bench.md: the eager train step). It is used in eager mode only
+(tools/bench.py, docs/bench.md: the eager train step). On the CPU the backward is ATen's fused
+weight-norm kernel given these norms with eps (:func:`_fused_backward`), which does both passes
+row by row while the row is in cache. It is used in eager mode only
 (outside torch.jit tracing); torch.compile differentiates the plain ops itself, and the tracers that
 turn a model into a file (torch.jit.trace, the legacy ONNX exporter)
 get the same forward in plain ops, which they can record; a plain torch.fx trace records a

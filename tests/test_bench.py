@@ -53,6 +53,20 @@ def test_tiny_run_records_times_page_faults_and_the_allocator(tmp_path):
     assert f"- [1] {run['machine']['date']}, torch {torch.__version__}" in summary
 
 
+def test_eager_run_profiles_the_eager_step(tmp_path):
+    """--profile with --modes eager records the eager step's top ops, under "variant, eager", and
+    the runs page titles it so."""
+    results, page = tmp_path / "r.json", tmp_path / "bench.md"
+    done = run_bench("--models", "resnet18", "--batch-size", "2", "--image-size", "32", "--rounds", "1", "--iters", "1",
+                     "--warmup", "1", "--modes", "eager", "--workloads", "train", "--train-variants", "floor,normprop",
+                     "--profile", "--profile-variants", "normprop", "--json", str(results), "--write", str(page))
+    assert done.returncode == 0, done.stderr[-2000:]
+    (run,) = json.loads(results.read_text())
+    (res,) = run["results"]
+    assert set(res["profile"]) == {"normprop, eager"} and "convolution" in res["profile"]["normprop, eager"]
+    assert "Top ops of one eager train step, normprop (torch.profiler" in (tmp_path / "bench-runs.md").read_text()
+
+
 def test_compiled_run_applies_and_records_inductor_config_and_profiles_the_variants_asked_for(tmp_path):
     results, page = tmp_path / "r.json", tmp_path / "bench.md"
     done = run_bench("--models", "resnet18", "--batch-size", "2", "--image-size", "32", "--rounds", "1", "--iters", "1",

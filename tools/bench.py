@@ -229,7 +229,7 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
                         "(docs/bench-runs.md: PAGE's stem + '-runs.md') and the summary plot (stem + '_summary.png')")
     p.add_argument("--report-only", action="store_true", help="do not measure; only render --json into --write's pages")
     p.add_argument("--profile", action="store_true",
-                   help="also record the top ops of one compiled train step of each --profile-variants (torch.profiler)")
+                   help="also record the top ops of one train step of each --profile-variants, in each of --modes (torch.profiler)")
     p.add_argument("--train-variants", default=",".join(DEFAULT_TRAIN_VARIANTS),
                    help=f"train variants, comma-separated, of {','.join(TRAIN_VARIANTS)}; default: {','.join(DEFAULT_TRAIN_VARIANTS)}")
     p.add_argument("--profile-variants", default="bn,normprop",
@@ -470,9 +470,13 @@ def measure_model(name: str, config: BenchConfig) -> dict[str, Any]:
     }
     if config.peak_memory:
         result["peak_memory_mib"] = {key: peak_step_memory(step) for key, step in steps.items()}
-    if config.profile and "train" in built and "compiled" in config.modes:
-        result["profile"] = {v: profile_top_ops(steps[f"train/{v}/compiled"], config.device, config.profile_shapes)
-                             for v in config.profile_variants if f"train/{v}/compiled" in steps}
+    if config.profile and "train" in built:
+        # keyed by variant for a compiled step (as the older results files are), "variant, eager"
+        # for an eager one
+        result["profile"] = {
+            v if mode == "compiled" else f"{v}, eager": profile_top_ops(steps[f"train/{v}/{mode}"], config.device, config.profile_shapes)
+            for mode in config.modes for v in config.profile_variants if f"train/{v}/{mode}" in steps
+        }
     return result
 
 

@@ -225,8 +225,10 @@ def render_model(res: dict[str, Any], device: str, machine_info: dict[str, Any])
     out.append(tabulate(ratio_rows, headers=["ratio", "of medians", "median of per-round ratios", "target", "verdict (per-round)"],
                         tablefmt="github", disable_numparse=True))
     out.append("")
-    for variant, table in res.get("profile", {}).items():
-        out += [f"Top ops of one compiled train step, {variant} (torch.profiler, by {PROFILE_SORT[device][1]}):", "", "```", table, "```", ""]
+    for key, table in res.get("profile", {}).items():
+        variant, _, mode = key.partition(", ")  # "normprop" (compiled) or "normprop, eager"
+        out += [f"Top ops of one {mode or 'compiled'} train step, {variant} (torch.profiler, by {PROFILE_SORT[device][1]}):",
+                "", "```", table, "```", ""]
     return out
 
 
