@@ -160,11 +160,12 @@ class NormPropLayer(nn.Module):
     def _weight_absorbed_correction(self, x: torch.Tensor) -> Standardize | None:
         """The input correction the eager form computes in the normalized weight and the bias
         (:meth:`_eager_weight_bias`) instead of in a pass over ``x``, or None: where that is the
-        same function, i.e. where the layer adds no zero padding around the corrected input
-        (:meth:`_pads_with_zeros`), and for a per-channel correction only where each weight
-        column reads one input channel (an ungrouped conv)."""
+        same function, i.e. for a correction that subtracts a mean where the layer adds no zero
+        padding around the corrected input (:meth:`_pads_with_zeros`; a pure scale commutes with
+        zero padding), and for a per-channel correction only where each weight column reads one
+        input channel (an ungrouped conv)."""
         correction = absorbable_correction(self, x)
-        if correction is None or has_hooks(self.activation) or self._pads_with_zeros():
+        if correction is None or has_hooks(self.activation) or (correction.subtracts_mean and self._pads_with_zeros()):
             return None
         if correction.is_scalar or self._per_input_channel(correction) is not None:
             return correction

@@ -75,8 +75,17 @@ def _bitwise(a: torch.Tensor, b: torch.Tensor) -> None:
     assert torch.equal(a, b), (a - b).abs().max()
 
 
+def _to_rounding(a: torch.Tensor, b: torch.Tensor) -> None:
+    """A correction attached to its consumer is computed inside the consumer's affine in eager
+    mode (standardize.absorbable_correction): the same function, rounded differently."""
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("cls", [Head, PreActivation])
-def test_the_root_keeps_its_class_and_equals_the_flat_graph_bit_for_bit(cls):
+def test_the_root_keeps_its_class_and_equals_the_flat_graph(cls):
+    """The same function as the flat graph, to float32 rounding: the module tree's eager form
+    computes an attached correction inside its consumer's affine (standardize.absorbable_correction),
+    the flat graph as a node of its own."""
     torch.manual_seed(0)
     model = cls()
     converted, flat = _convert(model), _convert(model, flat=True)
@@ -88,7 +97,7 @@ def test_the_root_keeps_its_class_and_equals_the_flat_graph_bit_for_bit(cls):
     for mode in ("train", "eval"):
         getattr(converted, mode)(), getattr(flat, mode)()
         with torch.no_grad():
-            _bitwise(converted(X), flat(X))
+            torch.testing.assert_close(converted(X), flat(X), rtol=1e-6, atol=1e-6)
 
 
 def test_the_correction_is_the_consumers_child_and_named_there_in_the_report():
@@ -163,7 +172,7 @@ def test_a_correction_no_single_module_call_can_hold_stays_a_node(reads):
     assert after == records
     assert any(n.op == "call_module" and n.target == "s" for n in gm.graph.nodes)
     assert all(input_correction(m) is None for m in gm.modules() if isinstance(m, NormPropConv2d))
-    _bitwise(gm(X), before)
+    _to_rounding(gm(X), before)
 
 
 def test_a_correction_read_once_by_a_module_called_once_moves_in():
@@ -173,4 +182,4 @@ def test_a_correction_read_once_by_a_module_called_once_moves_in():
     assert [c.path for c in after] == ["a.input_correction"]
     assert not any(n.op == "call_module" and n.target == "s" for n in gm.graph.nodes)
     assert input_correction(gm.a) is not None and not hasattr(gm, "s")
-    _bitwise(gm(X), before)
+    _to_rounding(gm(X), before)

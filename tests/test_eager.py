@@ -88,6 +88,7 @@ CORRECTED_MODULES = [
     ("conv1x1-scalar-hardswish", lambda: _input_corrected(NormPropConv2d(5, 4, 1, activation="hardswish"), None), (2, 5, 6, 6)),
     ("conv3x3-reflect-channels", lambda: _input_corrected(NormPropConv2d(3, 4, 3, padding=1, padding_mode="reflect"), 3), (2, 3, 6, 6)),
     ("conv3x3-zero-padded-scalar", lambda: _input_corrected(NormPropConv2d(3, 4, 3, padding=1), None), (2, 3, 6, 6)),
+    ("conv3x3-zero-padded-scale-only", lambda: _input_corrected(NormPropConv2d(3, 4, 3, padding=1), 3, mean=False), (2, 3, 6, 6)),
     ("conv3x3-valid-scalar", lambda: _input_corrected(NormPropConv2d(3, 4, 3, activation="relu6"), None), (2, 3, 6, 6)),
     ("conv1x1-grouped-channels", lambda: _input_corrected(NormPropConv2d(4, 4, 1, groups=2), 4), (2, 4, 5, 5)),
     ("conv1x1-grouped-scalar", lambda: _input_corrected(NormPropConv2d(4, 4, 1, groups=2), None), (2, 4, 5, 5)),
@@ -208,12 +209,14 @@ def test_eager_normprop_conv_makes_as_many_activation_passes_as_a_plain_conv_and
     (lambda: _input_corrected(NormPropConv2d(8, 8, 1, activation="silu"), None), True),
     (lambda: _input_corrected(NormPropConv2d(8, 8, 3, padding=1, padding_mode="replicate"), 8), True),
     (lambda: _input_corrected(NormPropConv2d(8, 8, 3, padding=1), None), False),
+    (lambda: _input_corrected(NormPropConv2d(8, 8, 3, padding=1), 8, mean=False), True),
     (lambda: _input_corrected(NormPropConv2d(8, 8, 1, groups=2), 8), False),
-], ids=["1x1-channels", "1x1-scalar", "replicate-channels", "zero-padded", "grouped-channels"])
+], ids=["1x1-channels", "1x1-scalar", "replicate-channels", "zero-padded", "zero-padded-scale-only", "grouped-channels"])
 def test_an_input_correction_costs_no_activation_pass_where_the_layer_can_absorb_it(make, absorbed):
-    """Where no zero padding follows it, the eager form computes a layer's input correction in
-    its normalized weight and bias: the layer makes the passes of the same layer without the
-    correction, forward and backward. Elsewhere it costs its pass (forward and backward)."""
+    """Where no zero padding follows it (or it only scales), the eager form computes a layer's
+    input correction in its normalized weight and bias: the layer makes the passes of the same
+    layer without the correction, forward and backward. Elsewhere it costs its pass (forward and
+    backward)."""
     from normprop_fx.standardize import INPUT_CORRECTION
 
     x = torch.randn(4, 8, 16, 16)

@@ -308,7 +308,9 @@ def check_promises(recipe: Recipe) -> None:
         assert relative_l2(converted.eval()(x), batch) <= 1e-9, "train mode differs from eval mode"
         assert torch.isfinite(batch).all()
         flat.eval()
-        assert torch.equal(converted(x), flat(x)), "the module tree differs from the flat graph"
+        # to rounding: the tree's eager modules compute an attached correction inside their own
+        # affine, the flat graph as a node (standardize.absorbable_correction)
+        assert relative_l2(converted(x), flat(x)) <= 1e-12, "the module tree differs from the flat graph"
         assert relative_l2(fold(converted)(x), converted(x)) <= 1e-9, "fold differs from eval"
     converted.train()
     with functional_dropout_off():

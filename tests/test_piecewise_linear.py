@@ -43,9 +43,10 @@ def test_values_and_gradients_match_plain_autograd(spec):
 
 
 @pytest.mark.parametrize(("form", "backward"), [(compiled_form, "_NormalizedPiecewiseLinearBackward"),
-                                                 (contextlib.nullcontext, "HardtanhBackward0")])
+                                                 (contextlib.nullcontext, "_ClampInPlaceBackward")])
 def test_normalized_activation_uses_it_compiled_and_keeps_its_gradient(form, backward):
-    # compiled, the output-gradient Function; eager, one native clamp (normprop_fx/eager.py)
+    # compiled, the output-gradient Function; eager, one clamp, in place on the affine's fresh
+    # output under autograd (normprop_fx/eager.py, clamp_fresh)
     act = NormalizedActivation("relu")
     u = torch.randn(64, 16, dtype=torch.float64, requires_grad=True)
     with form():
