@@ -189,7 +189,7 @@ class NormPropLayer(nn.Module):
         over 3x the elements of their output normalized the output instead; with the weight
         normalization's fused backward (weight_norm.py) the weight side measured faster on every
         shape tried, down to 512x512x3x3 on 2x2 maps and Linear(2048, 128) at batch 2:
-        docs/bench.md, notes.)"""
+        docs/method.md section 10.)"""
         if has_hooks(self.activation):
             return self.activation(linear_op(self.normalized_weight(), self.beta))
         weight, bias = self._eager_weight_bias(correction)
