@@ -112,7 +112,7 @@ def absorbable_correction(module: nn.Module, x: torch.Tensor) -> Standardize | N
     hooks on the correction (a hook sees the correction's output, so it is computed). Whether
     ``module`` can absorb it exactly is the caller's question (a scalar correction into a
     normalized activation's affine; into a layer's weight and bias where no zero padding is
-    added after it)."""
+    added after it, or where the correction only scales)."""
     correction = input_correction(module)
     if correction is None or is_compiling() or isinstance(x, torch.fx.Proxy) or has_hooks(correction):
         return None
