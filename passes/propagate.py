@@ -617,7 +617,9 @@ def merge_chunks(gm: fx.GraphModule, runs: list[ChunkRun], opaque: dict[str, Opa
     (which consumer is corrected, which activation normalized) are the first chunk's; a
     correction whose merged moments are standard is dropped. Each chunk ran with its own earlier
     constants, so later constants are averages of compensations, exact only to first order in
-    the chunks' differences (docs/method.md section 6 measures what that costs)."""
+    the chunks' differences (docs/method.md section 6 measures what that costs). The report's
+    lines on estimated ops are the first chunk's, but for the corrections the sample rescaled,
+    which say the merged factor."""
     first = runs[0]
     for node in gm.graph.nodes:
         node.meta[MOMENTS] = first.moments.get(node)

@@ -211,6 +211,7 @@ def test_chunked_propagation_holds_one_chunk(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(calibration_sample, "SAMPLE_VALUES", 1)
     converted = normprop_fx.convert(model, example_inputs=torch.empty(2, 3, 16, 16))
     assert converted.normprop_report.calibration_samples == 8
+    assert converted.normprop_report.calibration_chunks == calibration_sample.MAX_CHUNKS
     runs = [b for b in batches if b == calibration_sample.MIN_CHUNK]
     assert max(batches) == calibration_sample.MIN_CHUNK and len(runs) >= calibration_sample.MAX_CHUNKS
     x = torch.randn(4, 3, 16, 16)
