@@ -49,7 +49,7 @@ MAX_SAMPLES = 256
 #: 5 samples of resnet50 at 224 px, 23 of mobilenet_v3_large
 SAMPLE_VALUES = 2**27
 MAX_CHUNKS = 4
-MIN_CHUNK = 2  #: samples a chunk has at least, whatever the memory
+MIN_CHUNK = 4  #: samples a chunk may hold whatever the memory (chunks of 2 averaged badly: docs/method.md section 6)
 #: samples when the shapes cannot be had (an op fake tensors do not support)
 FALLBACK_SAMPLES = 32
 

@@ -74,7 +74,8 @@ def test_sample_size_is_bounded_by_the_values_a_forward_computes(monkeypatch: py
     monkeypatch.setattr(calibration_sample, "SAMPLE_VALUES", 10)
     converted = normprop_fx.convert(_se_net(), example_inputs=torch.empty(2, 3, 16, 16))
     line = converted.normprop_report.assumptions[-1]
-    assert f"calibrated on {calibration_sample.MIN_SAMPLES} Gaussian samples" in line and "fit in" in line
+    chunk, chunks = calibration_sample.MIN_CHUNK, calibration_sample.MAX_CHUNKS
+    assert f"calibrated on {chunk * chunks} Gaussian samples in {chunks} chunks of {chunk}" in line and "fit in" in line
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True, "8"])
@@ -175,31 +176,34 @@ def test_chunk_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     shape = [torch.empty(2, 3, 16, 16)]
     assert calibration_sample.calibration_sample_size(gm, shape).chunks == 1
     monkeypatch.setattr(calibration_sample, "SAMPLE_VALUES", 1)  # fits: MIN_CHUNK samples
-    size = calibration_sample.calibration_sample_size(gm, shape)
-    assert (size.samples, size.chunks, size.total) == (calibration_sample.MIN_CHUNK, calibration_sample.MAX_CHUNKS, 8)
-    requested = calibration_sample.calibration_sample_size(gm, shape, 5)
-    assert (requested.samples, requested.chunks, requested.total) == (2, 3, 6)
+    size = calibration_sample.calibration_sample_size(gm, shape)  # no NormProp consumer yet: 8 wanted
+    assert (size.samples, size.chunks) == (calibration_sample.MIN_CHUNK, 2)
+    converted_gm, _ = trace(normprop_fx.convert(_se_net(), example_inputs=shape[0]), (), None)
+    capped = calibration_sample.calibration_sample_size(converted_gm, shape)  # 32 wanted
+    assert (capped.samples, capped.chunks) == (calibration_sample.MIN_CHUNK, calibration_sample.MAX_CHUNKS)
+    requested = calibration_sample.calibration_sample_size(gm, shape, 10)
+    assert (requested.samples, requested.chunks, requested.total) == (4, 3, 12)
     line = calibration_sample.calibration_line(requested, 0)
-    assert "calibrated on 6 Gaussian samples in 3 chunks of 2, constants averaged" in line
+    assert "calibrated on 12 Gaussian samples in 3 chunks of 4, constants averaged" in line
 
 
 def test_chunks_merge_to_the_whole_sample(monkeypatch: pytest.MonkeyPatch) -> None:
     """Where the sample decides one correction (the ratio of its variance to the nominal one), the
-    chunks' merged moments are the whole sample's: 8 chunks of 2 give the constants of one run on
+    chunks' merged moments are the whole sample's: 4 chunks of 4 give the constants of one run on
     the same 16 draws (the generator goes on from chunk to chunk)."""
     model, example = _plain_then_normprop(), torch.empty(2, 3, 8, 8)
     whole = normprop_fx.convert(model, example_inputs=example, calibration_samples=16)
     monkeypatch.setattr(calibration_sample, "SAMPLE_VALUES", 1)
     chunked = normprop_fx.convert(model, example_inputs=example, calibration_samples=16)
     assert "calibrated on 16 Gaussian samples (seed" in whole.normprop_report.assumptions[-1]
-    assert "calibrated on 16 Gaussian samples in 8 chunks of 2" in chunked.normprop_report.assumptions[-1]
+    assert "calibrated on 16 Gaussian samples in 4 chunks of 4" in chunked.normprop_report.assumptions[-1]
     expected, merged = _constants(whole), _constants(chunked)
     assert expected.keys() == merged.keys() and expected
     assert any(not torch.allclose(v, torch.ones_like(v)) for k, v in expected.items() if k.endswith("scale"))
     for key, value in expected.items():
         torch.testing.assert_close(merged[key], value, rtol=1e-6, atol=1e-7, msg=key)
     (correction,) = chunked.normprop_report.corrections
-    assert "averaged over 8 chunks" in correction.reason
+    assert "averaged over 4 chunks" in correction.reason
 
 
 def test_chunked_propagation_holds_one_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -210,7 +214,7 @@ def test_chunked_propagation_holds_one_chunk(monkeypatch: pytest.MonkeyPatch) ->
     model[3].fc1.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
     monkeypatch.setattr(calibration_sample, "SAMPLE_VALUES", 1)
     converted = normprop_fx.convert(model, example_inputs=torch.empty(2, 3, 16, 16))
-    assert converted.normprop_report.calibration_samples == 8
+    assert converted.normprop_report.calibration_samples == calibration_sample.MIN_CHUNK * calibration_sample.MAX_CHUNKS
     assert converted.normprop_report.calibration_chunks == calibration_sample.MAX_CHUNKS
     runs = [b for b in batches if b == calibration_sample.MIN_CHUNK]
     assert max(batches) == calibration_sample.MIN_CHUNK and len(runs) >= calibration_sample.MAX_CHUNKS
