@@ -116,9 +116,7 @@ def convert(
             propagation measures what no rule knows on (pooling correlations, ops without a
             rule). None (default): as many as the shapes call for, 8-256
             (``passes/calibration_sample.py``: the smaller the late maps, the more), so the
-            constants do not depend on the draw; the report says how many. Where a sample's
-            forward is large they run in chunks whose measurements are averaged, so that the
-            conversion holds one chunk's values at a time.
+            constants do not depend on the draw; the report says how many.
         calibration_seed: the seed of that sample (and of the probes); another seed gives the
             same constants to within a few percent.
 
@@ -173,16 +171,16 @@ def convert(
     gm, rewrites = rewrite_patterns(gm, matches, inits, gamma_init=gamma_init, eps=eps)
     opaque_rewrites, hidden = replace_opaque_batchnorms(gm, hidden, inits, gamma_init)
     corrections, standalone, estimated, unknown = [], [], [], []
-    samples = chunks = None
+    samples = None
     if rewrites + opaque_rewrites and all(r.init == TRAINED_INIT for r in rewrites + opaque_rewrites):
         inputs, assumptions = _example_inputs_if_known(model, gm, example_inputs), (TRAINED_ASSUMPTION,)
     else:
         inputs, shape_assumption = resolve_example_inputs(model, gm, example_inputs)
         sample = calibration_sample_size(gm, inputs, calibration_samples)
         assumptions = (INPUT_ASSUMPTION, *shape_assumption, calibration_line(sample, calibration_seed))
-        samples, chunks = sample.total, sample.chunks
+        samples = sample.samples
         try:
-            analysis = propagate_moments(gm, inputs, sample.samples, calibration_seed, sample.chunks)
+            analysis = propagate_moments(gm, inputs, sample.samples, calibration_seed)
             gm, corrections, standalone = insert_corrections(gm, analysis)
             estimated, unknown = analysis.estimated, analysis.unknown
         except Exception as err:
@@ -237,7 +235,6 @@ def convert(
         unknown_moments=tuple(unknown),
         input_shapes=tuple(tuple(x.shape) for x in inputs),
         calibration_samples=samples,
-        calibration_chunks=chunks,
         module_tree=tree,
     )
     setattr(result, REPORT_ATTRIBUTE, report)

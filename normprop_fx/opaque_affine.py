@@ -30,39 +30,14 @@ class OpaqueNormPropAffine(nn.Module):
 
     def __init__(self, affine: NormPropAffine, after: nn.Module | None = None, *, calibrate: bool = True) -> None:
         super().__init__()
-        self.correction = _unmeasured() if calibrate else nn.Identity()
+        self.correction = (Standardize(torch.zeros(()), torch.ones(()), reason="not measured: an identity")
+                           if calibrate else nn.Identity())
         self.affine = affine
         self.after = after if after is not None else nn.Identity()
         self.calibrate = calibrate  #: False: nothing to measure (a trained BatchNorm's function is kept)
         self.measuring = False
         self.attempted = False  #: the sample reached this module (its first call while measuring)
         self.measured = False  #: ... and gave finite values, now in ``correction``
-
-    def reset_measurement(self) -> None:
-        """Forget the measurement, so that the next call while :attr:`measuring` makes a new one
-        (moment propagation measures each chunk of its sample afresh, then merges them)."""
-        if self.calibrate:
-            self.correction = _unmeasured()
-        self.attempted = self.measured = False
-
-    def merge_measurements(self, measured: list[Standardize]) -> None:
-        """Set the correction to the one the union of the chunks that gave ``measured`` would give:
-        per channel, the average mean; one variance for all channels, the variance of the chunks'
-        mixture around that mean, averaged over channels."""
-        if len(measured) == 1:
-            self.correction, self.measured = measured[0], True
-            return
-        means = torch.stack([m.mean.double() for m in measured])
-        variances = torch.stack([m.scale.double() ** -2 - _EPS for m in measured])
-        mean = means.mean(0)
-        var = (variances + means**2).mean(0) - mean**2
-        var = torch.full_like(mean, float(var.mean()))
-        first = measured[0]
-        self.correction = Standardize(
-            mean.to(first.mean.dtype), (var + _EPS).rsqrt().to(first.scale.dtype),
-            reason=f"{_MEASURED_REASON}, averaged over {len(measured)} chunks of it",
-        )
-        self.measured = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.measuring and self.calibrate and not self.attempted:
@@ -95,19 +70,10 @@ class OpaqueNormPropAffine(nn.Module):
         shape = (-1,) + (1,) * (x.dim() - 2)
         self.correction = Standardize(
             mean.float().reshape(shape).to(x.device),
-            (var + _EPS).rsqrt().float().reshape(shape).to(x.device),
-            reason=_MEASURED_REASON,
+            (var + 1e-5).rsqrt().float().reshape(shape).to(x.device),
+            reason="measured on the Gaussian sample (inside a module torch.fx does not trace)",
         )
         self.measured = True
-
-
-_EPS = 1e-5  #: added to the measured variance
-_MEASURED_REASON = "measured on the Gaussian sample (inside a module torch.fx does not trace)"
-
-
-def _unmeasured() -> Standardize:
-    """The correction of a module that has measured nothing: the identity."""
-    return Standardize(torch.zeros(()), torch.ones(()), reason="not measured: an identity")
 
 
 #: Contiguous groups of the sample (whole samples, mostly: dim 0 comes first) whose disagreement

@@ -131,8 +131,6 @@ class ConversionReport:
     input_shapes: tuple[tuple[int, ...], ...] = ()  #: the shapes the nominal moments were computed for
     #: Gaussian samples moment propagation calibrated on (None: none ran, e.g. a trained network)
     calibration_samples: int | None = None
-    #: the chunks those samples ran in, one at a time (passes/calibration_sample.py)
-    calibration_chunks: int | None = None
     #: how the result carries the user's module tree (None: not recorded)
     module_tree: ModuleTree | None = None
 

@@ -14,19 +14,14 @@ computing anything (``passes.input_shape.fake_shapes``):
 
 * enough samples that the smallest map a NormProp consumer reads holds ``CALIBRATION_VALUES``
   values per channel (7x7 maps: 168 samples; 1x1: ``MAX_SAMPLES``);
-* at most ``MAX_SAMPLES``, and at least ``MIN_SAMPLES``;
-* in chunks (moment propagation runs the graph once per chunk and averages what the chunks
-  measured, ``passes.propagate.merge_chunks``) of as many samples as keep the values that the
-  whole forward computes on one chunk within ``SAMPLE_VALUES`` (a bound on the conversion's
-  memory: the interpreter holds a few of the largest tensors of one chunk at once), and at most
-  ``MAX_CHUNKS`` chunks (a bound on its time: each chunk is a whole run of the graph).
+* at most ``MAX_SAMPLES``, and at most as many as keep the values that the whole forward
+  computes on the sample within ``SAMPLE_VALUES`` (a bound on the conversion's time, and on its
+  memory: the interpreter holds a few of the largest tensors at once);
+* at least ``MIN_SAMPLES``, whatever the memory.
 
-lcnet_050 at 224 px gets 168 samples in 3 chunks of 56; its correction constants then move by at
-most 4.7% between calibration seeds (docs/calibration-stability.txt). resnet50 at 224 px gets 4
-chunks of 5, efficientnet_b4 at 380 px 4 chunks of 2 (8 samples, as many as before chunks, in a
-quarter of the memory). ``convert(..., calibration_samples=N)`` sets the number of samples (split
-into as many chunks as that takes, rounded up to whole chunks), ``calibration_seed=`` draws
-another sample.
+lcnet_050 at 224 px gets 112 samples; its correction constants then move by at most 4.2%
+between calibration seeds (docs/calibration-stability.txt). ``convert(...,
+calibration_samples=N)`` overrides the rule, ``calibration_seed=`` draws another sample.
 """
 
 from __future__ import annotations
@@ -45,44 +40,33 @@ from .input_shape import fake_shapes
 CALIBRATION_VALUES = 8192
 MIN_SAMPLES = 8
 MAX_SAMPLES = 256
-#: values (summed over every op's output) the forward may compute on one chunk of the sample:
-#: 5 samples of resnet50 at 224 px, 23 of mobilenet_v3_large
-SAMPLE_VALUES = 2**27
-MAX_CHUNKS = 4
-MIN_CHUNK = 4  #: samples a chunk may hold whatever the memory (chunks of 2 averaged badly: docs/method.md section 6)
+#: values (summed over every op's output) the forward may compute on the whole sample: ~11 samples
+#: of resnet50 at 224 px, 47 of mobilenet_v3_large
+SAMPLE_VALUES = 2**28
 #: samples when the shapes cannot be had (an op fake tensors do not support)
 FALLBACK_SAMPLES = 32
 
 
 @dataclass(frozen=True)
 class CalibrationSample:
-    """How many samples moment propagation runs on, in how many chunks, and why (one line for the report)."""
+    """How many samples moment propagation runs on, and why (one line for the report)."""
 
-    samples: int  #: in each chunk
+    samples: int
     reason: str
-    chunks: int = 1
-
-    @property
-    def total(self) -> int:
-        return self.samples * self.chunks
 
 
 def calibration_sample_size(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
                             requested: int | None = None) -> CalibrationSample:
     """The number of Gaussian samples for ``gm`` on inputs shaped like ``example_inputs`` (their
-    batch is not used), and the chunks they run in: ``requested`` samples when given, else the
-    rule of the module docstring."""
+    batch is not used): ``requested`` when given, else the rule of the module docstring."""
+    if requested is not None:
+        return CalibrationSample(requested, "calibration_samples= given")
     probe = 2  # a batch of 1 would trip a left BatchNorm1d in train mode
     try:
         shapes = fake_shapes(gm, [sample_shape(x, probe, example_inputs) for x in example_inputs],
                              [x.dtype for x in example_inputs])
     except Exception:  # noqa: BLE001 - no shapes: a fixed size, said in the report
-        return CalibrationSample(requested or FALLBACK_SAMPLES,
-                                 "calibration_samples= given" if requested else "the shapes could not be propagated")
-    computed = sum(math.prod(s) for s in shapes.values()) // probe
-    fits = max(MIN_CHUNK, SAMPLE_VALUES // max(1, computed))
-    if requested is not None:
-        return _in_chunks(requested, fits, computed, "calibration_samples= given", max_chunks=None)
+        return CalibrationSample(FALLBACK_SAMPLES, "the shapes could not be propagated")
     modules = dict(gm.named_modules())
     read = [
         shapes[n.args[0]] for n in gm.graph.nodes
@@ -90,28 +74,21 @@ def calibration_sample_size(gm: fx.GraphModule, example_inputs: Sequence[torch.T
         and n.args and isinstance(n.args[0], fx.Node) and n.args[0] in shapes
     ]
     if not read:
-        return _in_chunks(MIN_SAMPLES, fits, computed, "no NormProp consumer reads a tensor")
+        return CalibrationSample(MIN_SAMPLES, "no NormProp consumer reads a tensor")
     per_channel = min(_values_per_channel(s) for s in read) // probe or 1
-    wanted = max(MIN_SAMPLES, min(MAX_SAMPLES, math.ceil(CALIBRATION_VALUES / per_channel)))
-    return _in_chunks(wanted, fits, computed, f"{per_channel} values per channel in the smallest map a NormProp consumer reads")
-
-
-def _in_chunks(wanted: int, fits: int, computed: int, why: str, max_chunks: int | None = MAX_CHUNKS) -> CalibrationSample:
-    """``wanted`` samples in equal chunks of at most ``fits`` (at most ``max_chunks`` of them:
-    fewer samples then), said in ``why``."""
-    if wanted <= fits:
-        return CalibrationSample(wanted, why)
-    chunks = math.ceil(wanted / fits) if max_chunks is None else min(max_chunks, math.ceil(wanted / fits))
-    samples = min(fits, math.ceil(wanted / chunks))
-    why += (f"; a sample computes {computed / 1e6:.3g}M values, {fits} fit in {SAMPLE_VALUES / 1e6:.0f}M, "
-            f"so {chunks} chunks of {samples}")
-    return CalibrationSample(samples, why, chunks)
+    wanted = min(MAX_SAMPLES, math.ceil(CALIBRATION_VALUES / per_channel))
+    computed = sum(math.prod(s) for s in shapes.values()) // probe
+    fits = SAMPLE_VALUES // max(1, computed)
+    samples = max(MIN_SAMPLES, min(wanted, fits))
+    why = (f"{per_channel} values per channel in the smallest map a NormProp consumer reads"
+           + (f"; a sample computes {computed / 1e6:.3g}M values, {fits} fit in {SAMPLE_VALUES / 1e6:.0f}M"
+              if fits < wanted else ""))
+    return CalibrationSample(samples, why)
 
 
 def calibration_line(sample: CalibrationSample, seed: int) -> str:
     """The report's line on the sample."""
-    chunks = f" in {sample.chunks} chunks of {sample.samples}, constants averaged" if sample.chunks > 1 else ""
-    return f"the corrections were calibrated on {sample.total} Gaussian samples{chunks} (seed {seed}; {sample.reason})"
+    return f"the corrections were calibrated on {sample.samples} Gaussian samples (seed {seed}; {sample.reason})"
 
 
 def sample_shape(x: torch.Tensor, samples: int, inputs: Sequence[torch.Tensor]) -> tuple[int, ...]:

@@ -37,7 +37,6 @@ the sample as a :class:`MomentAnalysis`. The graph edits are the next pass's,
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -114,30 +113,6 @@ class InputCorrection:
 
     moments: Moments
     calibration: str | None = None  #: how the sample rescaled the moments, when it did
-    #: what the sample measured of them, when it did (chunks of the sample average it: :func:`merge_chunks`)
-    measured: SampleRatio | None = None
-
-
-@dataclass(frozen=True)
-class SampleRatio:
-    """A consumer's input on the sample (:meth:`MomentInterpreter._calibrated`): its variance
-    around the nominal mean is ``ratio`` times the nominal variance ``nominal`` (averaged over
-    channels); ``kept``: the nominal moments stand (structural ones within the tolerance)."""
-
-    structural: bool
-    ratio: float
-    nominal: float
-
-    @property
-    def kept(self) -> bool:
-        return self.structural and abs(math.log(self.ratio)) <= math.log1p(STRUCTURAL_TOLERANCE)
-
-    def applied(self, nominal: Moments) -> Moments:
-        """The moments the correction uses: ``nominal`` unless the sample rescales them."""
-        return nominal if self.kept else Moments(nominal.mean, nominal.var * self.ratio, False, particles=nominal.particles)
-
-    def note(self) -> str | None:
-        return None if self.kept else calibration_note(self.structural, self.ratio, self.nominal)
 
 
 @dataclass(frozen=True)
@@ -203,7 +178,6 @@ class MomentInterpreter(fx.Interpreter):
         self.moments: dict[fx.Node, Any] = {}  #: as recorded in node.meta[MOMENTS]
         self.estimated: list[str] = []
         self.unknown: list[str] = []  #: nodes whose moments could not be computed, and why
-        self.rescaled_lines: dict[fx.Node, int] = {}  #: a consumer's calibration line in ``estimated``
         self.generator = torch.Generator().manual_seed(seed)
 
     def run_node(self, n: fx.Node) -> Any:
@@ -239,7 +213,7 @@ class MomentInterpreter(fx.Interpreter):
         moments = self.moments.get(source) if source is not None else None
         needs_correction = isinstance(moments, Moments) and not moments.constant and not moments.is_standard()
         if isinstance(module, NORMPROP_CONSUMERS):
-            note: str | None = None  # the sample measured moments no rule knew
+            note: str | None = None
             if is_trained(module):
                 needs_correction = False  # a trained layer reads its input as it is
             elif moments is None and source is not None and _is_float_tensor(self.env[source]):
@@ -249,13 +223,10 @@ class MomentInterpreter(fx.Interpreter):
                 needs_correction = not moments.is_standard()
                 if needs_correction:
                     self.estimated.append(f"input of {describe_node(n, self.module)} ({note})")
-            measured = None
-            if needs_correction and note is None:
-                measured = self._calibrated(n, source, moments)
-                if measured is not None:
-                    moments, note = measured.applied(moments), measured.note()
+            elif needs_correction:
+                moments, note = self._calibrated(n, source, moments)
             if needs_correction:
-                n.meta[CORRECTION] = InputCorrection(moments, note, measured)
+                n.meta[CORRECTION] = InputCorrection(moments, note)
                 args, kwargs = self.fetch_args_kwargs_from_env(n)
                 with torch.no_grad():
                     return module(_standardized(args[0], moments), *args[1:], **kwargs)
@@ -268,26 +239,26 @@ class MomentInterpreter(fx.Interpreter):
                     return NormalizedActivation(spec)(_standardized(x, moments) if needs_correction else x)
         return super().run_node(n)
 
-    def _calibrated(self, n: fx.Node, source: fx.Node, moments: Moments) -> SampleRatio | None:
-        """What the sample says of a consumer's input moments (None: nothing, a zero variance).
-        Estimated moments (through plain weighted layers or a probe: they depend on the weights)
-        get their variance scaled so that, on the sample, the corrected input has unit variance
-        over all channels (one scalar, so no per-channel noise enters). Structural moments are
-        kept unless the sample is off by more than STRUCTURAL_TOLERANCE: per-channel mean offsets
-        that depend on the weights can build up through many blocks, and the structural rules
-        cannot see them. A rescaled correction's estimated-ops line is rewritten when chunks of
-        the sample are merged (:func:`merge_chunks`)."""
+    def _calibrated(self, n: fx.Node, source: fx.Node, moments: Moments) -> tuple[Moments, str | None]:
+        """The moments a consumer's correction uses. Estimated moments (through plain weighted
+        layers or a probe: they depend on the weights) get their variance scaled so that, on the
+        sample, the corrected input has unit variance over all channels (one scalar, so no
+        per-channel noise enters). Structural moments are kept unless the sample is off by more
+        than STRUCTURAL_TOLERANCE: per-channel mean offsets that depend on the weights can build
+        up through many blocks, and the structural rules cannot see them. Returns the moments and,
+        when the sample rescaled them, how."""
         x = self.env[source]
         mean, var = per_channel(moments, x.dim())
         spread = float(channel_moments(x, center=mean)[1].mean())
         nominal = float(var.expand((1, *x.shape[1:])).mean()) if x.dim() >= 1 else float(var)
         if not (spread > 0 and nominal > 0):
-            return None
-        measured = SampleRatio(moments.structural, spread / nominal, nominal)
-        if not measured.kept:
-            self.rescaled_lines[n] = len(self.estimated)
-            self.estimated.append(calibration_estimate(describe_node(n, self.module), moments.structural, measured.ratio))
-        return measured
+            return moments, None
+        ratio = spread / nominal
+        if moments.structural and abs(math.log(ratio)) <= math.log1p(STRUCTURAL_TOLERANCE):
+            return moments, None
+        self.estimated.append(calibration_estimate(describe_node(n, self.module), moments.structural, ratio))
+        note = calibration_note(moments.structural, ratio, nominal)
+        return Moments(moments.mean, moments.var * ratio, False, particles=moments.particles), note
 
     def _standalone_spec(self, n: fx.Node, module: nn.Module | None, moments: Moments) -> ActivationSpec | None:
         """The activation ``n`` applies, when it is a standalone activation to normalize: its
@@ -528,7 +499,7 @@ def _activation_form(n: fx.Node, module: nn.Module | None) -> ActivationForm | N
 
 
 def propagate_moments(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], samples: int | None = None,
-                      seed: int = PROBE_SEED, chunks: int = 1) -> MomentAnalysis:
+                      seed: int = PROBE_SEED) -> MomentAnalysis:
     """Compute every node's nominal moments on ``gm`` and decide the corrections and normalized
     activations its untrained NormProp layers need: recorded in ``node.meta`` (module docstring),
     for ``passes.insert_corrections`` to apply. ``gm``'s graph is not changed.
@@ -536,29 +507,28 @@ def propagate_moments(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ..
     ``example_inputs`` only give shapes and dtypes (their values are never read: the sample is
     Gaussian noise of those shapes, drawn with ``seed``). ``samples`` replaces their batch
     (``passes.calibration_sample`` says how many the shapes call for); None keeps it.
-
-    ``chunks`` > 1 runs the graph that many times, each on the next ``samples`` draws of the same
-    generator (so the first chunk is the sample that ``chunks=1`` runs on), and merges what the
-    chunks measured (:func:`merge_chunks`): memory holds one chunk's values, and the constants
-    average over all of them. ``node.meta[MOMENTS]`` are the first chunk's.
     """
-    if chunks < 1:
-        raise ValueError(f"chunks must be >= 1, got {chunks}")
+    for node in gm.graph.nodes:
+        for key in RECORDS:
+            node.meta.pop(key, None)
     reference = next(iter(gm.parameters()), None)
     device = reference.device if reference is not None else torch.device("cpu")
     dtypes = [x.dtype if x.dtype != torch.float32 or reference is None else reference.dtype for x in example_inputs]
     generator = torch.Generator().manual_seed(seed)
     shapes = [tuple(x.shape) if samples is None else sample_shape(x, samples, example_inputs) for x in example_inputs]
+    sample = [torch.randn(shape, generator=generator, dtype=torch.float64).to(device, d) for shape, d in zip(shapes, dtypes)]
+    propagation = MomentInterpreter(gm, seed)
     opaque = {path: m for path, m in gm.named_modules() if isinstance(m, OpaqueNormPropAffine) and m.calibrate}
-    runs: list[ChunkRun] = []
-    for _ in range(chunks):
-        sample = [torch.randn(shape, generator=generator, dtype=torch.float64).to(device, d) for shape, d in zip(shapes, dtypes)]
-        runs.append(_run_chunk(gm, sample, seed, opaque))
-        del sample
-    if chunks > 1:
-        merge_chunks(gm, runs, opaque)
-    first = runs[0]
-    analysis = MomentAnalysis(estimated=[line for line in first.estimated if line is not None], unknown=first.unknown)
+    for m in opaque.values():
+        m.measuring = True
+    try:
+        with _as_at_init(gm), torch.no_grad():
+            propagation.run(*sample)
+    finally:
+        for m in opaque.values():
+            m.measuring = False
+
+    analysis = MomentAnalysis(estimated=propagation.estimated, unknown=propagation.unknown)
     for path, m in opaque.items():
         if m.measured:
             analysis.opaque_corrections.append(Correction(
@@ -567,128 +537,8 @@ def propagate_moments(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ..
                 estimated=True,
             ))
         else:
-            analysis.unknown.append(opaque_unmeasured(path, first.opaque_attempted[path]))
+            analysis.unknown.append(opaque_unmeasured(path, m.attempted))
     return analysis
-
-
-@dataclass
-class ChunkRun:
-    """What one run of the graph on one chunk of the sample decided and measured."""
-
-    records: dict[fx.Node, dict[str, Any]]  #: per node, its CORRECTION / NORMALIZE record
-    moments: dict[fx.Node, Any]  #: per node, its MOMENTS
-    estimated: list[str | None]  #: None: a line the merge of the chunks took back
-    unknown: list[str]
-    rescaled_lines: dict[fx.Node, int]  #: a consumer's calibration line in ``estimated``
-    opaque_measured: dict[str, Any]  #: an opaque module's measured correction (a Standardize), or None
-    opaque_attempted: dict[str, bool]
-
-
-def _run_chunk(gm: fx.GraphModule, sample: list[torch.Tensor], seed: int, opaque: dict[str, OpaqueNormPropAffine]) -> ChunkRun:
-    for node in gm.graph.nodes:
-        for key in RECORDS:
-            node.meta.pop(key, None)
-    propagation = MomentInterpreter(gm, seed)
-    for m in opaque.values():
-        m.reset_measurement()
-        m.measuring = True
-    try:
-        with _as_at_init(gm), torch.no_grad():
-            propagation.run(*sample)
-    finally:
-        for m in opaque.values():
-            m.measuring = False
-    return ChunkRun(
-        records={n: {k: n.meta[k] for k in (CORRECTION, NORMALIZE) if k in n.meta} for n in gm.graph.nodes},
-        moments={n: n.meta.get(MOMENTS) for n in gm.graph.nodes},
-        estimated=propagation.estimated,
-        unknown=propagation.unknown,
-        rescaled_lines=propagation.rescaled_lines,
-        opaque_measured={path: m.correction if m.measured else None for path, m in opaque.items()},
-        opaque_attempted={path: m.attempted for path, m in opaque.items()},
-    )
-
-
-def merge_chunks(gm: fx.GraphModule, runs: list[ChunkRun], opaque: dict[str, OpaqueNormPropAffine]) -> None:
-    """Leave in ``gm``'s ``node.meta`` (and its opaque modules) what one run on the union of the
-    chunks of ``runs`` would have measured, to first order: each correction's moments are the
-    mixture of the chunks' (the mean of the means; the mean of the second moments, less the
-    squared mean), a chunk without that correction counting as standardized there. The decisions
-    (which consumer is corrected, which activation normalized) are the first chunk's; a
-    correction whose merged moments are standard is dropped. Each chunk ran with its own earlier
-    constants, so later constants are averages of compensations, exact only to first order in
-    the chunks' differences (docs/method.md section 6 measures what that costs). The report's
-    lines on estimated ops are the first chunk's, but for the corrections the sample rescaled,
-    which say the merged factor."""
-    first = runs[0]
-    for node in gm.graph.nodes:
-        node.meta[MOMENTS] = first.moments.get(node)
-        for key in (CORRECTION, NORMALIZE):
-            node.meta.pop(key, None)
-        records = [run.records.get(node, {}) for run in runs]
-        if NORMALIZE in records[0]:
-            chosen = [r[NORMALIZE] for r in records if NORMALIZE in r]
-            node.meta[NORMALIZE] = dataclasses.replace(chosen[0], moments=_mixture([c.moments for c in chosen]))
-        corrections = [r.get(CORRECTION) for r in records]
-        if all(c is None for c in corrections):
-            continue
-        merged = _merged_correction(node, corrections, first, gm)
-        if merged is not None:
-            node.meta[CORRECTION] = merged
-    for path, m in opaque.items():
-        measured = [run.opaque_measured[path] for run in runs if run.opaque_measured[path] is not None]
-        if measured:
-            m.merge_measurements(measured)
-        else:
-            m.attempted = first.opaque_attempted[path]
-
-
-def _merged_correction(node: fx.Node, corrections: list[InputCorrection | None], first: ChunkRun,
-                       gm: fx.GraphModule) -> InputCorrection | None:
-    """One consumer's correction from the chunks' (None where a chunk had none: its input was
-    standardized there), or None when the merged moments are standard. Where the sample
-    measured the input, the tolerance for structural moments applies to the chunks' average
-    ratio, as it would to one run's on all of them; ``first``'s estimated-ops line is
-    rewritten to match."""
-    given = next(c for c in corrections if c is not None)
-    rank = given.moments.mean.dim()
-    measured = [c.measured if c is not None else None for c in corrections]
-    if all(m is None for m in measured):
-        merged = _mixture([c.moments if c is not None else Moments.standard(rank) for c in corrections])
-        return None if merged.is_standard() else InputCorrection(merged, given.calibration)
-    # each chunk's nominal moments and its ratio (1 where the sample measured nothing)
-    nominal = [Moments.standard(rank) if c is None else c.moments if m is None or m.kept
-               else Moments(c.moments.mean, c.moments.var / m.ratio, m.structural, particles=c.moments.particles)
-               for c, m in zip(corrections, measured)]
-    ratios = [m.ratio if m is not None else 1.0 for m in measured]
-    reference = next(m for m in measured if m is not None)
-    average = SampleRatio(all(n.structural for n in nominal), sum(ratios) / len(ratios), reference.nominal)
-    if average.kept:
-        merged = _mixture(nominal)
-    else:
-        merged = _mixture([Moments(n.mean, n.var * r, False, particles=n.particles) for n, r in zip(nominal, ratios)])
-    line = None if average.kept else calibration_estimate(describe_node(node, gm), average.structural, average.ratio)
-    if node in first.rescaled_lines:
-        first.estimated[first.rescaled_lines[node]] = line
-    elif line is not None:
-        first.estimated.append(line)
-    if merged.is_standard():
-        return None
-    note = average.note()
-    return InputCorrection(merged, None if note is None else f"{note}, averaged over {len(corrections)} chunks of it", average)
-
-
-def _mixture(parts: list[Moments]) -> Moments:
-    """The moments of an equal mixture of ``parts`` (compact moments of one value, on equal
-    chunks); structural when all are; the first one's particles."""
-    if len(parts) == 1:
-        return parts[0]
-    means = torch.broadcast_tensors(*[p.mean for p in parts])
-    variances = torch.broadcast_tensors(*[p.var for p in parts])
-    mean = torch.stack(means).mean(0)
-    second = torch.stack([v + m * m for v, m in zip(variances, means)]).mean(0)
-    return Moments(mean, (second - mean * mean).clamp_min(0.0), all(p.structural for p in parts),
-                   particles=parts[0].particles)
 
 
 @contextlib.contextmanager

@@ -12,8 +12,6 @@ import normprop_fx
 from normprop_fx.errors import InvalidOptionError
 from normprop_fx.passes import calibration_sample
 from normprop_fx.passes.input_shape import fake_shapes
-from normprop_fx.passes.moment_rules import Moments
-from normprop_fx.passes.propagate import ChunkRun, InputCorrection, SampleRatio, _merged_correction
 from normprop_fx.passes.trace import trace
 from normprop_fx.standardize import NEAR_CONSTANT_VARIANCE, standardizing_scale
 from normprop_fx.statistics import correction_spread
@@ -74,8 +72,7 @@ def test_sample_size_is_bounded_by_the_values_a_forward_computes(monkeypatch: py
     monkeypatch.setattr(calibration_sample, "SAMPLE_VALUES", 10)
     converted = normprop_fx.convert(_se_net(), example_inputs=torch.empty(2, 3, 16, 16))
     line = converted.normprop_report.assumptions[-1]
-    chunk, chunks = calibration_sample.MIN_CHUNK, calibration_sample.MAX_CHUNKS
-    assert f"calibrated on {chunk * chunks} Gaussian samples in {chunks} chunks of {chunk}" in line and "fit in" in line
+    assert f"calibrated on {calibration_sample.MIN_SAMPLES} Gaussian samples" in line and "fit in" in line
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True, "8"])
@@ -155,96 +152,3 @@ def test_standardizing_scale() -> None:
     assert torch.allclose(scale[3:], torch.tensor(NEAR_CONSTANT_VARIANCE * 0.5).rsqrt().expand(2))
     scalar, count = standardizing_scale(torch.tensor(0.0))
     assert count == 0 and scalar.item() == pytest.approx(1e6)
-
-
-def _plain_then_normprop() -> nn.Module:
-    """A plain conv and ReLU, whose output's moments are estimated from the weights (so the sample
-    rescales the correction in front of the next layer), then conv-BN-ReLU."""
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
-                         nn.BatchNorm2d(8), nn.ReLU())
-
-
-def _constants(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in model.state_dict().items() if "correction" in k}
-
-
-def test_chunk_rule(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Chunks only where the wanted samples do not fit; at most MAX_CHUNKS of them by default
-    (fewer samples then), as many as it takes for a requested number (rounded up to whole chunks)."""
-    gm, _ = trace(_se_net(), (), None)
-    shape = [torch.empty(2, 3, 16, 16)]
-    assert calibration_sample.calibration_sample_size(gm, shape).chunks == 1
-    monkeypatch.setattr(calibration_sample, "SAMPLE_VALUES", 1)  # fits: MIN_CHUNK samples
-    size = calibration_sample.calibration_sample_size(gm, shape)  # no NormProp consumer yet: 8 wanted
-    assert (size.samples, size.chunks) == (calibration_sample.MIN_CHUNK, 2)
-    converted_gm, _ = trace(normprop_fx.convert(_se_net(), example_inputs=shape[0]), (), None)
-    capped = calibration_sample.calibration_sample_size(converted_gm, shape)  # 32 wanted
-    assert (capped.samples, capped.chunks) == (calibration_sample.MIN_CHUNK, calibration_sample.MAX_CHUNKS)
-    requested = calibration_sample.calibration_sample_size(gm, shape, 10)
-    assert (requested.samples, requested.chunks, requested.total) == (4, 3, 12)
-    line = calibration_sample.calibration_line(requested, 0)
-    assert "calibrated on 12 Gaussian samples in 3 chunks of 4, constants averaged" in line
-
-
-def test_chunks_merge_to_the_whole_sample(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Where the sample decides one correction (the ratio of its variance to the nominal one), the
-    chunks' merged moments are the whole sample's: 4 chunks of 4 give the constants of one run on
-    the same 16 draws (the generator goes on from chunk to chunk)."""
-    model, example = _plain_then_normprop(), torch.empty(2, 3, 8, 8)
-    whole = normprop_fx.convert(model, example_inputs=example, calibration_samples=16)
-    monkeypatch.setattr(calibration_sample, "SAMPLE_VALUES", 1)
-    chunked = normprop_fx.convert(model, example_inputs=example, calibration_samples=16)
-    assert "calibrated on 16 Gaussian samples (seed" in whole.normprop_report.assumptions[-1]
-    assert "calibrated on 16 Gaussian samples in 4 chunks of 4" in chunked.normprop_report.assumptions[-1]
-    expected, merged = _constants(whole), _constants(chunked)
-    assert expected.keys() == merged.keys() and expected
-    assert any(not torch.allclose(v, torch.ones_like(v)) for k, v in expected.items() if k.endswith("scale"))
-    for key, value in expected.items():
-        torch.testing.assert_close(merged[key], value, rtol=1e-6, atol=1e-7, msg=key)
-    (correction,) = chunked.normprop_report.corrections
-    assert "averaged over 4 chunks" in correction.reason
-
-
-def test_chunked_propagation_holds_one_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The graph runs once per chunk, each time on one chunk's samples only: the memory of a
-    conversion is one chunk's, however many samples calibrate it."""
-    model = _se_net()
-    batches: list[int] = []
-    model[3].fc1.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
-    monkeypatch.setattr(calibration_sample, "SAMPLE_VALUES", 1)
-    converted = normprop_fx.convert(model, example_inputs=torch.empty(2, 3, 16, 16))
-    assert converted.normprop_report.calibration_samples == calibration_sample.MIN_CHUNK * calibration_sample.MAX_CHUNKS
-    assert converted.normprop_report.calibration_chunks == calibration_sample.MAX_CHUNKS
-    runs = [b for b in batches if b == calibration_sample.MIN_CHUNK]
-    assert max(batches) == calibration_sample.MIN_CHUNK and len(runs) >= calibration_sample.MAX_CHUNKS
-    x = torch.randn(4, 3, 16, 16)
-    torch.testing.assert_close(converted.eval()(x[:1]), converted(x)[:1])  # still one function per sample
-
-
-def test_merged_tolerance_applies_to_the_average_ratio() -> None:
-    """Structural moments stand unless the sample is off by more than the tolerance: on the
-    chunks' average ratio, as on one run over all of them. One chunk of two off by 15% (so it
-    rescaled), the other by -5%: the average, +5%, keeps the nominal moments, and the first
-    chunk's estimated-ops line is taken back; off by 25% and 15% both rescale by the average."""
-    gm, _ = trace(_plain_then_normprop(), (), None)
-    node = next(n for n in gm.graph.nodes if n.op == "call_module")
-    nominal = Moments(torch.zeros(1, 8, 1, 1, dtype=torch.float64), torch.full((1, 8, 1, 1), 2.0, dtype=torch.float64))
-
-    def chunk(ratio: float) -> InputCorrection:
-        measured = SampleRatio(True, ratio, 2.0)
-        return InputCorrection(measured.applied(nominal), measured.note(), measured)
-
-    def first() -> ChunkRun:
-        return ChunkRun(records={}, moments={}, estimated=["chunk 0's line"], unknown=[],
-                        rescaled_lines={node: 0}, opaque_measured={}, opaque_attempted={})
-
-    run = first()
-    kept = _merged_correction(node, [chunk(1.15), chunk(0.95)], run, gm)
-    assert torch.equal(kept.moments.var, nominal.var) and kept.calibration is None
-    assert run.estimated == [None]
-    run = first()
-    rescaled = _merged_correction(node, [chunk(1.25), chunk(1.15)], run, gm)
-    torch.testing.assert_close(rescaled.moments.var, nominal.var * 1.2)
-    assert "x1.2 the structural variance" in rescaled.calibration and "averaged over 2 chunks" in rescaled.calibration
-    assert "x1.2 the nominal one" in run.estimated[0]

@@ -5,7 +5,7 @@
 For each SOURCE:NAME:PIXELS the model is built (torch.manual_seed(0), no weights downloaded) and
 converted with gamma_init=1 once per calibration seed (``convert(calibration_seed=)``; ``--samples``
 sets ``calibration_samples``, the default lets the shapes decide). Printed per model: the sample
-size used (and the chunks it ran in), the largest relative spread (max - min) / mean of any correction constant over the
+size used, the largest relative spread (max - min) / mean of any correction constant over the
 seeds and where, and per seed the NormProp layers outside std [0.7, 1.4] / |mean| < 0.3 with the
 least and the largest std, measured over 32 N(0, I) samples (torch.manual_seed(1)).
 
@@ -54,9 +54,7 @@ def main() -> None:
         for seed in range(args.seeds):
             converted = normprop_fx.convert(model, gamma_init=1.0, example_inputs=torch.empty(2, 3, side, side),
                                             calibration_seed=seed, calibration_samples=args.samples).eval()
-            report = converted.normprop_report
-            chunks = getattr(report, "calibration_chunks", None) or 1  # None: a version before chunks
-            used = f"{report.calibration_samples}" + (f" (in {chunks} chunks)" if chunks > 1 else "")
+            used = converted.normprop_report.calibration_samples
             converted_models.append(converted)
             layers = measure_layer_statistics(converted, test)
             outside = sum(not within_target(s) for s in layers)

@@ -15,9 +15,8 @@ the model is converted with ``gamma_init=1`` on an example input of the model's 
   on top of the model it was given (with ``inplace=False`` that includes the copy it returns);
 * ``ratio``: ``added`` over the bytes of the model's parameters and buffers;
 * ``sample forward``: in a third process, what a plain eager no-grad forward of the original model
-  on one chunk of the samples the conversion calibrated on (they run a chunk at a time,
-  passes/calibration_sample.py) adds to the peak: the part of ``added`` that running the
-  calibration sample needs at all (docs/method.md section 6).
+  on as many samples as the conversion calibrated on adds to the peak: the part of ``added`` that
+  running the calibration sample needs at all (docs/method.md section 6).
 
 The targets (issue 20): ratio <= 2.5 with a copy, <= 1.5 in place. Exit status 2 on a bad argument.
 """
@@ -100,13 +99,12 @@ def measure(spec: str, inplace: bool, pixels: int | None) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     peak = _peak()
     samples = converted.normprop_report.calibration_samples
-    chunks = converted.normprop_report.calibration_chunks or 1
     added = peak - before
     return {"model": key, "inplace": inplace, "input_shape": list(shape),
             "parameter_gb": round(parameter_gb, 3), "before_gb": round(before, 3), "peak_gb": round(peak, 3),
             "added_gb": round(added, 3), "ratio": round(added / parameter_gb, 3),
             "target": TARGETS[inplace], "met": added / parameter_gb <= TARGETS[inplace],
-            "calibration_samples": samples, "calibration_chunks": chunks, "seconds": round(seconds, 1)}
+            "calibration_samples": samples, "seconds": round(seconds, 1)}
 
 
 def _child(conn: Any, function: Any, args: tuple[Any, ...]) -> None:
@@ -143,7 +141,7 @@ def measure_model(spec: str, pixels: int | None) -> list[dict[str, Any]]:
             rows.append(run_isolated(measure, spec, inplace, pixels))
         except RuntimeError as err:
             rows.append({"model": spec, "inplace": inplace, "error": str(err)})
-    samples = {r["calibration_samples"] // r.get("calibration_chunks", 1) for r in rows if "error" not in r}
+    samples = {r["calibration_samples"] for r in rows if "error" not in r}
     if samples:
         try:
             forward = run_isolated(measure_forward, spec, samples.pop(), pixels)
@@ -156,16 +154,10 @@ def measure_model(spec: str, pixels: int | None) -> list[dict[str, Any]]:
     return rows
 
 
-def _samples(row: dict[str, Any]) -> str:
-    """The calibration samples, and their chunks when there were several."""
-    chunks = row.get("calibration_chunks", 1)
-    return f"{row['calibration_samples']} ({chunks} x {row['calibration_samples'] // chunks})" if chunks > 1 else str(row["calibration_samples"])
-
-
 def table(rows: list[dict[str, Any]]) -> str:
     """The rows as a markdown table."""
     lines = ["| model | input | inplace | parameters GiB | added by convert GiB | ratio (target) | calibration samples | "
-             "a chunk's plain forward GiB | convert s |", "|---|---|---|---|---|---|---|---|---|"]
+             "their plain forward GiB | convert s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['model']} | - | {r['inplace']} | - | - | {r['error']} | - | - | - |")
@@ -174,7 +166,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         forward = f"{r['sample_forward_gb']:.3f}" if r.get("sample_forward_gb") is not None else "-"
         lines.append(f"| {r['model']} | {'x'.join(map(str, r['input_shape'][1:]))} | {r['inplace']} | "
                      f"{r['parameter_gb']:.3f} | {r['added_gb']:.3f} | {r['ratio']:.2f} (<= {r['target']:g}: {verdict}) | "
-                     f"{_samples(r)} | {forward} | {r['seconds']:.1f} |")
+                     f"{r['calibration_samples']} | {forward} | {r['seconds']:.1f} |")
     return "\n".join(lines)
 
 
