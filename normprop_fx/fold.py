@@ -31,7 +31,10 @@ Then the constant affines are moved and folded where that is exact, in small cou
   ``(C, 1, ..)`` for a conv, ``(C,)`` for a Linear); and a shift meets no zero padding (no padding,
   or a ``padding_mode`` that pads with copies of the input);
 - a scalar affine on one operand of an add folded into the layer of the other operand and the
-  add's alpha.
+  add's alpha;
+- a shift that a zero-padded strided conv's padding would see goes behind that conv as
+  :class:`ShiftedInputConv`: the conv plus a kept map of the shift's conv, added to its (smaller)
+  output.
 
 Everything that cannot be folded stays as a :class:`ConstantAffine` module, computed exactly.
 Modules normprop-fx does not know are kept as they are.
@@ -46,6 +49,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import operator
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -71,6 +75,7 @@ from .standardize import Standardize, input_correction
 logger = logging.getLogger(__name__)
 
 _CONVS: dict[int, type[nn.modules.conv._ConvNd]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_CONV_FUNCTIONS: dict[int, Callable[..., torch.Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 #: The adds fold rewrites (``a + b``, ``torch.add(a, b, alpha=...)``).
 _ADDS = (operator.add, torch.add)
 #: Functions whose output has the rank of their widest input (for _min_ranks).
@@ -183,6 +188,7 @@ def fold(converted: nn.Module) -> fx.GraphModule:
             "moved behind a pool, flatten or reshape": _move_affines(gm, backward=False),
             "folded into the layer that reads them": _fold_affines_into_following_layers(gm),
             "scales folded into the zero-padded layer that reads them (the shift kept)": _fold_scales_into_following_layers(gm),
+            "shifts moved behind the strided zero-padded conv that reads them": _move_shifts_behind_strided_layers(gm),
             "folded into the add that reads them": _fold_affines_into_following_adds(gm),
             "activations and affines computed in place": _compute_in_place(gm),
         }
@@ -891,6 +897,113 @@ def _following_layer(gm: fx.GraphModule, node: fx.Node, affine: ConstantAffine,
     return None if per_channel is None else (user, layer, *per_channel)
 
 
+def conv_of_shift(x: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor, stride: list[int], padding: list[int],
+                  dilation: list[int], groups: int) -> torch.Tensor:
+    """What a zero-padded conv adds to its output when its input ``x`` is shifted by the
+    per-input-channel ``shift``: the conv (no bias) of the shift alone, over ``x``'s shape with
+    one sample. Constant inside (``shift`` times each filter's sum); at the border the padding
+    sees zeros instead of the shift, so there it differs, which is why it is a map and not a bias.
+    Broadcasts against the conv's output over the batch."""
+    spatial = len(stride)
+    size = [1, *x.shape[1:]] if x.dim() == spatial + 2 else list(x.shape)  # (or an unbatched input)
+    filled = shift.to(x.dtype).reshape([-1] + [1] * spatial).expand(size).contiguous()
+    return _CONV_FUNCTIONS[spatial](filled, weight, None, stride, padding, dilation, groups)
+
+
+class ShiftedInputConv(nn.Module):
+    """``conv(x + shift)`` for a zero-padded strided conv (a per-input-channel ``shift``).
+
+    In plain eager mode: ``conv(x)`` plus :func:`conv_of_shift`, a map of one sample's output
+    shape, added in place to the conv's fresh output: one pass over the strided conv's output
+    (a quarter of its input at stride 2) where the shift added in front of the conv took one
+    over the input (what fold otherwise leaves in front of a zero-padded depthwise conv whose
+    input is a SiLU's or Hardswish's normalized output). The map depends on the input's shape
+    only, so it is computed once per input shape, dtype and device and kept (a few entries),
+    and computed anew when the conv's weight or the shift change (their version counters).
+
+    Everywhere else (a gradient may flow through the weights, torch.compile and torch.export,
+    tracing, scripting, torch.func transforms) it is the shift added in front, as written: a
+    compiler fuses that add into the op that computes ``x``, and no kept tensor can leak into a
+    trace."""
+
+    if TYPE_CHECKING:
+        shift: torch.Tensor
+
+    #: input shapes whose map is kept
+    MAX_KEPT = 8
+    #: (the kept maps are an eager-mode cache; TorchScript would try to type the dict)
+    __jit_ignored_attributes__ = ["_maps"]
+
+    def __init__(self, conv: nn.Module, shift: torch.Tensor) -> None:
+        super().__init__()
+        if type(conv) not in _CONVS.values() or isinstance(conv.padding, str):
+            raise NormPropError(f"ShiftedInputConv takes a Conv1d/2d/3d with integer padding, got {conv!r}")
+        self.conv = conv
+        self.register_buffer("shift", shift.detach().to(conv.weight.dtype).reshape(-1).clone())
+        self.stride: list[int] = list(conv.stride)
+        self.padding: list[int] = list(conv.padding)
+        self.dilation: list[int] = list(conv.dilation)
+        self.groups: int = conv.groups
+        self._maps: dict = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            the_map = self._kept_map(x)
+            if the_map is not None:
+                out = self.conv(x)
+                return out + the_map if records_gradient(out) else out.add_(the_map)
+        return self.conv(x + self.shift.reshape([-1] + [1] * len(self.stride)))
+
+    @torch.jit.unused
+    def _kept_map(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The map for ``x``'s shape, computed once; None where the shift must go in front."""
+        weight, shift = self.conv.weight, self.shift
+        if (isinstance(x, fx.Proxy) or torch.jit.is_tracing() or is_compiling()
+                or any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (x, weight, shift))
+                or (torch.is_grad_enabled() and (weight.requires_grad or shift.requires_grad))):
+            return None
+        batched = x.dim() == len(self.stride) + 2
+        key = (batched, tuple(x.shape[1:] if batched else x.shape), x.dtype, x.device,
+               weight.data_ptr(), weight._version, shift.data_ptr(), shift._version)
+        found = self._maps.get(key)
+        if found is None:
+            with torch.no_grad():
+                found = conv_of_shift(x, shift, weight, self.stride, self.padding, self.dilation, self.groups)
+            if len(self._maps) >= self.MAX_KEPT:
+                self._maps.pop(next(iter(self._maps)))
+            self._maps[key] = found
+        return found
+
+    def extra_repr(self) -> str:
+        return f"shift={tuple(self.shift.shape)}"
+
+
+def _move_shifts_behind_strided_layers(gm: fx.GraphModule) -> int:
+    """A shift that pass 5b left in front of a zero-padded conv (the conv took its scale) whose
+    output is at most half the size of its input (stride 2 and more: the stride-2 depthwise convs
+    of EfficientNet and MobileNetV3) goes behind it as :class:`ShiftedInputConv`: the same
+    function, its pass over the output instead of over the input. Where the output is as large
+    as the input the in-place add stays: adding the map costs what the shift costs (side by
+    side, docs/bench.md's notes)."""
+    calls = module_uses(gm)
+    moved = 0
+    for node, affine in _affine_nodes(gm):
+        found = _following_layer(gm, node, affine, calls)
+        if found is None or calls.get(node.target, 0) != 1:
+            continue
+        user, layer, scale, shift = found
+        if type(layer) not in _CONVS.values() or isinstance(layer.padding, str) or not bool((scale == 1).all()):
+            continue
+        strides = math.prod(layer.stride)
+        if strides == 1 or layer.out_channels * 2 > layer.in_channels * strides:
+            continue  # not a strided conv whose output is at most half its input: nothing measured to gain
+        set_submodule(gm, user.target, ShiftedInputConv(layer, shift))
+        user.replace_input_with(node, node.args[0])
+        gm.graph.erase_node(node)
+        moved += 1
+    return moved
+
+
 # --- pass 6: fold a scalar affine into the add that reads it -----------------------------------
 
 
@@ -947,7 +1060,7 @@ def _compute_in_place(gm: fx.GraphModule) -> int:
             fresh.add(node)
         elif node.op == "call_module":
             module = gm.get_submodule(node.target)
-            if type(module) is nn.Linear or type(module) in _CONVS.values():
+            if type(module) is nn.Linear or type(module) in _CONVS.values() or isinstance(module, ShiftedInputConv):
                 fresh.add(node)
             elif isinstance(module, ConstantAffine) and overwritable and calls.get(node.target, 0) == 1:
                 module.inplace = True

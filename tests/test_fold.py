@@ -20,7 +20,7 @@ from normprop_fx import (
     Standardize,
 )
 from normprop_fx.errors import NormPropError
-from normprop_fx.fold import gated_affine
+from normprop_fx.fold import ShiftedInputConv, gated_affine
 
 NORMPROP_TYPES = (normprop_fx.NormPropLayer, normprop_fx.NormalizedActivation, NormPropAffine, Standardize)
 
@@ -229,10 +229,15 @@ def test_fold_output_keeps_working_after_deepcopy_and_in_float32():
 def test_folded_model_survives_torch_save_and_load():
     from normprop_fx.fold import ConstantAffine
 
-    # ConstantAffine's load hook is a module-level function: a lambda made torch.save fail
-    converted = normprop_fx.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.SiLU(), nn.Conv2d(4, 2, 3, padding=1)))
+    # ConstantAffine's load hook is a module-level function: a lambda made torch.save fail; a
+    # ShiftedInputConv pickles with the maps it keeps
+    converted = normprop_fx.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.SiLU(), nn.Conv2d(4, 4, 3, padding=1),
+                                                  nn.BatchNorm2d(4), nn.SiLU(), nn.Conv2d(4, 4, 3, stride=2, padding=1)))
     folded = normprop_fx.fold(converted)
     assert any(isinstance(m, ConstantAffine) for m in folded.modules())  # after SiLU, zero padding keeps it
+    assert any(isinstance(m, ShiftedInputConv) for m in folded.modules())  # (the strided conv takes it)
+    with torch.no_grad():
+        folded(torch.randn(2, 3, 8, 8))  # a map kept
     buffer = io.BytesIO()
     torch.save(folded, buffer)
     buffer.seek(0)
@@ -477,3 +482,112 @@ def test_an_in_place_constant_affine_never_widens_its_input():
     with torch.no_grad():
         out = affine(x)
     assert out.shape == (1, 3, 4) and torch.equal(out[0], x * 2 + 1)
+
+
+# --- a shift in front of a strided zero-padded conv goes behind it (issue 19) -------------------
+
+
+class _SiLUThenConv(nn.Module):
+    """A SiLU layer (its normalization's shift meets the next conv's zero padding), then that conv."""
+
+    def __init__(self, *, channels_out: int = 6, groups: int = 6, stride: int = 2, padding: int = 1) -> None:
+        super().__init__()
+        self.layer = NormPropConv2d(3, 6, 1, activation="silu")
+        self.conv = nn.Conv2d(6, channels_out, 3, stride=stride, padding=padding, groups=groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.layer(x))
+
+
+MOVED = "shifts moved behind the strided zero-padded conv that reads them"
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning")
+@pytest.mark.filterwarnings("ignore:The TorchScript type system doesn't support instance-level annotations:UserWarning")
+@pytest.mark.parametrize("groups", [6, 1])
+@pytest.mark.parametrize("padding", [1, 2])
+def test_a_shift_in_front_of_a_strided_conv_goes_behind_it(groups, padding):
+    """The SiLU normalization's shift before a stride-2 zero-padded conv (depthwise or not)
+    becomes that conv plus the conv of the shift alone, a map that differs at the border: exact,
+    on inputs of several sizes (each its own kept map), odd and even, and unbatched."""
+    torch.manual_seed(0)
+    gm = traced(_SiLUThenConv(groups=groups, padding=padding))
+    randomize_normprop_parameters(gm)
+    folded = assert_fold_is_exact(gm, torch.randn(2, 3, 9, 9))
+    assert folded.fold_report.counts[MOVED] == 1 and affines(folded) == 0
+    shifted = [m for m in folded.modules() if isinstance(m, ShiftedInputConv)]
+    assert len(shifted) == 1
+    for shape in ((3, 3, 8, 8), (1, 3, 5, 7), (2, 3, 9, 9), (3, 9, 9)):
+        x = torch.randn(shape, dtype=torch.float64)
+        with torch.no_grad():
+            torch.testing.assert_close(folded(x), gm(x), rtol=1e-10, atol=1e-10)
+    assert len(shifted[0]._maps) == 4
+    # scripted with maps kept (a TorchScript module computes its map every call)
+    scripted = torch.jit.script(folded)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), folded(x), rtol=1e-10, atol=1e-10)
+
+
+def test_the_map_is_not_a_bias():
+    """The map is the shift's conv with the zero border: a constant bias would be wrong at the
+    border (what makes this test fail if the map were replaced by its interior value)."""
+    torch.manual_seed(0)
+    gm = traced(_SiLUThenConv())
+    randomize_normprop_parameters(gm)
+    folded = normprop_fx.fold(gm.double().eval())
+    module = next(m for m in folded.modules() if isinstance(m, ShiftedInputConv))
+    x = torch.randn(1, 6, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        the_map = module(x) - module.conv(x)
+    interior = the_map[..., 1:-1, 1:-1]
+    assert torch.allclose(interior, interior[..., :1, :1].expand_as(interior))
+    assert not torch.allclose(the_map[..., 0, 0], interior[..., 0, 0])
+
+
+@pytest.mark.parametrize("kwargs", [dict(stride=1), dict(stride=2, padding=0), dict(stride=1, channels_out=2, groups=1)])
+def test_a_shift_stays_in_front_where_moving_it_gains_nothing(kwargs):
+    """Where the conv is not strided (even with fewer output channels: not measured to gain) the
+    shift stays one in-place add; with no padding it goes into the conv's bias as before."""
+    torch.manual_seed(0)
+    gm = traced(_SiLUThenConv(**kwargs))
+    randomize_normprop_parameters(gm)
+    folded = assert_fold_is_exact(gm, torch.randn(2, 3, 9, 9))
+    assert folded.fold_report.counts[MOVED] == 0
+    assert affines(folded) == (0 if kwargs.get("padding") == 0 else 1)
+
+
+def test_a_kept_map_follows_the_weights_and_the_gradient():
+    """A kept map is recomputed when the conv's weight changes in place (a loaded state dict),
+    and none is used where a gradient flows: the gradients through the folded model, for its
+    input and for a weight the user made trainable, equal those of the function it stands for."""
+    torch.manual_seed(0)
+    gm = traced(_SiLUThenConv())
+    randomize_normprop_parameters(gm)
+    gm = gm.double().eval()
+    folded = normprop_fx.fold(gm)
+    module = next(m for m in folded.modules() if isinstance(m, ShiftedInputConv))
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        before = folded(x)
+        folded.load_state_dict({k: v * 1.5 if k.endswith("conv.weight") else v for k, v in folded.state_dict().items()})
+        after = folded(x)
+    bias = module.conv.bias.reshape(1, -1, 1, 1)
+    # the conv of the shifted input is linear in the weight: without its bias it scales by 1.5
+    torch.testing.assert_close(after - bias, (before - bias) * 1.5, rtol=1e-10, atol=1e-10)
+
+    inputs = []
+    module.register_forward_pre_hook(lambda _, args: inputs.append(args[0]))
+    module.conv.weight.requires_grad_(True)
+    xg = x.clone().requires_grad_(True)
+    out = folded(xg)
+    gx, gw = torch.autograd.grad(out.square().sum(), (xg, module.conv.weight))
+    # the reference: the shift added in front of the zero-padded conv, and the NormProp model
+    w_ref = module.conv.weight.detach().clone().requires_grad_(True)
+    ref = torch.nn.functional.conv2d(inputs[0].detach() + module.shift.reshape(1, -1, 1, 1), w_ref, module.conv.bias,
+                                     2, 1, 1, 6)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gw, torch.autograd.grad(ref.square().sum(), w_ref)[0], rtol=1e-10, atol=1e-10)
+    with torch.no_grad():
+        gm.conv.weight.mul_(1.5)
+    xr = x.clone().requires_grad_(True)
+    torch.testing.assert_close(gx, torch.autograd.grad(gm(xr).square().sum(), xr)[0], rtol=1e-10, atol=1e-10)
