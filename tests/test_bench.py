@@ -356,3 +356,40 @@ def test_bench_ab_refuses_bad_arguments(capsys):
             tool.main(args)
         assert exit_.value.code == 2, args
         assert reason in capsys.readouterr().err, args
+
+
+def _load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_tool", ROOT / "tools" / f"{name}.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def test_fold_parts_removes_each_kind_of_kept_op(capsys):
+    """tools/fold_parts.py: on a folded model with a kept shift (stride 1), a shift moved behind a
+    strided conv and an SE gate's shift, each reduced variant removes its kind and changes the
+    output (a different function, the bound it stands for); bad arguments exit 2."""
+    import normprop_fx
+    from torch import nn
+    from torchvision.ops import SqueezeExcitation
+
+    tool = _load_tool("fold_parts")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.SiLU(),
+                          nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.SiLU(),
+                          nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.SiLU(),
+                          nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8), nn.BatchNorm2d(8), nn.SiLU(),
+                          SqueezeExcitation(8, 2), nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    folded = normprop_fx.fold(normprop_fx.convert(model, example_inputs=x).eval())
+    with torch.no_grad():
+        reference = folded(x)
+        for shifts, gates, count in ((True, False, 2), (False, True, 1), (True, True, 3)):
+            reduced, removed = tool.without(folded, shifts=shifts, gate_shifts=gates)
+            assert removed == count, (shifts, gates)
+            assert not torch.allclose(reduced(x), reference)
+    for args, reason in ((["--models", "resnet_x"], "unknown model"), (["--rounds", "0"], "positive")):
+        with pytest.raises(SystemExit) as exit_:
+            tool.main(args)
+        assert exit_.value.code == 2, args
+        assert reason in capsys.readouterr().err, args
