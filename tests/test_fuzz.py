@@ -1,8 +1,8 @@
 """The project's own architecture fuzzer (issue 20): random networks from a grammar of blocks,
 every one converted, and every promise of the README checked on it.
 
-The grammar: a stem conv, 1-5 blocks drawn from conv-BN-activation (plain, depthwise, 1x1, with
-a conv bias), residual blocks (activation after the add, or a standalone BatchNorm after it),
+The grammar: a stem conv, 1-5 blocks drawn from conv-BN-activation (plain, depthwise, strided
+depthwise, 1x1 with a conv bias), residual blocks (activation after the add, or a standalone BatchNorm after it),
 concats of two branches, squeeze-excitation gates, max/avg pools, nearest upsampling, timm's
 ``BatchNormAct2d`` and torchvision's ``Conv2dNormActivation``, one conv+BN module called twice,
 dropout as a module and as ``F.dropout(training=self.training)``, a hand-written drop-path that
@@ -44,7 +44,7 @@ from normprop_fx import NormPropError, UntraceableModelError, conversion_report 
 from normprop_fx.fold import fold  # noqa: E402
 from normprop_fx.model_check import dropout_off, floating_outputs, functional_dropout_off, relative_l2  # noqa: E402
 
-C = 4  # channels everywhere: the grammar keeps the shape (N, C, H, W) between blocks
+C = 4  # channels everywhere: the grammar keeps the shape (N, C, H, W) between blocks (a strided block halves H, W)
 SHAPE = (3, 8, 8)
 
 #: activation -> (module factory, functional form, tensor method name or None)
@@ -64,8 +64,8 @@ ACTIVATIONS = {
     "identity": (nn.Identity, lambda x: x, None),
 }
 FORMS = ("module", "function", "method")
-BLOCKS = ("cba", "depthwise", "pointwise_bias", "residual", "residual_bn", "concat", "se", "maxpool", "avgpool",
-          "upsample", "timm_bnact", "tv_cna", "shared", "dropout", "functional_dropout", "drop_path")
+BLOCKS = ("cba", "depthwise", "strided_depthwise", "pointwise_bias", "residual", "residual_bn", "concat", "se", "maxpool",
+          "avgpool", "upsample", "timm_bnact", "tv_cna", "shared", "dropout", "functional_dropout", "drop_path")
 BN_OPTIONS = ("default", "no_affine", "no_running_stats", "eps", "momentum_none")
 
 
@@ -100,9 +100,10 @@ def batchnorm(option: str, features: int = C, dims: int = 2) -> nn.Module:
 
 
 class ConvBnAct(nn.Module):
-    def __init__(self, act: str, form: str, bn: str, *, kernel: int = 3, groups: int = 1, bias: bool = False) -> None:
+    def __init__(self, act: str, form: str, bn: str, *, kernel: int = 3, groups: int = 1, bias: bool = False,
+                 stride: int = 1) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(C, C, kernel, padding=kernel // 2, groups=groups, bias=bias)
+        self.conv = nn.Conv2d(C, C, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=bias)
         self.bn = batchnorm(bn)
         self.act = Act(act, form)
 
@@ -197,6 +198,8 @@ def make_block(kind: str, act: str, form: str, bn: str) -> nn.Module:
         return ConvBnAct(act, form, bn)
     if kind == "depthwise":
         return ConvBnAct(act, form, bn, groups=C)
+    if kind == "strided_depthwise":  # (MobileNet's and EfficientNet's downsampling)
+        return ConvBnAct(act, form, bn, groups=C, stride=2)
     if kind == "pointwise_bias":
         return ConvBnAct(act, form, bn, kernel=1, bias=True)
     if kind in ("residual", "residual_bn"):
@@ -345,5 +348,6 @@ def test_the_grammar_builds_every_block_and_activation_form():
         for act in ACTIVATIONS:
             for form in FORMS:
                 block = make_block(kind, act, form, "default")
-                assert block(torch.randn(2, C, 8, 8)).shape == (2, C, 8, 8)
+                side = 4 if kind.startswith("strided") else 8
+                assert block(torch.randn(2, C, 8, 8)).shape == (2, C, side, side)
     assert copy.deepcopy(FuzzNet(Recipe(0, (("cba", "relu", "method", "eps"),), "default", ("gelu", "module"))))
