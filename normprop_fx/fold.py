@@ -865,13 +865,8 @@ def _fold_scales_into_following_layers(gm: fx.GraphModule) -> int:
     ``(x + t / s) * s``, and a per-input-channel scale commutes with zero padding, so the layer
     takes ``s`` and the affine keeps only the shift ``t / s``: one pass (an in-place add) instead
     of two (a SiLU's or Hardswish's normalization before a depthwise conv)."""
-    calls = module_uses(gm)
     folded = 0
-    for node, affine in _affine_nodes(gm):
-        found = _following_layer(gm, node, affine, calls)
-        if found is None or calls.get(node.target, 0) != 1:
-            continue
-        user, layer, scale, shift = found
+    for node, affine, user, layer, scale, shift in _affines_called_once_before_a_layer(gm):
         if bool((scale == 1).all()) or not bool((scale != 0).all()):
             continue
         set_submodule(gm, user.target, _layer_with_folded_input_affine(layer, scale, torch.zeros_like(shift)))
@@ -879,6 +874,17 @@ def _fold_scales_into_following_layers(gm: fx.GraphModule) -> int:
                                                       channel_dim=affine.channel_dim))
         folded += 1
     return folded
+
+
+def _affines_called_once_before_a_layer(
+        gm: fx.GraphModule) -> Iterator[tuple[fx.Node, ConstantAffine, fx.Node, nn.Module, torch.Tensor, torch.Tensor]]:
+    """``(node, affine, reader node, layer, scale, shift)`` for every ConstantAffine called once
+    whose only reader is a plain Conv/Linear called once, the affine per input channel of it."""
+    calls = module_uses(gm)
+    for node, affine in _affine_nodes(gm):
+        found = _following_layer(gm, node, affine, calls)
+        if found is not None and calls.get(node.target, 0) == 1:
+            yield (node, affine, *found)
 
 
 def _following_layer(gm: fx.GraphModule, node: fx.Node, affine: ConstantAffine,
@@ -985,13 +991,8 @@ def _move_shifts_behind_strided_layers(gm: fx.GraphModule) -> int:
     function, its pass over the output instead of over the input. Where the output is as large
     as the input the in-place add stays: adding the map costs what the shift costs (side by
     side, docs/bench.md's notes)."""
-    calls = module_uses(gm)
     moved = 0
-    for node, affine in _affine_nodes(gm):
-        found = _following_layer(gm, node, affine, calls)
-        if found is None or calls.get(node.target, 0) != 1:
-            continue
-        user, layer, scale, shift = found
+    for node, _, user, layer, scale, shift in _affines_called_once_before_a_layer(gm):
         if type(layer) not in _CONVS.values() or isinstance(layer.padding, str) or not bool((scale == 1).all()):
             continue
         strides = math.prod(layer.stride)
