@@ -62,6 +62,7 @@ from torch import fx, nn
 
 from .activation_functions import ACTIVATION_FUNCTIONS
 from .affine import NormPropAffine
+from .conv_same import NormPropConv2dSame, pad_same
 from .eager import is_compiling, records_gradient, scalar_affine, scalar_affine_
 from .errors import NormPropError
 from .layers import NormPropLayer, NormPropLinear, _NormPropConvNd
@@ -267,6 +268,7 @@ def _expand_normprop_modules(gm: fx.GraphModule) -> int:
     for node, module in calls:
         if isinstance(module, NormPropLayer):
             set_submodule(gm, node.target, replacement(module, partial(_plain_layer, module)))
+            _insert_input_padding(gm, node, module)
             _append_after(gm, node, _activation_ops(gm, node.target, module.activation))
         elif isinstance(module, NormalizedActivation):
             ops = _input_affine_ops(gm, node.target, _scalar_input_affine(module))
@@ -314,6 +316,19 @@ def _refuse_attribute_reads_of_normprop_modules(gm: fx.GraphModule) -> None:
                 f"{owner} with plain layers, so that read would change meaning. Fold a graph that "
                 "only calls NormProp modules."
             )
+
+
+def _insert_input_padding(gm: fx.GraphModule, node: fx.Node, layer: NormPropLayer) -> None:
+    """A layer that pads its input itself before its conv (``NormPropConv2dSame``: TensorFlow's
+    'SAME' padding, computed from the input's size at run time) keeps that padding in front of
+    its plain conv, whose own padding is 0: a call of ``conv_same.pad_same`` on the node's input.
+    A NormProp layer of any other subclass with a forward of its own has no plain form known."""
+    if isinstance(layer, NormPropConv2dSame):
+        with gm.graph.inserting_before(node):
+            padded = gm.graph.call_function(pad_same, (node.args[0], layer.kernel_size, layer.stride, layer.dilation))
+        node.replace_input_with(node.args[0], padded)
+    elif type(layer).forward not in (NormPropLinear.forward, _NormPropConvNd.forward):
+        raise NormPropError(f"fold: no plain form known for {type(layer).__name__}, whose forward is its own")
 
 
 def _plain_layer(layer: NormPropLayer) -> nn.Module:

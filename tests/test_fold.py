@@ -591,3 +591,42 @@ def test_a_kept_map_follows_the_weights_and_the_gradient():
         gm.conv.weight.mul_(1.5)
     xr = x.clone().requires_grad_(True)
     torch.testing.assert_close(gx, torch.autograd.grad(gm(xr).square().sum(), xr)[0], rtol=1e-10, atol=1e-10)
+
+
+# --- layers that pad their own input (issue 20) --------------------------------------------------
+
+
+def test_tensorflow_same_padding_stays_in_front_of_the_plain_conv():
+    """timm's Conv2dSame (TensorFlow 'SAME' padding computed from the input size at run time, as
+    in every tf_* model) converts to NormPropConv2dSame; folded, the padding stays in front of
+    the plain conv. (fold dropped it: tf_efficientnet_b0 folded differed by 94% of its output's
+    scale at 128 px and failed at 96 px.) Exact at even and odd sizes, where the padding differs."""
+    from timm.layers import Conv2dSame
+
+    from normprop_fx.conv_same import pad_same
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv2dSame(3, 8, 3, stride=2, bias=False), nn.BatchNorm2d(8), nn.SiLU(),
+                          Conv2dSame(8, 8, 5, stride=2, groups=8, bias=False), nn.BatchNorm2d(8), nn.SiLU(),
+                          nn.Conv2d(8, 4, 1)).eval()
+    converted = normprop_fx.convert(model, example_inputs=torch.randn(2, 3, 16, 16)).eval().double()
+    randomize_normprop_parameters(converted)
+    folded = normprop_fx.fold(converted)
+    assert sum(n.target is pad_same for n in folded.graph.nodes) == 2
+    for shape in ((2, 3, 16, 16), (1, 3, 15, 21), (1, 3, 9, 8)):
+        x = torch.randn(shape, dtype=torch.float64)
+        with torch.no_grad():
+            torch.testing.assert_close(folded(x), converted(x), rtol=1e-10, atol=1e-10)
+
+
+def test_a_layer_subclass_with_its_own_forward_is_refused():
+    """A NormProp layer subclass whose forward fold does not know is refused, not folded into a
+    plain conv that would compute something else."""
+
+    class Doubled(NormPropConv2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(2 * x)
+
+    gm = traced(nn.Sequential(Doubled(3, 4, 1, activation="relu")))
+    with pytest.raises(NormPropError, match="forward is its own"):
+        normprop_fx.fold(gm.eval())
