@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import copy
 import io
+import json
+import random
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -630,3 +634,53 @@ def test_a_layer_subclass_with_its_own_forward_is_refused():
     gm = traced(nn.Sequential(Doubled(3, 4, 1, activation="relu")))
     with pytest.raises(NormPropError, match="forward is its own"):
         normprop_fx.fold(gm.eval())
+
+
+def _zoo_sample(seed: int = 0, count: int = 40, tf_count: int = 10) -> list[tuple[str, tuple[int, ...]]]:
+    """A seeded draw of the zoo's BatchNorm models that passed the zoo check (docs/zoo-results.jsonl)
+    at up to 128 px and converted in under 8 s there: ``tf_count`` of the tf_* models (TensorFlow
+    'SAME' padding) and ``count`` others, as (``source:name``, input shape)."""
+    rows = [json.loads(line) for line in (Path(__file__).parents[1] / "docs" / "zoo-results.jsonl").read_text().splitlines()]
+    fast = {r["model"]: tuple(r["input_shape"]) for r in rows if r.get("has_bn") and r.get("passed")
+            and r.get("conversion_seconds", 99) < 8 and r["input_shape"][-1] <= 128}
+    names = sorted(fast)
+    tf = [n for n in names if n.startswith("timm:tf_")]
+    rest = [n for n in names if n not in tf]
+    rng = random.Random(seed)
+    return [(n, fast[n]) for n in rng.sample(tf, tf_count) + rng.sample(rest, count)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("model", "shape"), _zoo_sample())
+def test_fold_is_exact_across_a_zoo_sample(model, shape):
+    """fold's promise on zoo models drawn at random: the eval outputs to rounding (float64,
+    gamma and beta moved off their initial values), at the model's zoo size and 8 px larger
+    (fold must keep nothing the trace saw of the first size). "To rounding" is measured on the
+    model itself: a deep network with moved gammas can amplify rounding by many orders
+    (tf_efficientnet_b7 at 72 px: an input change of 1e-12 moves its output by 10%), so fold may
+    differ from the converted model by up to 10x what the converted model's compiled form (the
+    same function, rounded differently) differs by, and 1e-9 at least."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
+    from common import create_model
+
+    from normprop_fx.eager import compiled_form
+
+    source, name = model.split(":", 1)
+    torch.manual_seed(0)
+    converted = normprop_fx.convert(create_model(source, name).eval(), example_inputs=torch.randn(2, *shape)).eval()
+    randomize_normprop_parameters(converted)
+    folded = assert_fold_is_exact(converted, torch.randn(2, *shape))
+
+    def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+        return ((a - b).abs().max() / b.abs().max()).item()
+
+    for size in (shape, (shape[0], shape[1] + 8, shape[2] + 8)):
+        x = torch.randn(2, *size, dtype=torch.float64)
+        with torch.no_grad():
+            try:
+                expected = converted(x)
+            except RuntimeError:
+                continue  # (a model built for one input size)
+            with compiled_form():
+                rounding = relative(converted(x), expected)
+            assert relative(folded(x), expected) <= max(1e-9, 10 * rounding), size
