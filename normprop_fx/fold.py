@@ -63,7 +63,7 @@ from torch import fx, nn
 from .activation_functions import ACTIVATION_FUNCTIONS
 from .affine import NormPropAffine
 from .conv_same import NormPropConv2dSame, pad_same
-from .eager import is_compiling, records_gradient, scalar_affine, scalar_affine_
+from .eager import has_hooks, is_compiling, records_gradient, scalar_affine, scalar_affine_
 from .errors import NormPropError
 from .layers import NormPropLayer, NormPropLinear, _NormPropConvNd
 from .normalized_activation import NormalizedActivation
@@ -971,8 +971,8 @@ class ShiftedInputConv(nn.Module):
         if not torch.jit.is_scripting():
             the_map = self._kept_map(x)
             if the_map is not None:
-                out = self.conv(x)
-                return out + the_map if records_gradient(out) else out.add_(the_map)
+                out = self.conv(x)  # (a hook on the conv may keep its output: then not in place)
+                return out + the_map if records_gradient(out) or has_hooks(self.conv) else out.add_(the_map)
         return self.conv(x + self.shift.reshape([-1] + [1] * len(self.stride)))
 
     @torch.jit.unused

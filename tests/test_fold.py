@@ -530,6 +530,13 @@ def test_a_shift_in_front_of_a_strided_conv_goes_behind_it(groups, padding):
     scripted = torch.jit.script(folded)
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), folded(x), rtol=1e-10, atol=1e-10)
+    # a forward hook that keeps the conv's output keeps the conv's output, not the sum
+    conv, seen = shifted[0].conv, []
+    conv.register_forward_hook(lambda _, args, out: seen.append((args[0], out)))
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), gm(x), rtol=1e-10, atol=1e-10)
+        conv_input, kept = seen[0]
+        torch.testing.assert_close(kept, conv._conv_forward(conv_input, conv.weight, conv.bias), rtol=0, atol=0)
 
 
 def test_the_map_is_not_a_bias():
