@@ -25,7 +25,7 @@ import normprop_fx.passes
 from normprop_fx.affine import NormPropAffine
 from normprop_fx.batchnorm_state import batchnorm_state
 from normprop_fx.conv_same import NormPropConv2dSame
-from normprop_fx.fold import ConstantAffine
+from normprop_fx.fold import ConstantAffine, ShiftedInputConv
 from normprop_fx.layers import NormPropConv1d, NormPropConv2d, NormPropConv3d, NormPropLinear
 from normprop_fx.normalized_activation import NormalizedActivation
 from normprop_fx.opaque_affine import OpaqueNormPropAffine
@@ -104,6 +104,8 @@ CASES: list[tuple[str, type[nn.Module], Callable[[], nn.Module], list[tuple[int,
      lambda: ConstantAffine(torch.rand(3) + 0.5, torch.rand(3), channel_dim=1), [(2, 3), (2, 3, 4, 4)]),
     ("constant-affine-broadcast", ConstantAffine,
      lambda: ConstantAffine(torch.rand(3, 1, 1) + 0.5, torch.rand(3, 1, 1)), [(2, 3, 4, 4)]),
+    ("shifted-input-conv", ShiftedInputConv,
+     lambda: ShiftedInputConv(nn.Conv2d(3, 4, 3, stride=2, padding=1), torch.rand(3)), [(2, 3, 9, 9), (2, 3, 8, 8), (3, 9, 9)]),
     ("feature-dropout", FeatureDropout, lambda: FeatureDropout(0.5), [(4, 6, 3, 3)]),
 ]
 
