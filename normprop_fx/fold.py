@@ -67,6 +67,7 @@ from .eager import has_hooks, is_compiling, records_gradient, scalar_affine, sca
 from .errors import NormPropError
 from .layers import NormPropLayer, NormPropLinear, _NormPropConvNd
 from .normalized_activation import NormalizedActivation
+from .opaque_affine import OpaqueNormPropAffine
 from .module_types import NORMPROP_MODULES
 from .passes.graph_utils import free_module_name, has_submodule, module_uses, set_submodule
 from .passes.trace import trace
@@ -157,7 +158,9 @@ def fold(converted: nn.Module) -> fx.GraphModule:
     """The inference form of ``converted`` (a model :func:`normprop_fx.convert` returned), in
     eval mode, with no NormProp module left: one flat GraphModule of plain layers (the module
     tree of a converted model is traced flat first, with the conversion's leaf modules kept).
-    ``converted`` is not modified.
+    ``converted`` is not modified. The one exception: a module the trace cannot enter (a leaf)
+    is one call, so the NormProp modules inside it stay there, computing as in ``converted``;
+    ``fold_report.inside_leaves`` lists them (mobilevitv2_100's three untraceable blocks).
 
     Its eval outputs equal ``converted.eval()``'s up to floating-point rounding. Raises
     NormPropError when ``converted`` is neither a GraphModule nor a model convert() returned.
@@ -198,7 +201,7 @@ def fold(converted: nn.Module) -> fx.GraphModule:
     gm.graph.lint()
     gm.recompile()
     gm.eval()
-    gm.fold_report = FoldReport(counts, _kept_affines(gm))
+    gm.fold_report = FoldReport(counts, _kept_affines(gm), _normprop_modules_inside_leaves(gm))
     logger.info("%s", gm.fold_report)
     return gm
 
@@ -221,12 +224,17 @@ class FoldReport:
     counts: dict[str, int]
     #: (the affine's node, why neither the op before nor the op after it could take it)
     kept_affines: list[tuple[str, str]] = field(default_factory=list)
+    #: (a module the trace could not enter, the NormProp modules inside it): they compute there
+    #: as in the converted model, exactly, but are not folded (fold sees one call of the module)
+    inside_leaves: list[tuple[str, list[str]]] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = ["fold: " + ", ".join(f"{n} {what}" for what, n in self.counts.items())]
         lines += [f"  constant affine kept: {name}: {why}" for name, why in self.kept_affines]
         if not self.kept_affines:
             lines.append("  no constant affine kept")
+        lines += [f"  NormProp modules left inside {leaf} (a module the trace cannot enter; computed as converted, not folded): "
+                  f"{', '.join(inside)}" for leaf, inside in self.inside_leaves]
         return "\n".join(lines)
 
 
@@ -1086,6 +1094,22 @@ def _compute_in_place(gm: fx.GraphModule) -> int:
 
 
 # --- what stays ---------------------------------------------------------------------------------
+
+
+def _normprop_modules_inside_leaves(gm: fx.GraphModule) -> list[tuple[str, list[str]]]:
+    """The NormProp modules still in the folded model, by the called module that holds them:
+    only a module the trace kept whole (a leaf) can, and fold cannot see into it (the BatchNorms
+    of an untraceable block become ``OpaqueNormPropAffine`` there, passes/opaque.py)."""
+    called = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    inside: dict[str, list[str]] = {}
+    for path, module in gm.named_modules():
+        if isinstance(module, (*NORMPROP_MODULES, OpaqueNormPropAffine)):
+            leaf = next((c for c in called if path.startswith(c + ".")), None)
+            if leaf is None:
+                raise NormPropError(f"fold: NormProp module {path} ({type(module).__name__}) was left outside any called module")
+            if not any(path.startswith(p + ".") for p in inside.get(leaf, [])):  # (its own children: one entry)
+                inside.setdefault(leaf, []).append(path)
+    return sorted(inside.items())
 
 
 def _kept_affines(gm: fx.GraphModule) -> list[tuple[str, str]]:

@@ -65,7 +65,9 @@ def assert_fold_is_exact(gm: nn.Module, x: torch.Tensor) -> fx.GraphModule:
     assert _structure(gm) == code
     assert all(torch.equal(state[k], v) for k, v in gm.state_dict().items())
     assert not folded.training
-    assert not any(isinstance(m, NORMPROP_TYPES) for m in folded.modules())
+    inside = [p for _, paths in folded.fold_report.inside_leaves for p in paths]
+    assert not any(isinstance(m, NORMPROP_TYPES) for path, m in folded.named_modules()
+                   if not any(path == p or path.startswith(p + ".") for p in inside))
     return folded
 
 
@@ -691,3 +693,23 @@ def test_fold_is_exact_across_a_zoo_sample(model, shape):
             with compiled_form():
                 rounding = relative(converted(x), expected)
             assert relative(folded(x), expected) <= max(1e-9, 10 * rounding), size
+
+
+def test_normprop_modules_inside_a_module_the_trace_cannot_enter_are_reported():
+    """A BatchNorm inside a leaf module (an untraceable block) becomes an OpaqueNormPropAffine
+    there; fold sees one call of the block, so it stays, exact, and fold_report lists it."""
+
+    class Untraceable(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.conv(x)) if x.sum() > -1e9 else x  # (data-dependent: no symbolic trace)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), Untraceable(), nn.Conv2d(4, 2, 1))
+    converted = normprop_fx.convert(model, example_inputs=torch.randn(2, 3, 8, 8), leaf_modules=["3"]).eval()
+    folded = assert_fold_is_exact(converted, torch.randn(2, 3, 8, 8))
+    assert folded.fold_report.inside_leaves == [("3", ["3.bn"])]
+    assert "NormProp modules left inside 3" in str(folded.fold_report)
