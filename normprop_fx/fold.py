@@ -1011,9 +1011,9 @@ def _move_shifts_behind_strided_layers(gm: fx.GraphModule) -> int:
     """A shift that pass 5b left in front of a zero-padded conv (the conv took its scale) whose
     output is at most half the size of its input (stride 2 and more: the stride-2 depthwise convs
     of EfficientNet and MobileNetV3) goes behind it as :class:`ShiftedInputConv`: the same
-    function, its pass over the output instead of over the input. Where the output is as large
-    as the input the in-place add stays: adding the map costs what the shift costs (side by
-    side, docs/bench.md's notes)."""
+    function, its pass over the output instead of over the input. In front of a conv that is not
+    strided the in-place add stays: there the map measured no faster than the shift
+    (docs/method.md section 10)."""
     moved = 0
     for node, _, user, layer, scale, shift in _affines_called_once_before_a_layer(gm):
         if type(layer) not in _CONVS.values() or isinstance(layer.padding, str) or not bool((scale == 1).all()):
@@ -1100,11 +1100,12 @@ def _normprop_modules_inside_leaves(gm: fx.GraphModule) -> list[tuple[str, list[
     """The NormProp modules still in the folded model, by the called module that holds them:
     only a module the trace kept whole (a leaf) can, and fold cannot see into it (the BatchNorms
     of an untraceable block become ``OpaqueNormPropAffine`` there, passes/opaque.py)."""
-    called = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
     inside: dict[str, list[str]] = {}
     for path, module in gm.named_modules():
         if isinstance(module, (*NORMPROP_MODULES, OpaqueNormPropAffine)):
-            leaf = next((c for c in called if path.startswith(c + ".")), None)
+            parts = path.split(".")
+            leaf = next((p for p in (".".join(parts[:i]) for i in range(1, len(parts))) if p in called), None)
             if leaf is None:
                 raise NormPropError(f"fold: NormProp module {path} ({type(module).__name__}) was left outside any called module")
             if not any(path.startswith(p + ".") for p in inside.get(leaf, [])):  # (its own children: one entry)
