@@ -19,7 +19,7 @@ def same_padding(size: int, kernel: int, stride: int, dilation: int) -> int:
 
 
 @torch.fx.wrap
-def pad_same(x: torch.Tensor, kernel_size: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...]) -> torch.Tensor:
+def pad_same(x: torch.Tensor, kernel_size: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int]) -> torch.Tensor:
     """``x`` zero-padded as TensorFlow's 'SAME' does on its last two axes.
 
     A leaf function of torch.fx (``torch.fx.wrap``): the padding depends on the input size,

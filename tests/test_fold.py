@@ -609,6 +609,8 @@ def test_a_kept_map_follows_the_weights_and_the_gradient():
 # --- layers that pad their own input (issue 20) --------------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning")
+@pytest.mark.filterwarnings("ignore:The TorchScript type system doesn't support instance-level annotations:UserWarning")
 def test_tensorflow_same_padding_stays_in_front_of_the_plain_conv():
     """timm's Conv2dSame (TensorFlow 'SAME' padding computed from the input size at run time, as
     in every tf_* model) converts to NormPropConv2dSame; folded, the padding stays in front of
@@ -626,10 +628,12 @@ def test_tensorflow_same_padding_stays_in_front_of_the_plain_conv():
     randomize_normprop_parameters(converted)
     folded = normprop_fx.fold(converted)
     assert sum(n.target is pad_same for n in folded.graph.nodes) == 2
+    scripted = torch.jit.script(folded)  # (pad_same's annotations are TorchScript's)
     for shape in ((2, 3, 16, 16), (1, 3, 15, 21), (1, 3, 9, 8)):
         x = torch.randn(shape, dtype=torch.float64)
         with torch.no_grad():
             torch.testing.assert_close(folded(x), converted(x), rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(scripted(x), folded(x), rtol=1e-10, atol=1e-10)
 
 
 def test_a_layer_subclass_with_its_own_forward_is_refused():
