@@ -29,6 +29,14 @@ def load_bench():
     return bench
 
 
+def load_tool(name: str):
+    """tools/<name>.py as a module (one that needs no sys.modules entry, unlike tools/bench.py)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_tool", ROOT / "tools" / f"{name}.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
 def run_bench(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=300, cwd=ROOT)
 
@@ -347,22 +355,13 @@ def test_default_models_are_the_resnet_depth_sweep_then_the_depthwise_models():
 def test_bench_ab_refuses_bad_arguments(capsys):
     """tools/bench_ab.py: a commit that is not one, an unknown model, a non-positive count: exit 2
     with the reason (checked before anything is built or timed)."""
-    spec = importlib.util.spec_from_file_location("bench_ab_tool", ROOT / "tools" / "bench_ab.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("bench_ab")
     for args, reason in ((["--base", "no-such-commit-here"], "not a commit"), (["--base", "HEAD", "--models", "resnet_x"], "unknown model"),
                          (["--base", "HEAD", "--rounds", "0"], "positive"), (["--base", "HEAD", "--workload", "nope"], "invalid choice")):
         with pytest.raises(SystemExit) as exit_:
             tool.main(args)
         assert exit_.value.code == 2, args
         assert reason in capsys.readouterr().err, args
-
-
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_tool", ROOT / "tools" / f"{name}.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
 
 
 def test_fold_parts_removes_each_kind_of_kept_op(capsys):
@@ -373,7 +372,7 @@ def test_fold_parts_removes_each_kind_of_kept_op(capsys):
     from torch import nn
     from torchvision.ops import SqueezeExcitation
 
-    tool = _load_tool("fold_parts")
+    tool = load_tool("fold_parts")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.SiLU(),
                           nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.SiLU(),
