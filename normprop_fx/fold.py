@@ -653,7 +653,9 @@ def _swap(first: fx.Node, second: fx.Node) -> None:
     is ``second``, and each takes the tensor as its first argument."""
     x = first.args[0]
     second.replace_all_uses_with(first)
-    first.prepend(second)  # second now runs before first
+    # first now runs after second, where second stood: every other input of either is defined
+    # before that place (second's may not be before first's: a reshape to ``x.shape`` read later)
+    second.append(first)
     second.args = (x, *second.args[1:])
     first.args = (second, *first.args[1:])
 

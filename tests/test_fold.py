@@ -717,3 +717,28 @@ def test_normprop_modules_inside_a_module_the_trace_cannot_enter_are_reported():
     folded = assert_fold_is_exact(converted, torch.randn(2, 3, 8, 8))
     assert folded.fold_report.inside_leaves == [("3", ["3.bn"])]
     assert "NormProp modules left inside 3" in str(folded.fold_report)
+
+
+class _Conv1dOverPositions(nn.Module):
+    """Conv1d -> BatchNorm1d -> ELU over the flattened positions, reshaped back to ``x.shape``: the
+    shape is read after the affine that fold moves behind the reshape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv1d(4, 4, 3, padding=1, bias=False), nn.BatchNorm1d(4), nn.ELU()
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x.flatten(2)))).reshape(x.shape)
+
+
+def test_an_affine_moved_behind_a_reshape_keeps_the_graph_in_order():
+    """Found by tests/test_fuzz.py: moving the reshape in front of the affine put it before the
+    ``x.shape`` it reads, and the folded graph did not lint."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.Hardtanh(0.0, 6.0),
+                          _Conv1dOverPositions(), nn.Conv2d(4, 2, 1)).double()
+    converted = normprop_fx.convert(model, example_inputs=torch.empty(2, 3, 6, 6, dtype=torch.float64)).eval()
+    folded = normprop_fx.fold(converted)
+    folded.graph.lint()
+    x = torch.randn(3, 3, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(folded(x), converted(x), rtol=1e-9, atol=1e-12)
