@@ -29,6 +29,8 @@ from __future__ import annotations
 import copy
 import warnings
 from dataclasses import dataclass
+from typing import Any, Callable
+from functools import partial
 
 import pytest
 import torch
@@ -41,10 +43,19 @@ from hypothesis import strategies as st  # noqa: E402
 
 import normprop_fx  # noqa: E402
 from normprop_fx import NormPropError, UntraceableModelError, conversion_report  # noqa: E402
+from normprop_fx.batchnorm_state import is_batchnorm, is_frozen  # noqa: E402
 from normprop_fx.fold import fold  # noqa: E402
-from normprop_fx.model_check import dropout_off, floating_outputs, functional_dropout_off, relative_l2  # noqa: E402
+from normprop_fx.model_check import (  # noqa: E402
+    dropout_off,
+    floating_outputs,
+    functional_dropout_off,
+    kept_class,
+    randomize_batchnorms,
+    relative_l2,
+)
 
-C = 4  # channels everywhere: the grammar keeps the shape (N, C, H, W) between blocks (a strided block halves H, W)
+C = 8  # channels everywhere (torchvision's MobileNetV3 and EfficientNet configs round to multiples of 8): the
+# grammar keeps the shape (N, C, H, W) between blocks (a strided block halves H, W)
 SHAPE = (3, 8, 8)
 
 #: activation -> (module factory, functional form, tensor method name or None)
@@ -64,8 +75,20 @@ ACTIVATIONS = {
     "identity": (nn.Identity, lambda x: x, None),
 }
 FORMS = ("module", "function", "method")
-BLOCKS = ("cba", "depthwise", "strided_depthwise", "pointwise_bias", "residual", "residual_bn", "concat", "se", "maxpool",
-          "avgpool", "upsample", "timm_bnact", "tv_cna", "shared", "dropout", "functional_dropout", "drop_path")
+BLOCKS = (
+    # conv-BN-activation and the usual blocks around it
+    "cba", "depthwise", "strided_depthwise", "pointwise_bias", "residual", "residual_bn", "concat", "se", "maxpool",
+    "avgpool", "upsample", "shared", "tied", "dropout", "functional_dropout", "drop_path",
+    # BatchNorm after every other kind of op
+    "bn_after_cat", "bn_after_pool", "bn_after_act", "bn_after_gate", "bn_after_upsample", "double_bn", "preact",
+    # other dimensionalities: Conv1d and Conv3d with their BatchNorms, Linear over tokens
+    "conv1d", "conv3d", "linear_norm", "linear_last_axis",
+    # the libraries' own building blocks
+    "timm_bnact", "timm_cna", "timm_ds", "timm_ds_same", "timm_ir_se", "timm_edge", "timm_basic", "timm_bottleneck_se",
+    "tv_cna", "tv_basic", "tv_bottleneck_down", "tv_mbv2", "tv_mbv3", "tv_mbconv", "tv_fused_mbconv", "tv_cna3d",
+    "frozen_bn",
+)
+STRIDED = ("strided_depthwise", "timm_ds_same", "tv_bottleneck_down")
 BN_OPTIONS = ("default", "no_affine", "no_running_stats", "eps", "momentum_none")
 
 
@@ -87,7 +110,7 @@ class Act(nn.Module):
 
 
 def batchnorm(option: str, features: int = C, dims: int = 2) -> nn.Module:
-    cls = nn.BatchNorm2d if dims == 2 else nn.BatchNorm1d
+    cls = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims]
     if option == "no_affine":
         return cls(features, affine=False)
     if option == "no_running_stats":
@@ -193,7 +216,204 @@ class DropPath(nn.Module):
         return x + y
 
 
-def make_block(kind: str, act: str, form: str, bn: str) -> nn.Module:
+class Tied(nn.Module):
+    """Two conv+BN+activation units whose convs share one weight (tied weights stay tied)."""
+
+    def __init__(self, act: str, form: str, bn: str) -> None:
+        super().__init__()
+        self.a, self.b = ConvBnAct(act, form, bn), ConvBnAct(act, form, bn)
+        self.b.conv.weight = self.a.conv.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x))
+
+
+class BnAfterCat(nn.Module):
+    def __init__(self, act: str, form: str, bn: str) -> None:
+        super().__init__()
+        self.a, self.b = ConvBnAct(act, form, bn), ConvBnAct(act, form, bn, groups=C)
+        self.bn, self.act = batchnorm(bn, 2 * C), Act(act, form)
+        self.merge = nn.Conv2d(2 * C, C, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.merge(self.act(self.bn(torch.cat([self.a(x), self.b(x)], dim=1))))
+
+
+class BnAfter(nn.Module):
+    """A BatchNorm (then an activation) after a pool, an activation, a gate or an upsampling:
+    none has a conv in front of its BatchNorm."""
+
+    def __init__(self, op: str, act: str, form: str, bn: str) -> None:
+        super().__init__()
+        self.op, self.body = op, ConvBnAct(act, form, bn) if op in ("act", "gate") else None
+        self.pool = nn.AvgPool2d(3, 1, 1) if op == "pool" else None
+        self.gate = nn.Conv2d(C, C, 1) if op == "gate" else None
+        self.inner = Act(act, form) if op == "act" else None
+        self.bn, self.act = batchnorm(bn), Act(act, form)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.op == "pool":
+            y = self.pool(x)
+        elif self.op == "act":
+            y = self.inner(self.body(x))
+        elif self.op == "gate":
+            y = self.body(x)
+            y = y * torch.sigmoid(self.gate(y.mean((2, 3), keepdim=True)))
+        else:  # upsample, and back down after the activation
+            y = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        y = self.act(self.bn(y))
+        return F.avg_pool2d(y, 2) if self.op == "upsample" else y
+
+
+class DoubleBn(nn.Module):
+    def __init__(self, act: str, form: str, bn: str) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(C, C, 3, padding=1, bias=False)
+        self.bn1, self.bn2, self.act = batchnorm(bn), batchnorm("default"), Act(act, form)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn2(self.bn1(self.conv(x))))
+
+
+class PreAct(nn.Module):
+    """Pre-activation residual (BN -> activation -> conv, as in PreAct ResNets and DenseNets)."""
+
+    def __init__(self, act: str, form: str, bn: str) -> None:
+        super().__init__()
+        self.bn, self.act = batchnorm(bn), Act(act, form)
+        self.conv = nn.Conv2d(C, C, 3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(self.act(self.bn(x)))
+
+
+class Conv1dBlock(nn.Module):
+    """Conv1d -> BatchNorm1d -> activation over the flattened positions."""
+
+    def __init__(self, act: str, form: str, bn: str) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(C, C, 3, padding=1, bias=False)
+        self.bn, self.act = batchnorm(bn, dims=1), Act(act, form)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x.flatten(2)))).reshape(x.shape)
+
+
+class Conv3dBlock(nn.Module):
+    def __init__(self, act: str, form: str, bn: str) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(C, C, (1, 3, 3), padding=(0, 1, 1), bias=False)
+        self.bn, self.act = batchnorm(bn, dims=3), Act(act, form)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x.unsqueeze(2)))).squeeze(2)
+
+
+class LinearNormBlock(nn.Module):
+    """timm LeViT's LinearNorm over the tokens (a BatchNorm1d over batch x tokens), then an activation."""
+
+    def __init__(self, act: str, form: str, bn: str) -> None:
+        super().__init__()
+        from timm.models.levit import LinearNorm
+
+        self.body, self.act = LinearNorm(C, C), Act(act, form)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.flatten(2).transpose(1, 2)
+        return self.act(self.body(tokens)).transpose(1, 2).reshape(x.shape)
+
+
+class LinearLastAxis(nn.Module):
+    """Linear over the last axis of (N, C, L) with out_features == C, then BatchNorm1d(C): the BatchNorm
+    normalizes the Linear's rows, not its features (issue 20, finding 4)."""
+
+    def __init__(self, act: str, form: str, bn: str, side: int) -> None:
+        super().__init__()
+        self.mix, self.back = nn.Linear(side * side, C), nn.Linear(C, side * side)
+        self.bn, self.act = batchnorm(bn, dims=1), Act(act, form)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.back(self.act(self.bn(self.mix(x.flatten(2))))).reshape(x.shape)
+
+
+def _timm_block(kind: str, act_layer: type) -> nn.Module:
+    from timm.layers import BatchNormAct2d, ConvNormAct, get_attn
+    from timm.layers import DropPath as TimmDropPath
+    from timm.models import _efficientnet_blocks as eb
+    from timm.models import resnet
+
+    if kind == "timm_bnact":
+        return nn.Sequential(nn.Conv2d(C, C, 3, padding=1, bias=False), BatchNormAct2d(C, act_layer=act_layer))
+    if kind == "timm_cna":
+        return ConvNormAct(C, C, 3, act_layer=act_layer)
+    if kind == "timm_ds":
+        return eb.DepthwiseSeparableConv(C, C, act_layer=act_layer, pw_act=True, drop_path_rate=0.1)
+    if kind == "timm_ds_same":  # TF 'same' padding, dynamic at stride 2 (timm's Conv2dSame)
+        return eb.DepthwiseSeparableConv(C, C, stride=2, pad_type="same", act_layer=act_layer)
+    if kind == "timm_ir_se":
+        return eb.InvertedResidual(C, C, exp_ratio=2.0, act_layer=act_layer, drop_path_rate=0.1,
+                                   se_layer=partial(eb.SqueezeExcite, rd_ratio=0.25, act_layer=act_layer))
+    if kind == "timm_edge":
+        return eb.EdgeResidual(C, C, exp_ratio=2.0, act_layer=act_layer)
+    if kind == "timm_basic":
+        return resnet.BasicBlock(C, C, act_layer=act_layer, attn_layer=get_attn("eca"), drop_path=TimmDropPath(0.1))
+    if kind == "timm_bottleneck_se":
+        return resnet.Bottleneck(C, C // 4, act_layer=act_layer, attn_layer=get_attn("se"))
+    raise AssertionError(kind)
+
+
+def _torchvision_block(kind: str, act_layer: type, bn: str) -> nn.Module:
+    from torchvision.models import efficientnet, mobilenetv2, mobilenetv3, resnet
+    from torchvision.ops.misc import Conv2dNormActivation, Conv3dNormActivation
+
+    if kind == "tv_cna":
+        return Conv2dNormActivation(C, C, 3, activation_layer=act_layer, inplace=None)
+    if kind == "tv_cna3d":
+        return _Lift3d(Conv3dNormActivation(C, C, (1, 3, 3), padding=(0, 1, 1), activation_layer=act_layer, inplace=None))
+    if kind == "tv_basic":
+        return resnet.BasicBlock(C, C)
+    if kind == "tv_bottleneck_down":
+        down = nn.Sequential(nn.Conv2d(C, C, 1, stride=2, bias=False), batchnorm(bn))
+        return resnet.Bottleneck(C, C // 4, stride=2, downsample=down)
+    if kind == "tv_mbv2":
+        return mobilenetv2.InvertedResidual(C, C, 1, 2)
+    if kind == "tv_mbv3":
+        config = mobilenetv3.InvertedResidualConfig(C, 3, 2 * C, C, True, "HS", 1, 1, 1.0)
+        return mobilenetv3.InvertedResidual(config, partial(nn.BatchNorm2d, eps=0.001, momentum=0.01))
+    if kind == "tv_mbconv":
+        return efficientnet.MBConv(efficientnet.MBConvConfig(2, 3, 1, C, C, 1), 0.2, nn.BatchNorm2d)
+    if kind == "tv_fused_mbconv":
+        return efficientnet.FusedMBConv(efficientnet.FusedMBConvConfig(2, 3, 1, C, C, 1), 0.2, nn.BatchNorm2d)
+    raise AssertionError(kind)
+
+
+class _Lift3d(nn.Module):
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x.unsqueeze(2)).squeeze(2)
+
+
+def _module_class(act: str) -> Callable[..., nn.Module]:
+    """The activation as a module factory for the libraries' ``act_layer`` arguments, which some
+    call with ``inplace=`` (kept where the module takes it, as timm's ``create_act_layer`` does)."""
+    factory = ACTIVATIONS[act][0]
+
+    def make(inplace: bool | None = None) -> nn.Module:
+        if inplace is not None:
+            try:
+                return factory(inplace=inplace)
+            except TypeError:
+                pass
+        return factory()
+
+    return make
+
+
+def make_block(kind: str, act: str, form: str, bn: str, side: int = SHAPE[-1]) -> nn.Module:
+    """One block of the grammar, for an input of C channels and ``side`` x ``side`` positions."""
     if kind == "cba":
         return ConvBnAct(act, form, bn)
     if kind == "depthwise":
@@ -212,22 +432,40 @@ def make_block(kind: str, act: str, form: str, bn: str) -> nn.Module:
         return Pool(kind)
     if kind == "upsample":
         return Upsample(act, form, bn)
-    if kind == "timm_bnact":
-        from timm.layers import BatchNormAct2d
-
-        return nn.Sequential(nn.Conv2d(C, C, 3, padding=1, bias=False), BatchNormAct2d(C, act_layer=ACTIVATIONS[act][0]))
-    if kind == "tv_cna":
-        from torchvision.ops.misc import Conv2dNormActivation
-
-        return Conv2dNormActivation(C, C, 3, activation_layer=ACTIVATIONS[act][0], inplace=None)
     if kind == "shared":
         return Shared(act, form, bn)
+    if kind == "tied":
+        return Tied(act, form, bn)
     if kind == "dropout":
         return nn.Dropout(0.2)
     if kind == "functional_dropout":
         return FunctionalDropout()
     if kind == "drop_path":
         return DropPath(act, form, bn)
+    if kind == "bn_after_cat":
+        return BnAfterCat(act, form, bn)
+    if kind.startswith("bn_after_"):
+        return BnAfter(kind.removeprefix("bn_after_"), act, form, bn)
+    if kind == "double_bn":
+        return DoubleBn(act, form, bn)
+    if kind == "preact":
+        return PreAct(act, form, bn)
+    if kind == "conv1d":
+        return Conv1dBlock(act, form, bn)
+    if kind == "conv3d":
+        return Conv3dBlock(act, form, bn)
+    if kind == "linear_norm":
+        return LinearNormBlock(act, form, bn)
+    if kind == "linear_last_axis":
+        return LinearLastAxis(act, form, bn, side)
+    if kind.startswith("timm_"):
+        return _timm_block(kind, _module_class(act))
+    if kind.startswith("tv_"):
+        return _torchvision_block(kind, _module_class(act), bn)
+    if kind == "frozen_bn":  # a frozen BatchNorm (a detection backbone's): trained by definition
+        from torchvision.ops.misc import FrozenBatchNorm2d
+
+        return nn.Sequential(nn.Conv2d(C, C, 3, padding=1, bias=False), FrozenBatchNorm2d(C), Act(act, form))
     raise AssertionError(kind)
 
 
@@ -235,31 +473,51 @@ class FuzzNet(nn.Module):
     def __init__(self, recipe: Recipe) -> None:
         super().__init__()
         torch.manual_seed(recipe.seed)
+        self.outputs = recipe.outputs
         self.stem = nn.Sequential(nn.Conv2d(3, C, 3, padding=1, bias=False), batchnorm("default"), nn.ReLU())
-        self.blocks = nn.Sequential(*(make_block(*b) for b in recipe.blocks))
-        self.fc1 = nn.Linear(C, 6)
-        self.head_bn = batchnorm(recipe.head_bn, 6, dims=1) if recipe.head_bn else nn.Identity()
-        self.head_act = Act(*recipe.head_act)
+        side, blocks = SHAPE[-1], []
+        for kind, *rest in recipe.blocks:
+            blocks.append(make_block(kind, *rest, side=side))
+            side = (side + 1) // 2 if kind in STRIDED else side
+        self.blocks = nn.Sequential(*blocks)
+        if recipe.head_bn == "mlp":  # torchvision's MLP: Linear -> BatchNorm1d -> activation, twice
+            from torchvision.ops import MLP
+
+            self.fc1 = MLP(C, [6, 6], norm_layer=nn.BatchNorm1d, activation_layer=_module_class(recipe.head_act[0]))
+            self.head_bn, self.head_act = nn.Identity(), nn.Identity()
+        else:
+            self.fc1 = nn.Linear(C, 6)
+            self.head_bn = batchnorm(recipe.head_bn, 6, dims=1) if recipe.head_bn else nn.Identity()
+            self.head_act = Act(*recipe.head_act)
         self.fc2 = nn.Linear(6, 3)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.blocks(self.stem(x))
-        return self.fc2(self.head_act(self.head_bn(self.fc1(x.mean((2, 3))))))
+    def forward(self, x: torch.Tensor) -> Any:
+        features = self.blocks(self.stem(x))
+        logits = self.fc2(self.head_act(self.head_bn(self.fc1(features.mean((2, 3))))))
+        if self.outputs == "tuple":
+            return logits, features
+        if self.outputs == "dict":
+            return {"logits": logits, "features": features}
+        return logits
 
 
 @dataclass(frozen=True)
 class Recipe:
     seed: int
     blocks: tuple[tuple[str, str, str, str], ...]
-    head_bn: str | None
+    head_bn: str | None  # a BN_OPTIONS entry, None (no BatchNorm in the head) or "mlp"
     head_act: tuple[str, str]
+    outputs: str = "tensor"  # "tensor", "tuple" (logits, features) or "dict"
+    channels_last: bool = False  # model and input in channels_last memory format
+    trained: bool = False  # every BatchNorm given trained statistics and affine before conversion
 
 
 blocks = st.tuples(st.sampled_from(BLOCKS), st.sampled_from(sorted(ACTIVATIONS)), st.sampled_from(FORMS),
                    st.sampled_from(BN_OPTIONS))
 recipes = st.builds(Recipe, st.integers(0, 2**16), st.lists(blocks, min_size=1, max_size=5).map(tuple),
-                    st.one_of(st.none(), st.sampled_from(BN_OPTIONS)),
-                    st.tuples(st.sampled_from(sorted(ACTIVATIONS)), st.sampled_from(FORMS)))
+                    st.one_of(st.none(), st.sampled_from((*BN_OPTIONS, "mlp"))),
+                    st.tuples(st.sampled_from(sorted(ACTIVATIONS)), st.sampled_from(FORMS)),
+                    st.sampled_from(("tensor", "tuple", "dict")), st.booleans(), st.booleans())
 
 
 def _state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, bool]]:
@@ -275,11 +533,39 @@ def stochastic_off(model: nn.Module) -> nn.Module:
     return model
 
 
+def _per_sample(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """The model's floating outputs with each sample run alone, concatenated in the batch's order."""
+    outputs = [floating_outputs(model(x[i:i + 1])) for i in range(len(x))]
+    return [torch.cat(parts) for parts in zip(*outputs, strict=True)]
+
+
+def _tied(model: nn.Module) -> list[list[str]]:
+    """The names of each parameter that is reachable under several names."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return [group for group in names.values() if len(group) > 1]
+
+
+def _input(recipe: Recipe, batch: int, seed: int) -> torch.Tensor:
+    x = torch.randn(batch, *SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    return x.contiguous(memory_format=torch.channels_last) if recipe.channels_last else x
+
+
 def check_promises(recipe: Recipe) -> None:
     model = FuzzNet(recipe).double()
+    if recipe.channels_last:  # the 4-d weights (Module.to refuses a model with Conv3d weights)
+        for p in model.parameters():
+            if p.dim() == 4:
+                p.data = p.data.contiguous(memory_format=torch.channels_last)
+    x = _input(recipe, 3, recipe.seed)
+    if recipe.trained:  # a checkpoint's statistics; then the eval outputs that the conversion must keep
+        randomize_batchnorms(model, _input(recipe, 16, recipe.seed + 1), recipe.seed)
+        with torch.no_grad():
+            expected = model.eval()(x)
     model.train(recipe.seed % 2 == 0)  # converted in either mode
     state, modes = _state(model)
-    example = torch.empty(2, *SHAPE, dtype=torch.float64)
+    example = _input(recipe, 2, 0).zero_()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -292,29 +578,40 @@ def check_promises(recipe: Recipe) -> None:
     assert all(torch.equal(after[k], state[k]) for k in state), "the model given was changed"
 
     report = conversion_report(converted)
-    found = {n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    batchnorms = {n: m for n, m in model.named_modules() if is_batchnorm(m)}
     left = {b.path for b in report.left}
-    still = {n for n, m in converted.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
-    assert report.batchnorms_found == len(found) and {i.path for i in report.initializations} == found
-    assert len(report.left) == len(left) and left <= found, "a BatchNorm left is counted once"
+    still = {n for n, m in converted.named_modules() if is_batchnorm(m)}
+    assert report.batchnorms_found == len(batchnorms) and {i.path for i in report.initializations} == set(batchnorms)
+    assert len(report.left) == len(left) and left <= set(batchnorms), "a BatchNorm left is counted once"
     assert still <= left, f"BatchNorms neither converted nor reported left: {sorted(still - left)}"
     assert all(b.reason for b in report.left)
+    # trained: a frozen BatchNorm always; another when the checkpoint gave it running statistics
+    trained = {n for n, m in batchnorms.items()
+               if is_frozen(m) or (recipe.trained and getattr(m, "running_mean", None) is not None)}
+    assert {i.path for i in report.initializations if i.trained} == trained, "trained BatchNorms misjudged"
+    for group in _tied(model):
+        kept = dict(converted.named_parameters(remove_duplicate=False))
+        assert all(name in kept for name in group), f"tied parameters lost: {group}"
+        assert len({id(kept[name]) for name in group}) == 1, f"tied parameters untied: {group}"
     if report.left:
         return  # what is left is reported; the promises below are for a full conversion
 
-    x = torch.randn(3, *SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(recipe.seed))
+    assert kept_class(model, converted), "the converted model is not of the user's class"
     with functional_dropout_off(), torch.no_grad():
         stochastic_off(converted.train())
         batch = converted(x)
-        alone = torch.cat([converted(x[i:i + 1]) for i in range(len(x))])
-        assert relative_l2(alone, batch) <= 1e-9, "batch dependent in train mode"
-        assert relative_l2(converted.eval()(x), batch) <= 1e-9, "train mode differs from eval mode"
-        assert torch.isfinite(batch).all()
+        assert relative_l2(_per_sample(converted, x), batch) <= 1e-9, "batch dependent in train mode"
+        evaluated = converted.eval()(x)
+        assert relative_l2(evaluated, batch) <= 1e-9, "train mode differs from eval mode"
+        assert all(torch.isfinite(t).all() for t in floating_outputs(batch))
+        if recipe.trained and trained == set(batchnorms):
+            assert relative_l2(evaluated, expected) <= 1e-10, "the trained network's function was not kept"
         flat.eval()
         # to rounding: the tree's eager modules compute an attached correction inside their own
         # affine, the flat graph as a node (standardize.absorbable_correction)
-        assert relative_l2(converted(x), flat(x)) <= 1e-12, "the module tree differs from the flat graph"
-        assert relative_l2(fold(converted)(x), converted(x)) <= 1e-9, "fold differs from eval"
+        assert relative_l2(evaluated, flat(x)) <= 1e-12, "the module tree differs from the flat graph"
+        assert relative_l2(torch.fx.symbolic_trace(converted)(x), evaluated) <= 1e-12, "traced again, it differs"
+        assert relative_l2(fold(converted)(x), evaluated) <= 1e-9, "fold differs from eval"
     converted.train()
     with functional_dropout_off():
         stochastic_off(converted)
@@ -348,6 +645,21 @@ def test_the_grammar_builds_every_block_and_activation_form():
         for act in ACTIVATIONS:
             for form in FORMS:
                 block = make_block(kind, act, form, "default")
-                side = 4 if kind.startswith("strided") else 8
-                assert block(torch.randn(2, C, 8, 8)).shape == (2, C, side, side)
+                side = 4 if kind in STRIDED else 8
+                assert block(torch.randn(2, C, 8, 8)).shape == (2, C, side, side), kind
     assert copy.deepcopy(FuzzNet(Recipe(0, (("cba", "relu", "method", "eps"),), "default", ("gelu", "module"))))
+
+
+@pytest.mark.parametrize("index", range(len(BLOCKS)), ids=BLOCKS)
+def test_every_block_kind_converts_fully_and_keeps_every_promise(index):
+    """Each kind of block alone converts with no BatchNorm left, so the random draws of the tests
+    above check every promise on it, not only the typed-error and report promises; in turn
+    channels_last, trained statistics and tuple outputs."""
+    recipe = Recipe(index, ((BLOCKS[index], "silu", "module", "default"),), "default", ("relu", "module"), "tuple",
+                    channels_last=index % 3 == 0, trained=index % 2 == 0)
+    model = FuzzNet(recipe).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = conversion_report(normprop_fx.convert(model, example_inputs=torch.empty(2, *SHAPE, dtype=torch.float64)))
+    assert not report.left, [(b.path, b.reason) for b in report.left]
+    check_promises(recipe)
