@@ -295,8 +295,9 @@ def _untraceable(model: nn.Module, path: str | None, err: Exception) -> Untracea
         return UntraceableModelError(
             f"torch.fx could not trace module '{path}' ({type_name}): {cause}. "
             f"Make it a leaf module: convert(model, leaf_modules=['{path}']) "
-            f"or leaf_modules=[{type_name}]. BatchNorms inside a leaf module stay as they are "
-            "and are listed in the report.",
+            f"or leaf_modules=[{type_name}]. A BatchNorm inside a leaf module is replaced in place by "
+            "a standardizing affine calibrated on the Gaussian sample (its trained function kept, where "
+            "it has one); one that cannot be is left and listed in the report with the reason.",
             module_path=path,
         )
     return UntraceableModelError(
