@@ -1,27 +1,44 @@
 """The project's own architecture fuzzer (issue 20): random networks from a grammar of blocks,
 every one converted, and every promise of the README checked on it.
 
-The grammar: a stem conv, 1-5 blocks drawn from conv-BN-activation (plain, depthwise, strided
-depthwise, 1x1 with a conv bias), residual blocks (activation after the add, or a standalone BatchNorm after it),
-concats of two branches, squeeze-excitation gates, max/avg pools, nearest upsampling, timm's
-``BatchNormAct2d`` and torchvision's ``Conv2dNormActivation``, one conv+BN module called twice,
-dropout as a module and as ``F.dropout(training=self.training)``, a hand-written drop-path that
-branches on ``self.training``; 13 activations, each as a module, a function or a tensor method
-where torch has one; BatchNorm with or without affine, running statistics, another eps or
-momentum; a head of global pooling, Linear (-> BatchNorm1d -> activation) and Linear.
+The grammar: a stem conv, 1-5 blocks, a head. The blocks:
+- conv-BN-activation (plain, depthwise, strided depthwise, 1x1 with a conv bias), residual blocks
+  (activation after the add, or a standalone BatchNorm after it), concats of two branches,
+  squeeze-excitation gates, max/avg pools, nearest upsampling, one conv+BN module called twice,
+  two convs with one tied weight, dropout as a module and as ``F.dropout(training=self.training)``,
+  a hand-written drop-path that branches on ``self.training``, control flow on a size (untraceable:
+  converted with the ``leaf_modules=`` its error names);
+- BatchNorm after every other kind of op: a concat, a pool, an activation, a gate product, an
+  upsampling, another BatchNorm, and in pre-activation order (BN -> activation -> conv);
+- Conv1d and Conv3d with their BatchNorms, LeViT's ``LinearNorm`` over tokens, a Linear over the last
+  axis whose BatchNorm1d normalizes its rows;
+- the libraries' own blocks: timm's ``BatchNormAct2d``, ``ConvNormAct``, depthwise-separable (also with
+  TF 'same' padding at stride 2), inverted residual with SE, edge residual, ResNet basic (ECA,
+  drop-path) and bottleneck (SE) blocks; torchvision's ``Conv2dNormActivation``,
+  ``Conv3dNormActivation``, ResNet basic and strided bottleneck blocks, MobileNetV2/V3 inverted
+  residuals, EfficientNet's MBConv and FusedMBConv, a ``FrozenBatchNorm2d``;
+- 13 activations, each as a module, a function or a tensor method where torch has one; BatchNorm
+  with or without affine, running statistics, another eps or momentum;
+- a head of global pooling, Linear (-> BatchNorm1d -> activation, or torchvision's ``MLP``) and
+  Linear, returning a tensor, a tuple or a dict (with the features).
+A recipe may put the model and input in channels_last and may give every BatchNorm a trained
+checkpoint's statistics and affine (``randomize_batchnorms``) before conversion.
 
 The promises, on each network (float64):
 - ``convert`` returns, or raises one of the library's typed errors: no other exception;
 - the model given is not changed (state and train/eval flags);
-- every BatchNorm is converted or listed as left with a reason, each counted once;
-- with none left: in train mode (dropout off) each sample alone gives its output in the batch,
-  and train mode equals eval mode; forward finite, every trainable parameter gets a finite
-  gradient;
-- the module tree form computes exactly what ``convert(flat=True)`` computes, bit for bit;
+- every BatchNorm is converted or listed as left with a reason, each counted once; the trained
+  ones (frozen, or with a checkpoint's statistics) are the ones the report calls trained;
+- tied parameters stay tied, at their names;
+- with none left: the converted model is of the user's class; in train mode (dropout off) each
+  sample alone gives its output in the batch, and train mode equals eval mode; a trained network's
+  eval outputs are the original's; forward finite, every trainable parameter gets a finite gradient;
+- the module tree form computes what ``convert(flat=True)`` computes and what plain torch.fx
+  traces of it, to rounding;
 - ``fold`` gives the eval outputs to rounding.
 
-The default run draws 100 networks (hypothesis, derandomized: the same ones in every run);
-``-m slow`` draws 2,000.
+The default run draws 100 networks (hypothesis, derandomized: the same ones in every run), and
+checks each kind of block alone; ``-m slow`` draws 2,000.
 """
 
 from __future__ import annotations
