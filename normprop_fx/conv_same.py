@@ -39,5 +39,11 @@ class NormPropConv2dSame(NormPropConv2d):
         args = (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0, conv.dilation, conv.groups)
         return cls._from_weighted_module(conv, args, share_weight, options)  # type: ignore[return-value]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(pad_same(x, self.kernel_size, self.stride, self.dilation))
+    def _pad_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The 'same' zeros go around the corrected input, as in the flat graph, where the
+        correction is a node in front of this layer (padding first, the correction would shift
+        the zeros too, and a mean absorbed into the bias would miss the border)."""
+        return pad_same(x, self.kernel_size, self.stride, self.dilation)
+
+    def _pads_with_zeros(self) -> bool:
+        return True  # (whether it pads depends on the input size: always counted as padding)

@@ -337,6 +337,8 @@ def _insert_input_padding(gm: fx.GraphModule, node: fx.Node, layer: NormPropLaye
         node.replace_input_with(node.args[0], padded)
     elif type(layer).forward not in (NormPropLinear.forward, _NormPropConvNd.forward):
         raise NormPropError(f"fold: no plain form known for {type(layer).__name__}, whose forward is its own")
+    elif getattr(type(layer), "_pad_input", _NormPropConvNd._pad_input) is not _NormPropConvNd._pad_input:
+        raise NormPropError(f"fold: no plain form known for {type(layer).__name__}, whose input padding is its own")
 
 
 def _plain_layer(layer: NormPropLayer) -> nn.Module:

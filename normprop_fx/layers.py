@@ -399,6 +399,7 @@ class _NormPropConvNd(NormPropLayer):
         correction = self._weight_absorbed_correction(x)
         if correction is None:
             x = corrected_input(self, x)
+        x = self._pad_input(x)  # (after the correction: the padding sees zeros, not corrected zeros)
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding: Any = 0
@@ -413,6 +414,11 @@ class _NormPropConvNd(NormPropLayer):
             return self.activation(y + self.beta.reshape(-1, *([1] * self._dims)))
         return self._eager_forward(
             lambda weight, bias: conv(x, weight, bias, self.stride, padding, self.dilation, self.groups), correction)
+
+    def _pad_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Padding a subclass adds by hand, around the corrected input (NormPropConv2dSame's
+        TF-'same' zeros); the conv op's own padding is added by the op."""
+        return x
 
     def _pads_with_zeros(self) -> bool:
         """Whether the conv adds zeros around its input (padding_mode "zeros" with a padding):

@@ -648,6 +648,14 @@ def test_a_layer_subclass_with_its_own_forward_is_refused():
     with pytest.raises(NormPropError, match="forward is its own"):
         normprop_fx.fold(gm.eval())
 
+    class Reflected(NormPropConv2d):  # pads by hand, as NormPropConv2dSame does
+        def _pad_input(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+
+    gm = traced(nn.Sequential(Reflected(3, 4, 3, activation="relu")))
+    with pytest.raises(NormPropError, match="input padding is its own"):
+        normprop_fx.fold(gm.eval())
+
 
 def _zoo_sample(seed: int = 0, count: int = 40, tf_count: int = 10) -> list[tuple[str, tuple[int, ...]]]:
     """A seeded draw of the zoo's BatchNorm models that passed the zoo check (docs/zoo-results.jsonl)
@@ -742,3 +750,27 @@ def test_an_affine_moved_behind_a_reshape_keeps_the_graph_in_order():
     folded.graph.lint()
     x = torch.randn(3, 3, 6, 6, dtype=torch.float64)
     torch.testing.assert_close(folded(x), converted(x), rtol=1e-9, atol=1e-12)
+
+
+def test_an_input_correction_of_a_same_padded_conv_goes_in_front_of_its_padding():
+    """Found by tests/test_fuzz.py: an untrained Conv2dSame after trained features (a frozen
+    BatchNorm, then ELU) gets an input correction that subtracts a mean. The module tree applied
+    it after the TF-'same' zeros, shifting them (and in the eager form absorbed it into the bias,
+    missing the border): 2% off the flat graph, where the correction is a node in front. The
+    tree, the flat graph and fold agree now."""
+    from timm.layers import Conv2dSame
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), FrozenBatchNorm2d(8), nn.ELU(),
+                          Conv2dSame(8, 8, 3, stride=2, groups=8, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 4, 1)).double()
+    example = torch.empty(2, 3, 8, 8, dtype=torch.float64)
+    converted = normprop_fx.convert(model, example_inputs=example).eval()
+    assert converted[3].input_correction.subtracts_mean
+    flat = normprop_fx.convert(model, example_inputs=example, flat=True).eval()
+    for shape in ((3, 3, 8, 8), (1, 3, 7, 9)):
+        x = torch.randn(shape, dtype=torch.float64)
+        with torch.no_grad():
+            torch.testing.assert_close(converted(x), flat(x), rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(normprop_fx.fold(converted)(x), flat(x), rtol=1e-10, atol=1e-12)
