@@ -55,22 +55,37 @@ def compiled_form() -> Iterator[None]:
 
 def scalar_affine(x: torch.Tensor, scale: float, shift: float) -> torch.Tensor:
     """``x * scale + shift`` for Python floats, in one pass over ``x`` (``x * scale + shift``
-    written out is two: a multiply, then an add that reads the product back)."""
+    written out is two: a multiply, then an add that reads the product back): ``torch.add(shift,
+    x, alpha=scale)``, a binary kernel with a Python scalar. (``torch.addcmul`` with two 0-dim
+    tensors is a ternary kernel that takes 1.8x its time on CPU: 2.2 against 1.2 ms over 4M float32
+    values, 1 thread, docs/method.md section 10.)"""
     if shift == 0.0:
         return x if scale == 1.0 else x * scale
     if scale == 1.0:
         return x + shift
-    return torch.addcmul(_scalar(shift, x), x, _scalar(scale, x))
+    return torch.add(_scalar(shift, x), x, alpha=scale)
 
 
 def scalar_affine_(x: torch.Tensor, scale: float, shift: float) -> torch.Tensor:
-    """``x * scale + shift`` written into ``x`` itself (a fresh tensor nothing else reads): two
-    in-place passes, which on CPU cost less than :func:`scalar_affine`'s one pass into a new
-    activation-sized tensor, whose pages are mapped and zeroed on first touch (what the in-place
-    forms gained side by side: docs/bench.md, notes, ``tools/bench_ab.py --base c502f3e``)."""
+    """``x * scale + shift`` written into ``x`` itself (a fresh tensor nothing else reads), which
+    on CPU costs less than :func:`scalar_affine`'s pass into a new activation-sized tensor, whose
+    pages are mapped and zeroed on first touch (what the in-place forms gained side by side:
+    docs/bench.md, notes, ``tools/bench_ab.py --base c502f3e``). One pass, ``torch.add(shift, x,
+    alpha=scale, out=x)``, on a plain tensor that autograd records nothing on (``out=`` has no
+    autograd, and tracers, exporters and torch.func transforms take the native in-place ops
+    better); else two, ``mul_`` then ``add_``."""
+    if scale != 1.0 and shift != 0.0 and plain_tensor(x) and not records_gradient(x):
+        return torch.add(_scalar(shift, x), x, alpha=scale, out=x)
     if scale != 1.0:
         x = x.mul_(scale)
     return x if shift == 0.0 else x.add_(shift)
+
+
+def plain_tensor(x: torch.Tensor) -> bool:
+    """``x`` is a tensor of plain eager PyTorch: not a torch.fx Proxy, not under torch.jit tracing,
+    not a torch.func wrapped tensor, not compiling."""
+    return (not isinstance(x, torch.fx.Proxy) and not torch.jit.is_tracing()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(x) and not is_compiling())
 
 
 def records_gradient(x: torch.Tensor) -> bool:
@@ -84,8 +99,7 @@ def plain_autograd(x: torch.Tensor) -> bool:
     that a Python autograd.Function would get in the way of: not a torch.fx Proxy, not under
     torch.jit tracing (a trace cannot save the Function into a file), not a torch.func wrapped
     tensor (``jvp``, ``vmap``: native ops have their rules), not compiling."""
-    return (records_gradient(x) and not isinstance(x, torch.fx.Proxy) and not torch.jit.is_tracing()
-            and not torch._C._functorch.is_functorch_wrapped_tensor(x) and not is_compiling())
+    return plain_tensor(x) and records_gradient(x)
 
 
 class _ClampInPlace(torch.autograd.Function):

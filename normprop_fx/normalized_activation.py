@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .activation_functions import ActivationSpec, activation
-from .eager import clamp_fresh, is_compiling, records_gradient, scalar_affine, scalar_affine_
+from .eager import clamp_fresh, is_compiling, plain_tensor, records_gradient, scalar_affine, scalar_affine_
 from .moments import activation_constants
 from .piecewise_linear import PIECEWISE_LINEAR, clamp_bounds, normalized_piecewise_linear, positively_homogeneous
 from .standardize import absorbable_correction, corrected_input
@@ -95,8 +95,10 @@ class NormalizedActivation(nn.Module):
             # are one affine, one pass over x instead of two
             scale, shift = self.eager_input_affine()
             s = correction.scale.to(x.dtype).reshape(()) * scale
-            return self.eager_from_input_affine(torch.addcmul(shift - correction.mean.to(x.dtype).reshape(()) * s, x, s),
-                                                inplace=True)
+            c = shift - correction.mean.to(x.dtype).reshape(()) * s
+            if x.device.type == "cpu" and plain_tensor(x):  # a binary kernel, 0.55x addcmul's time (eager.scalar_affine)
+                return self.eager_from_input_affine(torch.add(c, x, alpha=float(s)), inplace=True)
+            return self.eager_from_input_affine(torch.addcmul(c, x, s), inplace=True)
         x = corrected_input(self, x)  # a moment correction of a standalone activation's input, if any
         if self.spec.is_identity:
             return x

@@ -176,7 +176,8 @@ class _ActivationSizedOps(TorchDispatchMode):
             return out  # no pass over the data
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor) and t.numel() >= self.size:
-                self.ops.append(func.overloadpacket.__name__)
+                # an ``out=`` overload writes into a tensor that exists, as an in-place op does
+                self.ops.append(func.overloadpacket.__name__ + ("_" if func._overloadname == "out" else ""))
                 break
         return out
 
