@@ -506,7 +506,7 @@ def calibration_batch_size(model: nn.Module, input_shape: Sequence[int]) -> int:
 
 
 @torch.no_grad()
-def randomize_batchnorms(model: nn.Module, example_input: torch.Tensor, seed: int = 0) -> nn.Module:
+def randomize_batchnorms(model: nn.Module, example_input: torch.Tensor | tuple[torch.Tensor, ...], seed: int = 0) -> nn.Module:
     """Give every BatchNorm of ``model`` (frozen ones too) the statistics and affine of a trained
     checkpoint, as a stand-in for pretrained weights (which cannot be downloaded here). Seeded.
 
@@ -522,7 +522,8 @@ def randomize_batchnorms(model: nn.Module, example_input: torch.Tensor, seed: in
     outputs were 64% away from its float64 ones), which a trained network is not:
     :func:`calibration_batch_size` says how many samples a model needs. A stand-in, no more.
     BatchNorms without running statistics get the affine only; every one counts 1000 batches
-    tracked. Changes ``model`` in place (and leaves it in eval mode) and returns it.
+    tracked. ``example_input``: the model's input, or a tuple of its inputs. Changes ``model`` in
+    place (and leaves it in eval mode) and returns it.
     """
     from .batchnorm_state import is_batchnorm
 
@@ -554,7 +555,7 @@ def randomize_batchnorms(model: nn.Module, example_input: torch.Tensor, seed: in
         if isinstance(tracked, torch.Tensor):
             tracked.fill_(1000)
     try:
-        model.eval()(example_input)
+        model.eval()(*(example_input if isinstance(example_input, tuple) else (example_input,)))
     finally:
         for handle in handles:
             handle.remove()

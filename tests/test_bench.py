@@ -392,3 +392,24 @@ def test_fold_parts_removes_each_kind_of_kept_op(capsys):
             tool.main(args)
         assert exit_.value.code == 2, args
         assert reason in capsys.readouterr().err, args
+
+
+def test_bench_ops_times_each_candidate_and_appends_its_run(tmp_path, capsys):
+    """tools/bench_ops.py: every candidate op computes what its name says (the in-place ones
+    too), each gets a median, and the run is appended to the JSON list; a bad shape exits 2."""
+    tool = load_tool("bench_ops")
+    x = torch.randn(2, 3, 4, 5)
+    ops = tool.candidates(x)
+    a, c = 1.2112, -0.1273
+    for name in ("addcmul(c, x, a), 0-dim tensors", "add(c, x, alpha=a)", "x * a + c (two ops)"):
+        torch.testing.assert_close(ops[name](), x * a + c)
+    out = tmp_path / "ops.json"
+    for _ in range(2):
+        assert tool.main(["--shape", "2,3,4,5", "--rounds", "2", "--iters", "1", "--json", str(out)]) == 0
+    runs = json.loads(out.read_text())
+    assert len(runs) == 2 and set(runs[0]["median_ms"]) == set(ops)
+    assert all(ms > 0 for ms in runs[0]["median_ms"].values())
+    assert "add(c, x, alpha=a)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as err:
+        tool.main(["--shape", "2,3"])
+    assert err.value.code == 2

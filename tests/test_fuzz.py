@@ -21,8 +21,9 @@ The grammar: a stem conv, 1-5 blocks, a head. The blocks:
   with or without affine, running statistics, another eps or momentum;
 - a head of global pooling, Linear (-> BatchNorm1d -> activation, or torchvision's ``MLP``) and
   Linear, returning a tensor, a tuple or a dict (with the features).
-A recipe may put the model and input in channels_last and may give every BatchNorm a trained
-checkpoint's statistics and affine (``randomize_batchnorms``) before conversion.
+A recipe may put the model and input in channels_last, give every BatchNorm a trained
+checkpoint's statistics and affine (``randomize_batchnorms``) before conversion, and give the
+model a second input with a stem of its own.
 
 The promises, on each network (float64):
 - ``convert`` returns, or raises one of the library's typed errors: no other exception;
@@ -35,7 +36,8 @@ The promises, on each network (float64):
   eval outputs are the original's; forward finite, every trainable parameter gets a finite gradient;
 - the module tree form computes what ``convert(flat=True)`` computes and what plain torch.fx
   traces of it, to rounding;
-- ``fold`` gives the eval outputs to rounding.
+- ``fold`` gives the eval outputs to rounding; a deep copy and a ``torch.save``/``torch.load``
+  round trip give them exactly.
 
 The default run draws 100 networks (hypothesis, derandomized: the same ones in every run), and
 checks each kind of block alone; ``-m slow`` draws 2,000.
@@ -44,6 +46,7 @@ checks each kind of block alone; ``-m slow`` draws 2,000.
 from __future__ import annotations
 
 import copy
+import io
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -114,7 +117,8 @@ class Act(nn.Module):
 
     def __init__(self, name: str, form: str) -> None:
         super().__init__()
-        factory, self.fn, self.method = ACTIVATIONS[name]
+        factory, _, self.method = ACTIVATIONS[name]
+        self.name = name  # (the function is looked up when called: a lambda attribute would not pickle)
         self.form = form if (form != "method" or self.method) else "function"
         self.act = factory() if self.form == "module" else None
 
@@ -123,7 +127,7 @@ class Act(nn.Module):
             return self.act(x)
         if self.form == "method":
             return getattr(x, self.method)()
-        return self.fn(x)
+        return ACTIVATIONS[self.name][1](x)
 
 
 def batchnorm(option: str, features: int = C, dims: int = 2) -> nn.Module:
@@ -510,6 +514,8 @@ class FuzzNet(nn.Module):
         torch.manual_seed(recipe.seed)
         self.outputs = recipe.outputs
         self.stem = nn.Sequential(nn.Conv2d(3, C, 3, padding=1, bias=False), batchnorm("default"), nn.ReLU())
+        # a second input, through a stem of its own, added to the first's
+        self.aux_stem = ConvBnAct("relu", "function", "default") if recipe.inputs == 2 else None
         side, blocks = SHAPE[-1], []
         for kind, *rest in recipe.blocks:
             blocks.append(make_block(kind, *rest, side=side))
@@ -526,8 +532,11 @@ class FuzzNet(nn.Module):
             self.head_act = Act(*recipe.head_act)
         self.fc2 = nn.Linear(6, 3)
 
-    def forward(self, x: torch.Tensor) -> Any:
-        features = self.blocks(self.stem(x))
+    def forward(self, x: torch.Tensor, aux: torch.Tensor | None = None) -> Any:
+        x = self.stem(x)
+        if self.aux_stem is not None:
+            x = x + self.aux_stem(aux)
+        features = self.blocks(x)
         logits = self.fc2(self.head_act(self.head_bn(self.fc1(features.mean((2, 3))))))
         if self.outputs == "tuple":
             return logits, features
@@ -545,6 +554,7 @@ class Recipe:
     outputs: str = "tensor"  # "tensor", "tuple" (logits, features) or "dict"
     channels_last: bool = False  # model and input in channels_last memory format
     trained: bool = False  # every BatchNorm given trained statistics and affine before conversion
+    inputs: int = 1  # 2: a second input (N, C, 8, 8) through a stem of its own
 
 
 blocks = st.tuples(st.sampled_from(BLOCKS), st.sampled_from(sorted(ACTIVATIONS)), st.sampled_from(FORMS),
@@ -552,7 +562,7 @@ blocks = st.tuples(st.sampled_from(BLOCKS), st.sampled_from(sorted(ACTIVATIONS))
 recipes = st.builds(Recipe, st.integers(0, 2**16), st.lists(blocks, min_size=1, max_size=5).map(tuple),
                     st.one_of(st.none(), st.sampled_from((*BN_OPTIONS, "mlp"))),
                     st.tuples(st.sampled_from(sorted(ACTIVATIONS)), st.sampled_from(FORMS)),
-                    st.sampled_from(("tensor", "tuple", "dict")), st.booleans(), st.booleans())
+                    st.sampled_from(("tensor", "tuple", "dict")), st.booleans(), st.booleans(), st.sampled_from((1, 2)))
 
 
 def _state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, bool]]:
@@ -568,9 +578,9 @@ def stochastic_off(model: nn.Module) -> nn.Module:
     return model
 
 
-def _per_sample(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+def _per_sample(model: nn.Module, xs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
     """The model's floating outputs with each sample run alone, concatenated in the batch's order."""
-    outputs = [floating_outputs(model(x[i:i + 1])) for i in range(len(x))]
+    outputs = [floating_outputs(model(*(x[i:i + 1] for x in xs))) for i in range(len(xs[0]))]
     return [torch.cat(parts) for parts in zip(*outputs, strict=True)]
 
 
@@ -592,9 +602,16 @@ def _traced_again(model: nn.Module, leaves: list[type] | None) -> torch.fx.Graph
     return torch.fx.GraphModule(model, Tracer().trace(model))
 
 
-def _input(recipe: Recipe, batch: int, seed: int) -> torch.Tensor:
-    x = torch.randn(batch, *SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-    return x.contiguous(memory_format=torch.channels_last) if recipe.channels_last else x
+def _flat_tensor(out: Any) -> torch.Tensor:
+    return torch.cat([t.flatten() for t in floating_outputs(out)])
+
+
+def _input(recipe: Recipe, batch: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """The model's inputs: N(0, I), seeded, in the recipe's memory format."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = [SHAPE, (C, *SHAPE[1:])][:recipe.inputs]
+    xs = tuple(torch.randn(batch, *shape, dtype=torch.float64, generator=generator) for shape in shapes)
+    return tuple(x.contiguous(memory_format=torch.channels_last) for x in xs) if recipe.channels_last else xs
 
 
 def check_promises(recipe: Recipe) -> None:
@@ -603,14 +620,14 @@ def check_promises(recipe: Recipe) -> None:
         for p in model.parameters():
             if p.dim() == 4:
                 p.data = p.data.contiguous(memory_format=torch.channels_last)
-    x = _input(recipe, 3, recipe.seed)
+    xs = _input(recipe, 3, recipe.seed)
     if recipe.trained:  # a checkpoint's statistics; then the eval outputs that the conversion must keep
         randomize_batchnorms(model, _input(recipe, 16, recipe.seed + 1), recipe.seed)
         with torch.no_grad():
-            expected = model.eval()(x)
+            expected = model.eval()(*xs)
     model.train(recipe.seed % 2 == 0)  # converted in either mode
     state, modes = _state(model)
-    example = _input(recipe, 2, 0).zero_()
+    example = tuple(x.zero_() for x in _input(recipe, 2, 0))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         leaves = [ShapeBranch] if any(isinstance(m, ShapeBranch) for m in model.modules()) else None
@@ -649,9 +666,9 @@ def check_promises(recipe: Recipe) -> None:
     assert kept_class(model, converted), "the converted model is not of the user's class"
     with functional_dropout_off(), torch.no_grad():
         stochastic_off(converted.train())
-        batch = converted(x)
-        assert relative_l2(_per_sample(converted, x), batch) <= 1e-9, "batch dependent in train mode"
-        evaluated = converted.eval()(x)
+        batch = converted(*xs)
+        assert relative_l2(_per_sample(converted, xs), batch) <= 1e-9, "batch dependent in train mode"
+        evaluated = converted.eval()(*xs)
         assert relative_l2(evaluated, batch) <= 1e-9, "train mode differs from eval mode"
         assert all(torch.isfinite(t).all() for t in floating_outputs(batch))
         if recipe.trained and trained == set(batchnorms):
@@ -659,13 +676,18 @@ def check_promises(recipe: Recipe) -> None:
         flat.eval()
         # to rounding: the tree's eager modules compute an attached correction inside their own
         # affine, the flat graph as a node (standardize.absorbable_correction)
-        assert relative_l2(evaluated, flat(x)) <= 1e-12, "the module tree differs from the flat graph"
-        assert relative_l2(_traced_again(converted, leaves)(x), evaluated) <= 1e-12, "traced again, it differs"
-        assert relative_l2(fold(converted)(x), evaluated) <= 1e-9, "fold differs from eval"
+        assert relative_l2(evaluated, flat(*xs)) <= 1e-12, "the module tree differs from the flat graph"
+        assert relative_l2(_traced_again(converted, leaves)(*xs), evaluated) <= 1e-12, "traced again, it differs"
+        assert relative_l2(fold(converted)(*xs), evaluated) <= 1e-9, "fold differs from eval"
+        saved = io.BytesIO()
+        torch.save(converted, saved)
+        saved.seek(0)
+        for copied in (copy.deepcopy(converted), torch.load(saved, weights_only=False)):
+            assert torch.equal(_flat_tensor(copied.eval()(*xs)), _flat_tensor(evaluated)), "a copy computes otherwise"
     converted.train()
     with functional_dropout_off():
         stochastic_off(converted)
-        sum(t.square().mean() for t in floating_outputs(converted(x))).backward()
+        sum(t.square().mean() for t in floating_outputs(converted(*xs))).backward()
     trainable = [(n, p) for n, p in converted.named_parameters() if p.requires_grad]
     missing = [n for n, p in trainable if p.grad is None]
     assert not missing, f"no gradient: {missing}"
