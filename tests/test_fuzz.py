@@ -449,52 +449,32 @@ def _module_class(act: str) -> Callable[..., nn.Module]:
     return make
 
 
+#: conv-BN-activation variants, as ConvBnAct's keyword arguments
+_CONV_BN_ACT = {"cba": {}, "depthwise": {"groups": C},
+                "strided_depthwise": {"groups": C, "stride": 2},  # (MobileNet's and EfficientNet's downsampling)
+                "pointwise_bias": {"kernel": 1, "bias": True}}
+#: the blocks built as ``cls(act, form, bn)``
+_ACT_FORM_BN = {"concat": Concat, "se": SqueezeExcite, "upsample": Upsample, "shared": Shared, "tied": Tied,
+                "shape_branch": ShapeBranch, "drop_path": DropPath, "bn_after_cat": BnAfterCat, "double_bn": DoubleBn,
+                "preact": PreAct, "conv1d": Conv1dBlock, "conv3d": Conv3dBlock, "linear_norm": LinearNormBlock}
+
+
 def make_block(kind: str, act: str, form: str, bn: str, side: int = SHAPE[-1]) -> nn.Module:
     """One block of the grammar, for an input of C channels and ``side`` x ``side`` positions."""
-    if kind == "cba":
-        return ConvBnAct(act, form, bn)
-    if kind == "depthwise":
-        return ConvBnAct(act, form, bn, groups=C)
-    if kind == "strided_depthwise":  # (MobileNet's and EfficientNet's downsampling)
-        return ConvBnAct(act, form, bn, groups=C, stride=2)
-    if kind == "pointwise_bias":
-        return ConvBnAct(act, form, bn, kernel=1, bias=True)
+    if kind in _CONV_BN_ACT:
+        return ConvBnAct(act, form, bn, **_CONV_BN_ACT[kind])
+    if kind in _ACT_FORM_BN:
+        return _ACT_FORM_BN[kind](act, form, bn)
     if kind in ("residual", "residual_bn"):
         return Residual(act, form, bn, standalone_bn=kind == "residual_bn")
-    if kind == "concat":
-        return Concat(act, form, bn)
-    if kind == "se":
-        return SqueezeExcite(act, form, bn)
     if kind in ("maxpool", "avgpool"):
         return Pool(kind)
-    if kind == "upsample":
-        return Upsample(act, form, bn)
-    if kind == "shared":
-        return Shared(act, form, bn)
-    if kind == "tied":
-        return Tied(act, form, bn)
-    if kind == "shape_branch":
-        return ShapeBranch(act, form, bn)
     if kind == "dropout":
         return nn.Dropout(0.2)
     if kind == "functional_dropout":
         return FunctionalDropout()
-    if kind == "drop_path":
-        return DropPath(act, form, bn)
-    if kind == "bn_after_cat":
-        return BnAfterCat(act, form, bn)
     if kind.startswith("bn_after_"):
         return BnAfter(kind.removeprefix("bn_after_"), act, form, bn)
-    if kind == "double_bn":
-        return DoubleBn(act, form, bn)
-    if kind == "preact":
-        return PreAct(act, form, bn)
-    if kind == "conv1d":
-        return Conv1dBlock(act, form, bn)
-    if kind == "conv3d":
-        return Conv3dBlock(act, form, bn)
-    if kind == "linear_norm":
-        return LinearNormBlock(act, form, bn)
     if kind == "linear_last_axis":
         return LinearLastAxis(act, form, bn, side)
     if kind.startswith("timm_"):
