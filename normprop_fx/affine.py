@@ -24,7 +24,7 @@ from torch import nn
 
 from .activation_functions import ActivationSpec, activation
 from .batchnorm_state import BatchNormState, batchnorm_state
-from .eager import has_hooks, is_compiling
+from .eager import has_hooks, is_compiling, tensor_affine
 from .layers import GammaInit, init_gamma_beta_activation
 from .normalized_activation import NormalizedActivation
 from .records import TRAINED_INIT
@@ -105,7 +105,7 @@ class NormPropAffine(nn.Module):
         a, c = self.activation.eager_input_affine()
         if (a, c) != (1.0, 0.0):
             scale, shift = scale * a, shift * a + c
-        return self.activation.eager_from_input_affine(torch.addcmul(shift.reshape(shape), x, scale.reshape(shape)), inplace=True)
+        return self.activation.eager_from_input_affine(tensor_affine(x, scale.reshape(shape), shift.reshape(shape)), inplace=True)
 
     def extra_repr(self) -> str:
         init = f"gamma_init={self.gamma_init:.6g}" if self.input_scale is None else "init=trained (running statistics kept)"

@@ -81,6 +81,19 @@ def scalar_affine_(x: torch.Tensor, scale: float, shift: float) -> torch.Tensor:
     return x if shift == 0.0 else x.add_(shift)
 
 
+def tensor_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``x * scale + shift`` for tensors ``scale`` and ``shift`` (per channel, shaped to broadcast
+    over ``x``), into a new tensor. Eager, on a plain tensor: ``(x * scale).add_(shift)``, a multiply
+    into the new tensor, then an add in place there: on CPU 0.64x the time of one
+    ``torch.addcmul(shift, x, scale)``, a ternary kernel with two broadcast operands (1.90 against
+    2.96 ms over 16x256x32x32 float32 values, 1 thread: ``python tools/bench_ops.py``). Autograd
+    records both (the multiply's backward reads ``x`` and ``scale``, not the product the add
+    overwrites). Under tracers, transforms and compilers: the ``addcmul``."""
+    if plain_tensor(x) and torch.broadcast_shapes(x.shape, scale.shape, shift.shape) == torch.broadcast_shapes(x.shape, scale.shape):
+        return (x * scale).add_(shift)
+    return torch.addcmul(shift, x, scale)
+
+
 def plain_tensor(x: torch.Tensor) -> bool:
     """``x`` is a tensor of plain eager PyTorch: not a torch.fx Proxy, not under torch.jit tracing,
     not a torch.func wrapped tensor, not compiling."""

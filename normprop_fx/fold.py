@@ -63,7 +63,7 @@ from torch import fx, nn
 from .activation_functions import ACTIVATION_FUNCTIONS
 from .affine import NormPropAffine
 from .conv_same import NormPropConv2dSame, pad_same
-from .eager import has_hooks, is_compiling, records_gradient, scalar_affine, scalar_affine_
+from .eager import has_hooks, is_compiling, records_gradient, scalar_affine, scalar_affine_, tensor_affine
 from .errors import NormPropError
 from .layers import NormPropLayer, NormPropLinear, _NormPropConvNd
 from .normalized_activation import NormalizedActivation
@@ -135,6 +135,7 @@ class ConstantAffine(nn.Module):
         if not torch.jit.is_scripting():
             if self._in_place(x) and torch.broadcast_shapes(x.shape, scale.shape, shift.shape) == x.shape:
                 return x.mul_(scale).add_(shift)  # (in place only where the buffers do not widen x)
+            return tensor_affine(x, scale, shift)
         return torch.addcmul(shift, x, scale)
 
     @torch.jit.unused

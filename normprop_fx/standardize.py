@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .eager import has_hooks, is_compiling
+from .eager import has_hooks, is_compiling, tensor_affine
 
 #: A channel whose variance on the calibration sample is below this fraction of the median
 #: channel's is taken as nearly constant there (docs/method.md section 6). Its 1/sqrt(variance)
@@ -75,8 +75,8 @@ class Standardize(nn.Module):
             return x * scale
         if is_compiling():
             return (x - self.mean.to(x.dtype)) * scale
-        # eager: one pass over x (normprop_fx/eager.py), the shift -mean * scale is O(channels)
-        return torch.addcmul(-self.mean.to(x.dtype) * scale, x, scale)
+        # eager (normprop_fx/eager.py): the shift -mean * scale is O(channels)
+        return tensor_affine(x, scale, -self.mean.to(x.dtype) * scale)
 
     def extra_repr(self) -> str:
         def fmt(t: torch.Tensor) -> str:

@@ -125,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     if commit.returncode:
         p.error(f"--base {args.base!r} is not a commit of this repository")
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    changed = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "normprop_fx", "passes"],
+                             capture_output=True, text=True).stdout.strip()
+    if changed:  # the checkout's package is what runs as normprop: HEAD and the changes not committed
+        head += " + uncommitted changes"
     rows, results = [], []
     with tempfile.TemporaryDirectory() as tmp:
         base = base_package(args.base, Path(tmp))
