@@ -514,15 +514,9 @@ def profile_top_ops(step: Callable[[], None], device: str, by_shapes: bool = Fal
 
 def machine(config: BenchConfig, malloc: str) -> dict[str, Any]:
     """The run's record of where and how it measured (the page's lines above each run's tables)."""
-    cpu = platform.processor()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     info = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "cpu": cpu,
+        "cpu": common.cpu_model(),
         "logical_cpus": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "loadavg_start": os.getloadavg(),

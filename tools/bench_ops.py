@@ -14,7 +14,6 @@ Exit status: 0 on success, 2 for a bad argument.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -26,18 +25,13 @@ from pathlib import Path
 
 import torch
 
+import common
 
 
 def machine_line() -> str:
     """The CPU model, the date and the load average at the start (the machine is shared)."""
-    cpu = platform.processor() or "cpu"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
-    return f"{time.strftime('%Y-%m-%dT%H:%M:%S')}, {cpu}, torch {torch.__version__}, load average {load}"
+    return f"{time.strftime('%Y-%m-%dT%H:%M:%S')}, {common.cpu_model()}, torch {torch.__version__}, load average {load}"
 
 
 def candidates(x: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
@@ -63,7 +57,7 @@ def candidates(x: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = common.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="16,256,32,32", help="the tensor's shape, comma-separated (resnet50's "
                    "layer1 output at batch 16, 128 px)")
     p.add_argument("--threads", type=int, default=1)

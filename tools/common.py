@@ -140,6 +140,22 @@ def default_input_size(source: str, name: str, model: Any) -> tuple[int, ...]:
     return tuple(cfg.get("input_size", getattr(model, "default_input_size", (3, 224, 224))))
 
 
+# ----------------------------------------------------------------------------- the machine
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), or what ``platform.processor()`` says where there is none."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
 # ----------------------------------------------------------------------------- memory
 
 
