@@ -636,8 +636,8 @@ def check_promises(recipe: Recipe) -> None:
     trained = {n for n, m in batchnorms.items()
                if is_frozen(m) or (recipe.trained and getattr(m, "running_mean", None) is not None)}
     assert {i.path for i in report.initializations if i.trained} == trained, "trained BatchNorms misjudged"
+    kept = dict(converted.named_parameters(remove_duplicate=False))
     for group in _tied(model):
-        kept = dict(converted.named_parameters(remove_duplicate=False))
         assert all(name in kept for name in group), f"tied parameters lost: {group}"
         assert len({id(kept[name]) for name in group}) == 1, f"tied parameters untied: {group}"
     if report.left:
