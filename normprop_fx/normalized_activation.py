@@ -96,8 +96,9 @@ class NormalizedActivation(nn.Module):
             scale, shift = self.eager_input_affine()
             s = correction.scale.to(x.dtype).reshape(()) * scale
             c = shift - correction.mean.to(x.dtype).reshape(()) * s
-            if x.device.type == "cpu" and plain_tensor(x):  # a binary kernel, 0.55x addcmul's time (eager.scalar_affine)
-                return self.eager_from_input_affine(torch.add(c, x, alpha=float(s)), inplace=True)
+            if x.device.type == "cpu" and plain_tensor(x):  # as Python numbers (read without a sync on CPU)
+                v = scalar_affine(x, float(s), float(c))  # (its binary kernel: 0.55x addcmul's time)
+                return self.eager_from_input_affine(v, inplace=v is not x)
             return self.eager_from_input_affine(torch.addcmul(c, x, s), inplace=True)
         x = corrected_input(self, x)  # a moment correction of a standalone activation's input, if any
         if self.spec.is_identity:
