@@ -433,7 +433,7 @@ class _Lift3d(nn.Module):
         return self.body(x.unsqueeze(2)).squeeze(2)
 
 
-def _module_class(act: str) -> Callable[..., nn.Module]:
+def _act_layer(act: str) -> Callable[..., nn.Module]:
     """The activation as a module factory for the libraries' ``act_layer`` arguments, which some
     call with ``inplace=`` (kept where the module takes it, as timm's ``create_act_layer`` does)."""
     factory = ACTIVATIONS[act][0]
@@ -478,9 +478,9 @@ def make_block(kind: str, act: str, form: str, bn: str, side: int = SHAPE[-1]) -
     if kind == "linear_last_axis":
         return LinearLastAxis(act, form, bn, side)
     if kind.startswith("timm_"):
-        return _timm_block(kind, _module_class(act))
+        return _timm_block(kind, _act_layer(act))
     if kind.startswith("tv_"):
-        return _torchvision_block(kind, _module_class(act), bn)
+        return _torchvision_block(kind, _act_layer(act), bn)
     if kind == "frozen_bn":  # a frozen BatchNorm (a detection backbone's): trained by definition
         from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -504,7 +504,7 @@ class FuzzNet(nn.Module):
         if recipe.head_bn == "mlp":  # torchvision's MLP: Linear -> BatchNorm1d -> activation, twice
             from torchvision.ops import MLP
 
-            self.fc1 = MLP(C, [6, 6], norm_layer=nn.BatchNorm1d, activation_layer=_module_class(recipe.head_act[0]))
+            self.fc1 = MLP(C, [6, 6], norm_layer=nn.BatchNorm1d, activation_layer=_act_layer(recipe.head_act[0]))
             self.head_bn, self.head_act = nn.Identity(), nn.Identity()
         else:
             self.fc1 = nn.Linear(C, 6)
