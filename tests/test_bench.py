@@ -352,6 +352,35 @@ def test_default_models_are_the_resnet_depth_sweep_then_the_depthwise_models():
     assert bench.parse_args(["--device", "cpu"]).models == bench.MODELS  # all torchvision names: parse_args checks
 
 
+def test_floor_weight_norm_normalizes_the_weights_normprop_does_and_nothing_else():
+    """The floor_weight_norm variant: the floor (BatchNorms -> Identity) with the weight of each
+    layer NormProp normalizes, at the NormProp layer's path, normalized as NormProp does; every
+    other module as in the floor. Its output is the floor's with those weights normalized."""
+    import normprop_fx
+    import torchvision
+
+    bench = load_bench()
+    torch.manual_seed(0)
+    original = torchvision.models.resnet18(num_classes=10)
+    converted = normprop_fx.convert(original)
+    variant = bench.TRAIN_VARIANTS["floor_weight_norm"](original, converted)
+    normprop_paths = {p for p, m in converted.named_modules() if isinstance(m, normprop_fx.NormPropLayer)}
+    wrapped = {p: m for p, m in variant.named_modules() if isinstance(m, bench.WeightNormalized)}
+    assert set(wrapped) == normprop_paths and len(wrapped) == 20
+    assert not any(isinstance(m, (torch.nn.BatchNorm2d, normprop_fx.NormPropLayer)) for m in variant.modules())
+    assert all(isinstance(original.get_submodule(p), torch.nn.Conv2d) for p in wrapped)  # the original is untouched
+
+    expected = bench.without_batchnorm(original)
+    with torch.no_grad():
+        for path, module in wrapped.items():
+            w = module.layer.weight
+            expected.get_submodule(path).weight.copy_(w / w.flatten(1).norm(dim=1).reshape(-1, 1, 1, 1))
+        x = torch.randn(2, 3, 32, 32)
+        torch.testing.assert_close(variant.eval()(x), expected.eval()(x), rtol=1e-4, atol=1e-5)
+    variant.train()(x).sum().backward()
+    assert all(m.gamma.grad is not None and m.layer.weight.grad is not None for m in wrapped.values())
+
+
 def test_bench_ab_refuses_bad_arguments(capsys):
     """tools/bench_ab.py: a commit that is not one, an unknown model, a non-positive count: exit 2
     with the reason (checked before anything is built or timed)."""

@@ -10,7 +10,9 @@ resnet18, resnet34, resnet50, resnet101, then mobilenet_v3_large and efficientne
             on request (--train-variants): normprop_inductor_defaults, the conversion compiled
             without the inductor options normprop_fx.compile adds on CPU (normprop_fx/compile.py);
             normprop_flat, the conversion as one flat GraphModule (convert(flat=True)): what
-            keeping the user's module tree costs
+            keeping the user's module tree costs; floor_weight_norm, the floor with the weights
+            of NormProp's layers normalized as NormProp does and nothing else: the cost that
+            any exact eager form of NormProp pays, to split what the rest costs
     infer:  bn, normprop, floor (eval mode, unfolded),
             bn_folded (torch.fx.experimental.optimization.fuse: conv-BN folded into the conv),
             normprop_folded (normprop_fx.fold)
@@ -322,12 +324,46 @@ def with_bias_for_batchnorm(model: nn.Module) -> nn.Module:
     return replace_batchnorms(model, lambda bn: ChannelBias(bn.num_features))
 
 
+class WeightNormalized(nn.Module):
+    """A Conv/Linear of the floor whose weight NormProp's own weight normalization computes
+    (``gamma_i * W_i / sqrt(||W_i||^2 + eps)``, normprop_fx.weight_norm, with gamma learned), and
+    nothing else of NormProp: what the floor_weight_norm variant puts where NormProp has a layer."""
+
+    def __init__(self, layer: nn.Module, eps: float) -> None:
+        super().__init__()
+        self.layer, self.eps = layer, eps
+        self.gamma = nn.Parameter(torch.ones(layer.weight.shape[0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = normprop_fx.layers.normalized_weight(self.layer.weight, self.gamma, self.eps)
+        if isinstance(self.layer, nn.Linear):
+            return F.linear(x, weight, self.layer.bias)
+        return self.layer._conv_forward(x, weight, self.layer.bias)
+
+
+def with_weight_normalization(original: nn.Module, converted: nn.Module) -> nn.Module:
+    """floor_weight_norm: the floor with the weight of every layer that NormProp normalizes
+    normalized as NormProp does (:class:`WeightNormalized`): the part of NormProp's cost that
+    any exact eager form of it pays, so that normprop/floor_weight_norm is what the rest costs.
+    The layers are found at the NormProp layers' paths; one that is not there is an error."""
+    floor = without_batchnorm(original)
+    for path, layer in converted.named_modules():
+        if isinstance(layer, normprop_fx.NormPropLayer):
+            plain = floor.get_submodule(path)
+            if not isinstance(plain, (nn.Linear, nn.modules.conv._ConvNd)) or plain.weight.shape != layer.weight.shape:
+                raise RuntimeError(f"floor_weight_norm: no layer of NormProp layer {path}'s shape at {path}, found {plain!r}")
+            floor.set_submodule(path, WeightNormalized(plain, layer.eps))
+    return floor
+
+
 #: The training variants: name -> the model, from (the BN original, its conversion).
 TRAIN_VARIANTS: dict[str, Callable[[nn.Module, nn.Module], nn.Module]] = {
     "bn": lambda original, converted: copy.deepcopy(original),
     "normprop": lambda original, converted: copy.deepcopy(converted),
     "floor": lambda original, converted: without_batchnorm(original),
     "floor_bias": lambda original, converted: with_bias_for_batchnorm(original),
+    # The floor plus NormProp's weight normalization alone. Only on request.
+    "floor_weight_norm": with_weight_normalization,
     # The conversion compiled with inductor's own settings for what normprop_fx.compile changes
     # on CPU (normprop_fx/compile.py): the same-run A/B of that choice. Only on request.
     "normprop_inductor_defaults": lambda original, converted: copy.deepcopy(converted),
