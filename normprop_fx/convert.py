@@ -28,7 +28,7 @@ from .passes.graph_utils import TAKES_OVER
 from .passes.hierarchy import Snapshot, restore_hierarchy
 from .passes.insert_corrections import insert_corrections
 from .passes.opaque import replace_opaque_batchnorms
-from .passes.calibration_sample import calibration_line, calibration_sample_size
+from .passes.calibration_sample import calibration_line, calibration_sample_size, grown
 from .passes.propagate import PROBE_SEED, propagate_moments
 from .passes.rewrite import rewrite_patterns
 from .passes.trace import (
@@ -180,7 +180,10 @@ def convert(
         assumptions = (INPUT_ASSUMPTION, *shape_assumption, calibration_line(sample, calibration_seed))
         samples = sample.samples
         try:
-            analysis = propagate_moments(gm, inputs, sample.samples, calibration_seed)
+            analysis = propagate_moments(gm, inputs, sample.samples, calibration_seed, sample.growth)
+            if analysis.growth_steps:
+                sample = grown(sample, analysis.growth_steps)
+                assumptions, samples = (*assumptions[:-1], calibration_line(sample, calibration_seed)), sample.samples
             gm, corrections, standalone = insert_corrections(gm, analysis)
             estimated, unknown = analysis.estimated, analysis.unknown
         except Exception as err:

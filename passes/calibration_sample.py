@@ -17,7 +17,19 @@ computing anything (``passes.input_shape.fake_shapes``):
 * at most ``MAX_SAMPLES``, and at most as many as keep the values that the whole forward
   computes on the sample within ``SAMPLE_VALUES`` (a bound on the conversion's time, and on its
   memory: the interpreter holds a few of the largest tensors at once);
-* at least ``MIN_SAMPLES``, whatever the memory.
+* at least ``MIN_SAMPLES``, whatever the time.
+
+Where the samples are far apart, that size is not enough: in a deep network each sample's scale
+drifts from the others' with depth, and a correction measured on the sample is only as precise
+as the spread of the samples' own mean squares allows (docs/method.md section 6). So the sample
+can *grow* during moment propagation (:class:`SampleGrowth`, ``passes.propagate``): before a
+correction is measured, the samples' spread says how many samples it needs for a relative
+standard error of ``SAMPLE_ERROR`` (``passes.propagate``), and the sample grows toward that, up to
+``GROWTH_TIME`` times the forward values ``SAMPLE_VALUES`` allows (the conversion's time), and
+never past what keeps every value held from there on within half the largest tensor the sample
+held at its start (the memory: growing holds the old values and the new ones at once). The new samples run through the graph so far with the corrections
+already decided, so every correction is the exact statistic of every sample there is at its
+node, all of them seeing the same constants upstream.
 
 lcnet_050 at 224 px gets 112 samples; its correction constants then move by at most 4.2%
 between calibration seeds (docs/calibration-stability.txt). ``convert(...,
@@ -26,15 +38,19 @@ calibration_samples=N)`` overrides the rule, ``calibration_seed=`` draws another
 
 from __future__ import annotations
 
+import dataclasses
+import heapq
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import fx
 
 from .graph_utils import NORMPROP_CONSUMERS
-from .input_shape import fake_shapes
+from .input_shape import TensorSignature, fake_signatures
 
 #: values per channel the smallest map that a NormProp consumer reads should hold in the sample
 CALIBRATION_VALUES = 8192
@@ -45,6 +61,24 @@ MAX_SAMPLES = 256
 SAMPLE_VALUES = 2**28
 #: samples when the shapes cannot be had (an op fake tensors do not support)
 FALLBACK_SAMPLES = 32
+#: how many times ``SAMPLE_VALUES`` a sample may compute when its samples' spread asks it to grow
+GROWTH_TIME = 4
+
+
+@dataclass(frozen=True)
+class SampleGrowth:
+    """How far the sample may grow during moment propagation: to ``cap`` samples at most, and
+    just before a node to at most ``limits[node name]`` (the size whose largest value held from
+    there on, computed or still needed, is no larger than half the largest at the start).
+    ``batch_major`` names the nodes whose value is a tensor with the batch as dim 0 (it grows
+    with the sample), ``batch_free`` those whose value does not depend on the batch's size (a
+    size read off a channel dim, a constant); the sample grows only where every value still
+    needed is one of the two."""
+
+    cap: int
+    limits: dict[str, int]
+    batch_major: frozenset[str]
+    batch_free: frozenset[str]
 
 
 @dataclass(frozen=True)
@@ -53,6 +87,7 @@ class CalibrationSample:
 
     samples: int
     reason: str
+    growth: SampleGrowth | None = None  #: None: the whole sample from the start
 
 
 def calibration_sample_size(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
@@ -63,19 +98,20 @@ def calibration_sample_size(gm: fx.GraphModule, example_inputs: Sequence[torch.T
         return CalibrationSample(requested, "calibration_samples= given")
     probe = 2  # a batch of 1 would trip a left BatchNorm1d in train mode
     try:
-        shapes = fake_shapes(gm, [sample_shape(x, probe, example_inputs) for x in example_inputs],
-                             [x.dtype for x in example_inputs])
+        signatures = [fake_signatures(gm, [sample_shape(x, batch, example_inputs) for x in example_inputs],
+                                      [x.dtype for x in example_inputs]) for batch in (probe, probe + 1)]
     except Exception:  # noqa: BLE001 - no shapes: a fixed size, said in the report
         return CalibrationSample(FALLBACK_SAMPLES, "the shapes could not be propagated")
+    shapes = {n: s.shape for n, s in signatures[0].items() if isinstance(s, TensorSignature)}
     modules = dict(gm.named_modules())
-    read = [
-        shapes[n.args[0]] for n in gm.graph.nodes
+    consumers = {
+        n: _values_per_channel(shapes[n.args[0]]) // probe or 1 for n in gm.graph.nodes
         if n.op == "call_module" and isinstance(modules.get(str(n.target)), NORMPROP_CONSUMERS)
         and n.args and isinstance(n.args[0], fx.Node) and n.args[0] in shapes
-    ]
-    if not read:
+    }
+    if not consumers:
         return CalibrationSample(MIN_SAMPLES, "no NormProp consumer reads a tensor")
-    per_channel = min(_values_per_channel(s) for s in read) // probe or 1
+    per_channel = min(consumers.values())
     wanted = min(MAX_SAMPLES, math.ceil(CALIBRATION_VALUES / per_channel))
     computed = sum(math.prod(s) for s in shapes.values()) // probe
     fits = SAMPLE_VALUES // max(1, computed)
@@ -83,7 +119,57 @@ def calibration_sample_size(gm: fx.GraphModule, example_inputs: Sequence[torch.T
     why = (f"{per_channel} values per channel in the smallest map a NormProp consumer reads"
            + (f"; a sample computes {computed / 1e6:.3g}M values, {fits} fit in {SAMPLE_VALUES / 1e6:.0f}M"
               if fits < wanted else ""))
-    return CalibrationSample(samples, why)
+    return CalibrationSample(samples, why, _growth(gm, signatures, samples, computed, probe))
+
+
+def _growth(gm: fx.GraphModule, signatures: list[dict[fx.Node, Any]], samples: int, computed: int,
+            probe: int) -> SampleGrowth | None:
+    """How far a sample of ``samples`` may grow (module docstring), from the signatures of every
+    node on batches of ``probe`` and ``probe + 1``; None where it may not."""
+    cap = min(MAX_SAMPLES, GROWTH_TIME * SAMPLE_VALUES // max(1, computed))
+    if cap <= samples:
+        return None
+    small, large = signatures
+    batch_major, batch_free = set(), set()
+    for n, s in small.items():
+        t = large.get(n)
+        if s == t:
+            batch_free.add(n.name)
+        elif (isinstance(s, TensorSignature) and isinstance(t, TensorSignature) and len(s.shape) == len(t.shape) >= 1
+              and (s.shape[0], t.shape[0]) == (probe, probe + 1) and s.shape[1:] == t.shape[1:]):
+            batch_major.add(n.name)
+    nodes = list(gm.graph.nodes)
+    per_sample = {n: math.prod(small[n].shape) // probe if n.name in batch_major else 0 for n in nodes}
+    held = _largest_held(nodes, per_sample)
+    # Growing holds the old and the new values at once (torch.cat), beside the replay's own
+    # forward: half the largest tensor of the start keeps the total near the start's peak.
+    budget = samples * max(held, default=1) // 2
+    limits = {n.name: min(cap, budget // max(1, h)) for n, h in zip(nodes, held)}
+    return SampleGrowth(cap, limits, frozenset(batch_major), frozenset(batch_free))
+
+
+def _largest_held(nodes: list[fx.Node], per_sample: dict[fx.Node, int]) -> list[int]:
+    """For each node, the largest per-sample size of a value held from just before it on: one
+    computed at it or later, or one computed earlier and still needed (a sweep with a heap)."""
+    index = {n: i for i, n in enumerate(nodes)}
+    last_use = {n: max((index[u] for u in n.users if u in index), default=index[n]) for n in nodes}
+    ahead = list(itertools.accumulate((per_sample[n] for n in reversed(nodes)), max))[::-1]
+    live: list[tuple[int, int]] = []  # (-size, last use) of values computed so far
+    held = []
+    for i, n in enumerate(nodes):
+        while live and live[0][1] < i:
+            heapq.heappop(live)  # the largest is no longer needed; smaller dead ones go when they surface
+        held.append(max(ahead[i], -live[0][0] if live else 0))
+        heapq.heappush(live, (-per_sample[n], last_use[n]))
+    return held
+
+
+def grown(sample: CalibrationSample, steps: Sequence[tuple[str, int]]) -> CalibrationSample:
+    """``sample`` after moment propagation grew it in ``steps`` ((node, size) each)."""
+    if not steps:
+        return sample
+    reason = f"{sample.reason}; grown from {sample.samples} as the samples' spread asked, before {len(steps)} corrections"
+    return dataclasses.replace(sample, samples=steps[-1][1], reason=reason)
 
 
 def calibration_line(sample: CalibrationSample, seed: int) -> str:

@@ -165,6 +165,26 @@ def channel_moments(t: torch.Tensor, center: torch.Tensor | None = None) -> tupl
     return mean, var + (mean - center) ** 2
 
 
+def sample_mean_squares(t: torch.Tensor, center: torch.Tensor) -> torch.Tensor | None:
+    """Each sample's (dim 0's) mean square around the per-channel ``center``, averaged over its
+    channels, in float64: how far apart the samples are in what a correction measures on them
+    (None for a tensor without a batch and a channel dim, or a center that varies within a
+    channel). Like :func:`channel_moments`, without a float64 copy of ``t``."""
+    if t.dim() < 2:
+        return None
+    t = t.detach()
+    center = center.to(t.device, torch.float64)
+    if center.numel() > t.shape[1] or (center.dim() >= 1 and center.shape[0] > 1):
+        return None
+    dims = [d for d in range(2, t.dim())]
+    if dims:
+        var, mean = torch.var_mean(t, dims, correction=0, keepdim=True)
+        squares = var.double() + (mean.double() - center) ** 2
+    else:
+        squares = (t.double() - center) ** 2
+    return squares.flatten(1).mean(1)
+
+
 def activation_spec(form: ActivationForm, node: fx.Node | None, module: nn.Module | None) -> ActivationSpec:
     """The activation a node (or activation module) computes, with its constant parameters.
 

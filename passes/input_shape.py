@@ -4,6 +4,7 @@ and, before matching (pass 6), the ranks of the values that a Linear -> BatchNor
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -113,15 +114,56 @@ def fake_shapes(gm: fx.GraphModule, shapes: Sequence[tuple[int, ...]],
     BatchNorm's ``num_batches_tracked += 1`` in train mode does) is restored afterwards, so no
     module's state changes. Raises what the model raises on such inputs (or what fake tensors do
     not support)."""
+    return {n: s.shape for n, s in fake_signatures(gm, shapes, dtypes).items() if isinstance(s, TensorSignature)}
+
+
+@dataclass(frozen=True)
+class TensorSignature:
+    """A tensor as :func:`fake_signatures` records it: what is known without computing it."""
+
+    shape: tuple[int, ...]
+    floating: bool
+
+
+class _Opaque:
+    """A value :func:`fake_signatures` cannot describe: equal to nothing, itself included."""
+
+    def __eq__(self, other: object) -> bool:
+        return False
+
+    __hash__ = object.__hash__
+
+
+_PLAIN = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.memory_format, torch.layout)
+
+
+def _signature(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return TensorSignature(tuple(value.shape), value.is_floating_point())
+    if isinstance(value, (tuple, list)):
+        return (type(value), tuple(_signature(v) for v in value))
+    if isinstance(value, dict):
+        return (dict, tuple((k, _signature(v)) for k, v in value.items()))
+    if isinstance(value, slice):
+        return (slice, _signature(value.start), _signature(value.stop), _signature(value.step))
+    return value if isinstance(value, _PLAIN) else _Opaque()
+
+
+def fake_signatures(gm: fx.GraphModule, shapes: Sequence[tuple[int, ...]],
+                    dtypes: Sequence[torch.dtype]) -> dict[fx.Node, Any]:
+    """What every node of ``gm`` computes on inputs of ``shapes``, as far as it is known without
+    computing anything (the FakeTensorMode run of :func:`fake_shapes`): a tensor as its
+    :class:`TensorSignature`, a size or an int read off a shape as its value, a container as the
+    signatures of its items; anything else compares unequal to everything. Comparing two runs
+    with other batch sizes tells which values carry the batch (``passes.calibration_sample``)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    found: dict[fx.Node, tuple[int, ...]] = {}
+    found: dict[fx.Node, Any] = {}
 
-    class _Shapes(fx.Interpreter):
+    class _Signatures(fx.Interpreter):
         def run_node(self, n: fx.Node) -> Any:
             value = super().run_node(n)
-            if isinstance(value, torch.Tensor):
-                found[n] = tuple(value.shape)
+            found[n] = _signature(value)
             return value
 
     device = next((p.device for p in gm.parameters()), torch.device("cpu"))
@@ -129,7 +171,7 @@ def fake_shapes(gm: fx.GraphModule, shapes: Sequence[tuple[int, ...]],
     try:
         with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
             fake = [mode.from_tensor(torch.empty(shape, dtype=dtype, device=device)) for shape, dtype in zip(shapes, dtypes)]
-            _Shapes(gm).run(*fake)
+            _Signatures(gm).run(*fake)
     finally:
         restore_buffers(gm, saved)
     return found

@@ -57,7 +57,7 @@ from normprop_fx.opaque_affine import OpaqueNormPropAffine
 from normprop_fx.records import TRAINED_INIT, Correction
 from normprop_fx.standardize import standardizing_scale
 
-from .calibration_sample import sample_shape
+from .calibration_sample import SampleGrowth, sample_shape
 from .describe import calibration_estimate, calibration_note, describe_node, opaque_unmeasured, value_range
 from .graph_utils import (
     NORMPROP_CONSUMERS,
@@ -66,6 +66,7 @@ from .graph_utils import (
     is_gate,
     normalizable_activation,
     restore_buffers,
+    sample_mean_squares,
     save_buffers,
 )
 from .moment_rules import (
@@ -96,6 +97,13 @@ PROBE_MAX_RUNS = 16
 PROBE_SEED = 0  #: the default seed of the sample and the probes (convert's calibration_seed)
 #: A structural correction is kept while the sample's variance is within this fraction of it.
 STRUCTURAL_TOLERANCE = 0.1
+#: The relative standard error a growing sample aims for in a mean square that a correction is
+#: measured from (``_GrowingSample.enough_for``): three calibration seeds then give constants
+#: about 2.5% apart, and the largest of a model's spreads stays within ~3 standard errors, 4.5%.
+SAMPLE_ERROR = 0.015
+#: The new samples of a growing sample run through the graph so far in pieces of this fraction of
+#: the sample's start, so that the replay's own forward needs a fraction of the start's memory.
+REPLAY_PIECES = 4
 #: Up to this many distinct channels, an activation's Gaussian moments are integrated by
 #: quadrature per channel; past it, on the shared particles at once (much faster, ~1% noise).
 _QUADRATURE_CHANNELS = 16
@@ -134,6 +142,8 @@ class MomentAnalysis:
     unknown: list[str] = field(default_factory=list)
     #: the corrections opaque modules measured for themselves on the sample (no graph edit)
     opaque_corrections: list[Correction] = field(default_factory=list)
+    #: where the sample grew: (node, samples from there on); empty when it did not grow
+    growth_steps: list[tuple[str, int]] = field(default_factory=list)
 
 def is_trained(module: nn.Module) -> bool:
     """A NormProp module that keeps a trained BatchNorm's function (docs/method.md section 8)."""
@@ -171,7 +181,7 @@ class MomentInterpreter(fx.Interpreter):
     """Runs the graph on a Gaussian sample, as corrected, while computing every node's moments
     (the rules: ``passes.moment_rules``, which read this interpreter as their context)."""
 
-    def __init__(self, gm: fx.GraphModule, seed: int = PROBE_SEED) -> None:
+    def __init__(self, gm: fx.GraphModule, seed: int = PROBE_SEED, sample: _GrowingSample | None = None) -> None:
         super().__init__(gm)
         self.modules = dict(gm.named_modules())
         self.feeds_trained = _feeds_trained_layers(gm, self.modules)
@@ -179,6 +189,7 @@ class MomentInterpreter(fx.Interpreter):
         self.estimated: list[str] = []
         self.unknown: list[str] = []  #: nodes whose moments could not be computed, and why
         self.generator = torch.Generator().manual_seed(seed)
+        self.sample = sample  #: where the sample grows (None: it has all its samples from the start)
 
     def run_node(self, n: fx.Node) -> Any:
         release_freed_heap()  # the values freed after the last node (normprop_fx.heap)
@@ -227,35 +238,35 @@ class MomentInterpreter(fx.Interpreter):
                 moments, note = self._calibrated(n, source, moments)
             if needs_correction:
                 n.meta[CORRECTION] = InputCorrection(moments, note)
-                args, kwargs = self.fetch_args_kwargs_from_env(n)
-                with torch.no_grad():
-                    return module(_standardized(args[0], moments), *args[1:], **kwargs)
         elif isinstance(moments, Moments):
             spec = self._standalone_spec(n, module, moments)
             if spec is not None:
                 n.meta[NORMALIZE] = StandaloneActivation(spec, moments)
-                x = self.env[source]
-                with torch.no_grad():
-                    return NormalizedActivation(spec)(_standardized(x, moments) if needs_correction else x)
-        return super().run_node(n)
+        return run_as_recorded(self, n, module)
 
     def _calibrated(self, n: fx.Node, source: fx.Node, moments: Moments) -> tuple[Moments, str | None]:
         """The moments a consumer's correction uses. Estimated moments (through plain weighted
         layers or a probe: they depend on the weights) get their variance scaled so that, on the
         sample, the corrected input has unit variance over all channels (one scalar, so no
         per-channel noise enters). Structural moments are kept unless the sample is off by more
-        than STRUCTURAL_TOLERANCE: per-channel mean offsets that depend on the weights can build
-        up through many blocks, and the structural rules cannot see them. Returns the moments and,
-        when the sample rescaled them, how."""
+        than STRUCTURAL_TOLERANCE (and rescaled by the part :func:`structural_ratio` takes on):
+        per-channel mean offsets that depend on the weights can build up through many blocks,
+        and the structural rules cannot see them. A growing sample first grows until the
+        measured variance is precise enough (``_GrowingSample.enough_for``). Returns the moments
+        and, when the sample rescaled them, how."""
+        mean, var = per_channel(moments, self.env[source].dim())
+        if self.sample is not None:
+            self.sample.enough_for(n, source, mean, self)
         x = self.env[source]
-        mean, var = per_channel(moments, x.dim())
         spread = float(channel_moments(x, center=mean)[1].mean())
         nominal = float(var.expand((1, *x.shape[1:])).mean()) if x.dim() >= 1 else float(var)
         if not (spread > 0 and nominal > 0):
             return moments, None
         ratio = spread / nominal
-        if moments.structural and abs(math.log(ratio)) <= math.log1p(STRUCTURAL_TOLERANCE):
-            return moments, None
+        if moments.structural:
+            ratio = structural_ratio(ratio)
+            if ratio == 1.0:
+                return moments, None
         self.estimated.append(calibration_estimate(describe_node(n, self.module), moments.structural, ratio))
         note = calibration_note(moments.structural, ratio, nominal)
         return Moments(moments.mean, moments.var * ratio, False, particles=moments.particles), note
@@ -408,7 +419,153 @@ class MomentInterpreter(fx.Interpreter):
         return noise.mul_(m.var.sqrt()).add_(m.mean).float()
 
 
+def run_as_recorded(interpreter: fx.Interpreter, n: fx.Node, module: nn.Module | None) -> Any:
+    """Run ``n`` as the converted model will, by the records this pass left on it: a consumer
+    with a :data:`CORRECTION` on its standardized input, a standalone activation with a
+    :data:`NORMALIZE` as a NormalizedActivation (of its standardized input, unless the input's
+    moments are standard); any other node as it is."""
+    correction, normalize = n.meta.get(CORRECTION), n.meta.get(NORMALIZE)
+    if correction is not None:
+        args, kwargs = interpreter.fetch_args_kwargs_from_env(n)
+        with torch.no_grad():
+            return module(_standardized(args[0], correction.moments), *args[1:], **kwargs)
+    if normalize is not None:
+        x, moments = interpreter.env[n.args[0]], normalize.moments
+        standard = moments.constant or moments.is_standard()
+        with torch.no_grad():
+            return NormalizedActivation(normalize.spec)(x if standard else _standardized(x, moments))
+    return fx.Interpreter.run_node(interpreter, n)
+
+
+class _Replay(fx.Interpreter):
+    """Runs the first nodes of the graph on new samples as the converted model will, with the
+    corrections decided so far (:func:`run_as_recorded`), and nothing else."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        return run_as_recorded(self, n, self.submodules.get(n.target) if n.op == "call_module" else None)
+
+    def values_before(self, stop: fx.Node, inputs: list[Any], wanted: set[fx.Node]) -> dict[fx.Node, Any]:
+        """The values of ``wanted`` (all computed before ``stop``) on ``inputs``."""
+        self.env, self.args_iter = {}, iter(inputs)
+        for node in self.graph.nodes:
+            if node is stop:
+                break
+            self.env[node] = self.run_node(node)
+            for dead in self.user_to_last_uses.get(node, []):
+                del self.env[dead]
+        values = {k: self.env[k] for k in wanted}
+        self.env = {}
+        return values
+
+
+class _GrowingSample:
+    """The Gaussian sample of a propagation, when it may grow (``passes.calibration_sample``'s
+    :class:`SampleGrowth`). Before a correction is measured on it (:meth:`enough_for`), it grows
+    as far as the samples' spread asks: it draws the new samples, runs them through the nodes so
+    far with the constants already decided, in pieces of a quarter of the sample at its start,
+    and appends their values to every value still needed. So each correction is measured on every
+    sample there is at its node, and all of them saw the same constants upstream, as one run on
+    the grown sample with these constants would (the earlier constants rest on fewer samples,
+    which their own spread said was enough). Where a value still needed neither carries the batch
+    nor is free of it (an int read off the batch dim, say), the sample does not grow there."""
+
+    def __init__(self, growth: SampleGrowth, inputs: list[torch.Tensor], placeholders: list[fx.Node],
+                 generator: torch.Generator) -> None:
+        self.growth = growth
+        self.start = self.size = int(inputs[0].shape[0])
+        #: the inputs that do not grow, kept for the replays (those that do are drawn anew)
+        self.fixed = [None if p.name in growth.batch_major else x for p, x in zip(placeholders, inputs)]
+        self.shapes = [(tuple(x.shape[1:]), x.dtype, x.device) for x in inputs]
+        self.generator = generator
+        self.taken: list[tuple[str, int]] = []  #: (node, size) of each step taken
+
+    def enough_for(self, n: fx.Node, source: fx.Node, center: torch.Tensor, interpreter: MomentInterpreter) -> None:
+        """Before ``n``'s correction is measured on the sample (its input ``source``, around
+        ``center``): grow the sample until the mean square the correction rests on has a relative
+        standard error of at most ``SAMPLE_ERROR``, as far as the samples' own spread tells (its
+        95% upper confidence bound: a few samples may not show how far apart they are), or as far
+        as the time and the memory allow (``cap``, ``limits``).
+
+        Where the samples' mean squares are heavy-tailed (docs/method.md section 6: at init a few
+        samples of a deep network carry most of a late layer's mean square), no affordable sample
+        gets there, and the constant still moves between draws; but it is the better estimate of
+        the mean, and the layers after it end closer to unit variance (torchvision resnet152:
+        135 instead of 80 of its 155 layers within the statistics bounds, largest std 1.30
+        instead of 2.16; docs/zoo.md)."""
+        limit = min(self.growth.cap, self.growth.limits.get(n.name, self.size))
+        while self.size < limit:
+            squares = sample_mean_squares(interpreter.env[source], center)
+            if squares is None or squares.numel() < 2 or not float(squares.mean()) > 0:
+                return
+            cv = float(squares.std(correction=1) / squares.mean()) * _upper_bound_factor(squares.numel() - 1)
+            wanted = math.ceil((cv / SAMPLE_ERROR) ** 2)
+            if wanted <= self.size or not self.grow(n, interpreter, min(limit, max(2 * self.size, wanted))):
+                return
+
+    def grow(self, n: fx.Node, interpreter: MomentInterpreter, size: int) -> bool:
+        """Grow the sample to ``size`` just before ``n`` runs: new samples run through the graph
+        so far and appended; False when a value still needed cannot grow (then it stays as it is)."""
+        growing = self._growing(interpreter)
+        if growing is None:
+            return False
+        parts: dict[fx.Node, list[torch.Tensor]] = {k: [interpreter.env[k]] for k in growing}
+        replay = _Replay(interpreter.module)
+        piece = max(1, self.start // REPLAY_PIECES)
+        for first in range(self.size, size, piece):
+            values = replay.values_before(n, self._draw(min(piece, size - first)), set(growing))
+            for k in growing:
+                parts[k].append(values[k])
+        for k, values in parts.items():
+            interpreter.env[k] = torch.cat(values)
+        del parts, replay
+        self.taken.append((n.name, size))
+        self.size = size
+        return True
+
+    def _growing(self, interpreter: MomentInterpreter) -> list[fx.Node] | None:
+        """The values still needed that grow with the sample; None if one neither grows nor is
+        free of the batch."""
+        growing = []
+        for k, v in interpreter.env.items():
+            if k.name in self.growth.batch_major and isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == self.size:
+                growing.append(k)
+                continue
+            constant = isinstance(interpreter.moments.get(k), Moments) and interpreter.moments[k].constant
+            if not (k.name in self.growth.batch_free and (constant or not _holds_float_tensor(v))):
+                return None
+        return growing
+
+    def _draw(self, count: int) -> list[Any]:
+        """``count`` new samples of every input that grows; the others as they were."""
+        return [
+            x if x is not None else torch.randn((count, *shape), generator=self.generator, dtype=torch.float64).to(device, dtype)
+            for x, (shape, dtype, device) in zip(self.fixed, self.shapes)
+        ]
+
+
 # --- helpers ------------------------------------------------------------------------------------
+
+
+def _upper_bound_factor(k: int) -> float:
+    """sqrt(k / q), q the 5% quantile of the chi-square distribution with k degrees of freedom
+    (Wilson and Hilferty's approximation, within ~7% for k >= 1): a standard deviation measured on
+    k + 1 normal values times this is its 95% upper confidence bound."""
+    z = -1.6449
+    q = k * (1.0 - 2.0 / (9.0 * k) + z * math.sqrt(2.0 / (9.0 * k))) ** 3
+    return math.sqrt(k / q) if q > 0 else math.inf
+
+
+def structural_ratio(measured: float) -> float:
+    """The part of a measured variance ratio (sample / structural) that a structural correction
+    takes on: none within ``STRUCTURAL_TOLERANCE``, all of it beyond twice that (in log scale),
+    and in between a ramp from none to all. A hard switch at the tolerance made the constant jump
+    by the tolerance between calibration seeds whose samples fell on either side of it (timm
+    lcnet_050's blocks.2.0.conv_pw: x1.14 at two seeds, x1 at the third)."""
+    tolerance, log_ratio = math.log(1.0 + STRUCTURAL_TOLERANCE), math.log(measured)
+    if abs(log_ratio) <= tolerance:
+        return 1.0
+    taken = min(abs(log_ratio), 2.0 * (abs(log_ratio) - tolerance))
+    return math.exp(math.copysign(taken, log_ratio))
 
 
 def _is_float_tensor(v: Any) -> bool:
@@ -499,14 +656,16 @@ def _activation_form(n: fx.Node, module: nn.Module | None) -> ActivationForm | N
 
 
 def propagate_moments(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], samples: int | None = None,
-                      seed: int = PROBE_SEED) -> MomentAnalysis:
+                      seed: int = PROBE_SEED, growth: SampleGrowth | None = None) -> MomentAnalysis:
     """Compute every node's nominal moments on ``gm`` and decide the corrections and normalized
     activations its untrained NormProp layers need: recorded in ``node.meta`` (module docstring),
     for ``passes.insert_corrections`` to apply. ``gm``'s graph is not changed.
 
     ``example_inputs`` only give shapes and dtypes (their values are never read: the sample is
     Gaussian noise of those shapes, drawn with ``seed``). ``samples`` replaces their batch
-    (``passes.calibration_sample`` says how many the shapes call for); None keeps it.
+    (``passes.calibration_sample`` says how many the shapes call for); None keeps it. With a
+    ``growth``, the sample may grow along the graph where its samples' spread asks for more
+    (:class:`_GrowingSample`).
     """
     for node in gm.graph.nodes:
         for key in RECORDS:
@@ -517,7 +676,11 @@ def propagate_moments(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ..
     generator = torch.Generator().manual_seed(seed)
     shapes = [tuple(x.shape) if samples is None else sample_shape(x, samples, example_inputs) for x in example_inputs]
     sample = [torch.randn(shape, generator=generator, dtype=torch.float64).to(device, d) for shape, d in zip(shapes, dtypes)]
-    propagation = MomentInterpreter(gm, seed)
+    growing = None
+    if growth is not None and samples is not None and sample and sample[0].dim() >= 1:
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        growing = _GrowingSample(growth, sample, placeholders, generator)
+    propagation = MomentInterpreter(gm, seed, growing)
     opaque = {path: m for path, m in gm.named_modules() if isinstance(m, OpaqueNormPropAffine) and m.calibrate}
     for m in opaque.values():
         m.measuring = True
@@ -529,6 +692,8 @@ def propagate_moments(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ..
             m.measuring = False
 
     analysis = MomentAnalysis(estimated=propagation.estimated, unknown=propagation.unknown)
+    if growing is not None:
+        analysis.growth_steps = growing.taken
     for path, m in opaque.items():
         if m.measured:
             analysis.opaque_corrections.append(Correction(

@@ -4,9 +4,12 @@ draw (issue 20, finding 5: timm lcnet_050's late corrections moved by 16-34% bet
 
 from __future__ import annotations
 
+import math
+import sys
+
 import pytest
 import torch
-from torch import nn
+from torch import fx, nn
 
 import normprop_fx
 from normprop_fx.errors import InvalidOptionError
@@ -152,3 +155,148 @@ def test_standardizing_scale() -> None:
     assert torch.allclose(scale[3:], torch.tensor(NEAR_CONSTANT_VARIANCE * 0.5).rsqrt().expand(2))
     scalar, count = standardizing_scale(torch.tensor(0.0))
     assert count == 0 and scalar.item() == pytest.approx(1e6)
+
+
+# --- the sample grows where its samples' spread asks (passes.propagate._GrowingSample) -----------
+
+
+class _GatedNet(nn.Module):
+    """conv-BN-ReLU at 16x16, a stride-2 conv-BN-ReLU, an SE gate (whose product has estimated
+    moments: the next conv's correction is measured on the sample), conv-BN-ReLU at 8x8, pool,
+    head. With ``batch_read``, the batch size is read off the input at the start and used by the
+    head's reshape: an int that changes with the sample, held across the whole graph."""
+
+    def __init__(self, batch_read: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.fc1, self.fc2 = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1)
+        self.body = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Linear(8, 4)
+        self.batch_read = batch_read
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch = x.size(0) if self.batch_read else -1
+        x = self.stem(x)
+        x = x * torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
+        return self.head(self.body(x).mean((2, 3)).reshape(batch, 8))
+
+
+def _grown_conversion(model: nn.Module, monkeypatch: pytest.MonkeyPatch) -> nn.Module:
+    """``model`` converted with a sample error so small that every measured correction asks the
+    sample to grow as far as it may."""
+    from normprop_fx.passes import propagate
+
+    monkeypatch.setattr(propagate, "SAMPLE_ERROR", 1e-6)
+    return normprop_fx.convert(model, gamma_init=1.0, example_inputs=torch.empty(2, 3, 16, 16))
+
+
+def _grown_sample(start: int, grown: int, seed: int = 0) -> torch.Tensor:
+    """The Gaussian sample as propagation draws it: ``start`` samples, then the new ones in pieces
+    of a quarter of ``start``, from one generator seeded with ``seed``."""
+    from normprop_fx.passes.propagate import REPLAY_PIECES
+
+    generator = torch.Generator().manual_seed(seed)
+    parts = [torch.randn((start, 3, 16, 16), generator=generator, dtype=torch.float64)]
+    piece = max(1, start // REPLAY_PIECES)
+    for first in range(start, grown, piece):
+        parts.append(torch.randn((min(piece, grown - first), 3, 16, 16), generator=generator, dtype=torch.float64))
+    return torch.cat(parts).float()
+
+
+def test_a_grown_correction_is_the_statistic_of_every_sample_at_its_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The body conv's correction is measured after the sample grew from 128 to 256 (the 8x8 maps
+    from there on hold a quarter of the 16x16 ones'). The new samples ran through the stem and the
+    gate as the converted model runs them: on the whole grown sample, the converted model's input
+    to that correction has exactly the mean square the correction was scaled to, and the first
+    128 samples alone have another."""
+    converted = _grown_conversion(_GatedNet(), monkeypatch)
+    report = converted.normprop_report
+    assert report.calibration_samples == 256
+    assert "grown from 128 as the samples' spread asked, before 1 corrections" in report.assumptions[-1]
+    correction = converted.body[0].input_correction
+    assert "calibrated on the Gaussian sample" in correction.reason
+    seen: list[torch.Tensor] = []
+    correction.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().double()))
+    with torch.no_grad():
+        converted.eval()(_grown_sample(128, 256))
+    (x,) = seen
+    nominal = float((correction.scale.double() ** -2).mean())  # the variance it standardizes by, over channels
+
+    def mean_square(values: torch.Tensor) -> float:
+        return float(((values - correction.mean.double()) ** 2).mean((0, 2, 3)).mean())
+
+    assert mean_square(x) == pytest.approx(nominal, rel=1e-5)
+    assert abs(mean_square(x[:128]) / nominal - 1) > 1e-3  # the test tells the samples apart
+
+
+def test_the_sample_does_not_grow_while_an_int_read_off_the_batch_is_held(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``x.size(0)`` read at the start and used by the head's reshape changes with the sample:
+    growing would leave it at the old size (the reshape fails, or silently mixes samples). So the
+    sample stays as it is, the conversion works, and the report says so by not saying it grew."""
+    converted = _grown_conversion(_GatedNet(batch_read=True), monkeypatch)
+    assert converted.normprop_report.calibration_samples == 128
+    assert "grown" not in converted.normprop_report.assumptions[-1]
+    assert converted(torch.randn(3, 3, 16, 16)).shape == (3, 4)
+
+
+def _planned(model: nn.Module, monkeypatch: pytest.MonkeyPatch) -> tuple[fx.GraphModule, calibration_sample.CalibrationSample]:
+    """The graph moment propagation runs on (converted layers in place) and the sample planned for it."""
+    module = sys.modules["normprop_fx.convert"]
+    plan = module.calibration_sample_size
+    found = {}
+
+    def spy(gm: fx.GraphModule, inputs: list[torch.Tensor], requested: int | None = None) -> calibration_sample.CalibrationSample:
+        found["gm"], found["sample"] = gm, plan(gm, inputs, requested)
+        return found["sample"]
+
+    monkeypatch.setattr(module, "calibration_sample_size", spy)
+    normprop_fx.convert(model, example_inputs=torch.empty(2, 3, 16, 16))
+    return found["gm"], found["sample"]
+
+
+def test_growth_stays_within_the_memory_and_time_it_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sample grows to at most GROWTH_TIME x what SAMPLE_VALUES allows, and, before a node, to
+    at most the size whose largest value held from there on is half the largest at the start."""
+    gm, sample = _planned(_GatedNet(batch_read=True), monkeypatch)
+    growth = sample.growth
+    assert sample.samples == 128 and growth is not None and growth.cap == calibration_sample.MAX_SAMPLES
+    assert growth.limits["x"] == 64  # before anything runs, the 16x16x8 maps are ahead: half of 128
+    assert growth.limits["body_0"] == 256  # 8x8 maps from there on, a quarter of the size (capped)
+    assert {"x", "stem_0", "body_0", "mul"} <= growth.batch_major
+    assert "size" not in growth.batch_major | growth.batch_free  # the int read off the batch
+    computed = sum(math.prod(s) for s in fake_shapes(gm, [(2, 3, 16, 16)], [torch.float32]).values()) // 2
+    monkeypatch.setattr(calibration_sample, "SAMPLE_VALUES", 20 * computed)
+    capped = calibration_sample.calibration_sample_size(gm, [torch.empty(2, 3, 16, 16)])
+    assert capped.samples == 20 and capped.growth is not None and capped.growth.cap == 80
+
+
+def test_largest_held_counts_values_still_needed() -> None:
+    """A skip connection holds its large input across the small values computed in between."""
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    small = graph.call_function(torch.relu, (x,))
+    smaller = graph.call_function(torch.sigmoid, (small,))
+    out = graph.call_function(torch.add, (x, smaller))
+    graph.output(out)
+    nodes = list(graph.nodes)
+    sizes = dict(zip(nodes, (100, 10, 1, 5, 0)))
+    assert calibration_sample._largest_held(nodes, sizes) == [100, 100, 100, 100, 5]
+
+
+def test_structural_ratio_is_continuous() -> None:
+    """A structural correction takes none of the sample's ratio within the tolerance, all of it
+    past twice the tolerance (in log scale), and a ramp in between: no jump at the tolerance,
+    where calibration seeds on either side of it gave constants 10% apart."""
+    from normprop_fx.passes.propagate import STRUCTURAL_TOLERANCE, structural_ratio
+
+    edge = 1 + STRUCTURAL_TOLERANCE
+    assert structural_ratio(1.0) == structural_ratio(edge) == structural_ratio(1 / edge) == 1.0
+    assert structural_ratio(edge**2) == pytest.approx(edge**2) and structural_ratio(1.5) == pytest.approx(1.5)
+    assert structural_ratio(edge**-2.5) == pytest.approx(edge**-2.5)
+    ratios = torch.linspace(0.7, 1.4, 2001).tolist()
+    taken = [structural_ratio(r) for r in ratios]
+    assert all(b >= a for a, b in zip(taken, taken[1:]))  # monotone
+    assert max(abs(math.log(b / a)) for a, b in zip(taken, taken[1:])) < 2.5 * max(
+        abs(math.log(b / a)) for a, b in zip(ratios, ratios[1:]))  # no jump: slope at most 2
