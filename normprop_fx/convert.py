@@ -115,8 +115,10 @@ def convert(
         calibration_samples: how many Gaussian samples (of the example input's shape) moment
             propagation measures what no rule knows on (pooling correlations, ops without a
             rule). None (default): as many as the shapes call for, 8-256
-            (``passes/calibration_sample.py``: the smaller the late maps, the more), so the
-            constants do not depend on the draw; the report says how many.
+            (``passes/calibration_sample.py``: the smaller the late maps, the more), grown
+            during propagation where the samples' own spread asks for more (up to 4x the time),
+            so the constants depend little on the draw; the report says how many. A given N is
+            used as it is, from start to end.
         calibration_seed: the seed of that sample (and of the probes); another seed gives the
             same constants to within a few percent.
 
