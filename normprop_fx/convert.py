@@ -183,8 +183,8 @@ def convert(
         samples = sample.samples
         try:
             analysis = propagate_moments(gm, inputs, sample.samples, calibration_seed, sample.growth)
-            if analysis.growth_steps:
-                sample = grown(sample, analysis.growth_steps)
+            if analysis.growth_steps or analysis.growth_failure:
+                sample = grown(sample, analysis.growth_steps, analysis.growth_failure)
                 assumptions, samples = (*assumptions[:-1], calibration_line(sample, calibration_seed)), sample.samples
             gm, corrections, standalone = insert_corrections(gm, analysis)
             estimated, unknown = analysis.estimated, analysis.unknown

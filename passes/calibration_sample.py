@@ -164,12 +164,15 @@ def _largest_held(nodes: list[fx.Node], per_sample: dict[fx.Node, int]) -> list[
     return held
 
 
-def grown(sample: CalibrationSample, steps: Sequence[tuple[str, int]]) -> CalibrationSample:
-    """``sample`` after moment propagation grew it in ``steps`` ((node, size) each)."""
-    if not steps:
-        return sample
-    reason = f"{sample.reason}; grown from {sample.samples} as the samples' spread asked, before {len(steps)} corrections"
-    return dataclasses.replace(sample, samples=steps[-1][1], reason=reason)
+def grown(sample: CalibrationSample, steps: Sequence[tuple[str, int]], failure: str | None = None) -> CalibrationSample:
+    """``sample`` after moment propagation grew it in ``steps`` ((node, size) each), and why it
+    stopped growing early (``failure``), if it did."""
+    reason = sample.reason
+    if steps:
+        reason += f"; grown from {sample.samples} as the samples' spread asked, before {len(steps)} corrections"
+    if failure:
+        reason += f"; {failure}"
+    return dataclasses.replace(sample, samples=steps[-1][1] if steps else sample.samples, reason=reason)
 
 
 def calibration_line(sample: CalibrationSample, seed: int) -> str:

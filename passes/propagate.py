@@ -144,6 +144,8 @@ class MomentAnalysis:
     opaque_corrections: list[Correction] = field(default_factory=list)
     #: where the sample grew: (node, samples from there on); empty when it did not grow
     growth_steps: list[tuple[str, int]] = field(default_factory=list)
+    #: why the sample stopped growing where its spread asked for more (a replay failed), if it did
+    growth_failure: str | None = None
 
 def is_trained(module: nn.Module) -> bool:
     """A NormProp module that keeps a trained BatchNorm's function (docs/method.md section 8)."""
@@ -478,6 +480,7 @@ class _GrowingSample:
         self.shapes = [(tuple(x.shape[1:]), x.dtype, x.device) for x in inputs]
         self.generator = generator
         self.taken: list[tuple[str, int]] = []  #: (node, size) of each step taken
+        self.failure: str | None = None  #: why a replay failed (then the sample grows no more)
 
     def enough_for(self, n: fx.Node, source: fx.Node, center: torch.Tensor, interpreter: MomentInterpreter) -> None:
         """Before ``n``'s correction is measured on the sample (its input ``source``, around
@@ -493,14 +496,19 @@ class _GrowingSample:
         135 instead of 80 of its 155 layers within the statistics bounds, largest std 1.30
         instead of 2.16; docs/zoo.md)."""
         limit = min(self.growth.cap, self.growth.limits.get(n.name, self.size))
-        while self.size < limit:
+        while self.size < limit and self.failure is None:
             squares = sample_mean_squares(interpreter.env[source], center)
             if squares is None or squares.numel() < 2 or not float(squares.mean()) > 0:
                 return
             cv = float(squares.std(correction=1) / squares.mean()) * _upper_bound_factor(squares.numel() - 1)
             wanted = math.ceil((cv / SAMPLE_ERROR) ** 2)
-            if wanted <= self.size or not self.grow(n, interpreter, min(limit, max(2 * self.size, wanted))):
+            if wanted <= self.size:
                 return
+            try:
+                if not self.grow(n, interpreter, min(limit, max(2 * self.size, wanted))):
+                    return
+            except Exception as err:  # noqa: BLE001 - an op the new samples trip: the sample stays, reported
+                self.failure = f"the sample could not grow before {describe_node(n, interpreter.module)}: {type(err).__name__}: {err}"
 
     def grow(self, n: fx.Node, interpreter: MomentInterpreter, size: int) -> bool:
         """Grow the sample to ``size`` just before ``n`` runs: new samples run through the graph
@@ -694,6 +702,7 @@ def propagate_moments(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ..
     analysis = MomentAnalysis(estimated=propagation.estimated, unknown=propagation.unknown)
     if growing is not None:
         analysis.growth_steps = growing.taken
+        analysis.growth_failure = growing.failure
     for path, m in opaque.items():
         if m.measured:
             analysis.opaque_corrections.append(Correction(

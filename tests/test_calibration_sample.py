@@ -300,3 +300,18 @@ def test_structural_ratio_is_continuous() -> None:
     assert all(b >= a for a, b in zip(taken, taken[1:]))  # monotone
     assert max(abs(math.log(b / a)) for a, b in zip(taken, taken[1:])) < 2.5 * max(
         abs(math.log(b / a)) for a, b in zip(ratios, ratios[1:]))  # no jump: slope at most 2
+
+
+def test_a_replay_that_fails_leaves_the_sample_as_it_is_and_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Growing runs new samples through the graph so far; should an op refuse them, the conversion
+    goes on with the sample it has, and the report's calibration line says where and why."""
+    from normprop_fx.passes import propagate
+
+    def refuse(self: object, stop: fx.Node, inputs: list, wanted: set) -> dict:
+        raise RuntimeError("no new samples here")
+
+    monkeypatch.setattr(propagate._Replay, "values_before", refuse)
+    converted = _grown_conversion(_GatedNet(), monkeypatch)
+    line = converted.normprop_report.assumptions[-1]
+    assert converted.normprop_report.calibration_samples == 128 and "grown" not in line
+    assert "the sample could not grow before body.0" in line and "RuntimeError: no new samples here" in line, line
