@@ -233,3 +233,30 @@ def test_amplified_rounding_is_told_from_batch_dependence():
     assert check.batch_independent and check.passed and not check.failures
     dependent = _check(zoo_models.BatchDependent)
     assert not dependent.batch_independent and dependent.ill_conditioned == []
+
+
+def test_compare_statistics_lines_up_two_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """tools/compare_statistics.py: a line per model whose row changed, totals over the models of
+    both runs (the last row of a model wins), and a clear error for a file that is not there."""
+    import compare_statistics
+
+    def row(model: str, within: int, low: float, high: float, spread: float, samples: int) -> str:
+        return json.dumps({"model": model, "check": "statistics", "layers": 10, "within": within, "min_std": low,
+                           "max_std": high, "seed_spread": spread, "calibration_samples": samples,
+                           "worst_within_range": 0.5 <= low and high <= 2.0})
+
+    before, after = tmp_path / "before.jsonl", tmp_path / "after.jsonl"
+    before.write_text("\n".join([row("a", 9, 0.9, 2.5, 0.2, 8), row("b", 10, 0.9, 1.1, 0.01, 8),
+                                 row("only_before", 10, 0.9, 1.1, 0.01, 8)]) + "\n")
+    after.write_text("\n".join([row("a", 1, 0.9, 9.0, 0.5, 8), row("b", 10, 0.9, 1.1, 0.01, 8),
+                                row("a", 10, 0.9, 1.5, 0.04, 32)]) + "\n")
+    assert compare_statistics.main([str(before), str(after)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("a (of 10 layers): within 9 -> 10") and "calibration_samples 8 -> 32" in out[0]
+    assert "worst in range no -> yes; spread target no -> yes" in out[0]
+    assert out[1] == "models measured in both: 2, rows that differ: 1"
+    assert out[2].startswith("before: worst layer in range 1 of 2, constants within 5% 1 of 2, both 1; layers within 19 of 20")
+    assert out[3].startswith("after: worst layer in range 2 of 2, constants within 5% 2 of 2, both 2; layers within 20 of 20")
+    with pytest.raises(SystemExit) as exit_info:
+        compare_statistics.main([str(tmp_path / "missing.jsonl"), str(after)])
+    assert exit_info.value.code == 2 and "missing.jsonl: no such file" in capsys.readouterr().err
