@@ -79,6 +79,7 @@ class SampleGrowth:
     limits: dict[str, int]
     batch_major: frozenset[str]
     batch_free: frozenset[str]
+    largest: int = 1  #: the values of the largest tensor one sample makes in the graph
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,7 @@ def _growth(gm: fx.GraphModule, signatures: list[dict[fx.Node, Any]], samples: i
     # forward: half the largest tensor of the start keeps the total near the start's peak.
     budget = samples * max(held, default=1) // 2
     limits = {n.name: min(cap, budget // max(1, h)) for n, h in zip(nodes, held)}
-    return SampleGrowth(cap, limits, frozenset(batch_major), frozenset(batch_free))
+    return SampleGrowth(cap, limits, frozenset(batch_major), frozenset(batch_free), max(1, max(held, default=1)))
 
 
 def _largest_held(nodes: list[fx.Node], per_sample: dict[fx.Node, int]) -> list[int]:

@@ -101,9 +101,11 @@ STRUCTURAL_TOLERANCE = 0.1
 #: measured from (``_GrowingSample.enough_for``): three calibration seeds then give constants
 #: about 2.5% apart, and the largest of a model's spreads stays within ~3 standard errors, 4.5%.
 SAMPLE_ERROR = 0.015
-#: The new samples of a growing sample run through the graph so far in pieces of this fraction of
-#: the sample's start, so that the replay's own forward needs a fraction of the start's memory.
+#: The new samples of a growing sample are drawn in pieces of this fraction of the sample's start,
+#: and run through the graph so far as many pieces at once as keep the largest tensor of the
+#: replay within REPLAY_VALUES values (at least one piece: a fraction of the start's memory).
 REPLAY_PIECES = 4
+REPLAY_VALUES = 2**22
 #: Up to this many distinct channels, an activation's Gaussian moments are integrated by
 #: quadrature per channel; past it, on the shared particles at once (much faster, ~1% noise).
 _QUADRATURE_CHANNELS = 16
@@ -518,11 +520,17 @@ class _GrowingSample:
             return False
         parts: dict[fx.Node, list[torch.Tensor]] = {k: [interpreter.env[k]] for k in growing}
         replay = _Replay(interpreter.module)
+        # Drawn in pieces of a quarter of the start (the draw does not depend on what fits), run
+        # as many pieces at once as REPLAY_VALUES holds (a small model's new samples in one go).
         piece = max(1, self.start // REPLAY_PIECES)
-        for first in range(self.size, size, piece):
-            values = replay.values_before(n, self._draw(min(piece, size - first)), set(growing))
+        draws = [self._draw(min(piece, size - first)) for first in range(self.size, size, piece)]
+        runs = max(1, REPLAY_VALUES // max(1, self.growth.largest * piece))
+        for group in (draws[i:i + runs] for i in range(0, len(draws), runs)):
+            inputs = [fixed if fixed is not None else torch.cat([d[j] for d in group]) for j, fixed in enumerate(self.fixed)]
+            values = replay.values_before(n, inputs, set(growing))
             for k in growing:
                 parts[k].append(values[k])
+        del draws
         for k, values in parts.items():
             interpreter.env[k] = torch.cat(values)
         del parts, replay
