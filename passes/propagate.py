@@ -446,6 +446,7 @@ class _Replay(fx.Interpreter):
     corrections decided so far (:func:`run_as_recorded`), and nothing else."""
 
     def run_node(self, n: fx.Node) -> Any:
+        release_freed_heap()  # as the propagation does: freed values go back to the system
         return run_as_recorded(self, n, self.submodules.get(n.target) if n.op == "call_module" else None)
 
     def values_before(self, stop: fx.Node, inputs: list[Any], wanted: set[fx.Node]) -> dict[fx.Node, Any]:
