@@ -260,3 +260,12 @@ def test_compare_statistics_lines_up_two_runs(tmp_path: Path, capsys: pytest.Cap
     with pytest.raises(SystemExit) as exit_info:
         compare_statistics.main([str(tmp_path / "missing.jsonl"), str(after)])
     assert exit_info.value.code == 2 and "missing.jsonl: no such file" in capsys.readouterr().err
+
+
+def test_convert_time_refuses_a_bad_argument(capsys: pytest.CaptureFixture[str]) -> None:
+    """tools/convert_time.py: a bad count is one line and exit status 2, before anything is built."""
+    import convert_time
+
+    with pytest.raises(SystemExit) as exit_info:
+        convert_time.main(["resnet18", "--base", "HEAD", "--rounds", "0"])
+    assert exit_info.value.code == 2 and "--rounds and --pixels must be at least 1" in capsys.readouterr().err
