@@ -100,11 +100,10 @@ def calibration_sample_size(gm: fx.GraphModule, example_inputs: Sequence[torch.T
         return CalibrationSample(requested, "calibration_samples= given")
     probe = 2  # a batch of 1 would trip a left BatchNorm1d in train mode
     try:
-        signatures = [fake_signatures(gm, [sample_shape(x, batch, example_inputs) for x in example_inputs],
-                                      [x.dtype for x in example_inputs]) for batch in (probe, probe + 1)]
+        small = _signatures(gm, example_inputs, probe)
     except Exception:  # noqa: BLE001 - no shapes: a fixed size, said in the report
         return CalibrationSample(FALLBACK_SAMPLES, "the shapes could not be propagated")
-    shapes = {n: s.shape for n, s in signatures[0].items() if isinstance(s, TensorSignature)}
+    shapes = {n: s.shape for n, s in small.items() if isinstance(s, TensorSignature)}
     modules = dict(gm.named_modules())
     consumers = {
         n: _values_per_channel(shapes[n.args[0]]) // probe or 1 for n in gm.graph.nodes
@@ -121,17 +120,27 @@ def calibration_sample_size(gm: fx.GraphModule, example_inputs: Sequence[torch.T
     why = (f"{per_channel} values per channel in the smallest map a NormProp consumer reads"
            + (f"; a sample computes {computed / 1e6:.3g}M values, {fits} fit in {SAMPLE_VALUES / 1e6:.0f}M"
               if fits < wanted else ""))
-    return CalibrationSample(samples, why, _growth(gm, signatures, samples, computed, probe))
+    return CalibrationSample(samples, why, _growth(gm, example_inputs, small, samples, computed, probe))
 
 
-def _growth(gm: fx.GraphModule, signatures: list[dict[fx.Node, Any]], samples: int, computed: int,
-            probe: int) -> SampleGrowth | None:
+def _signatures(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], batch: int) -> dict[fx.Node, Any]:
+    """Every node's signature on inputs shaped like ``example_inputs`` with ``batch`` samples."""
+    return fake_signatures(gm, [sample_shape(x, batch, example_inputs) for x in example_inputs],
+                           [x.dtype for x in example_inputs])
+
+
+def _growth(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], small: dict[fx.Node, Any], samples: int,
+            computed: int, probe: int) -> SampleGrowth | None:
     """How far a sample of ``samples`` may grow (module docstring), from the signatures of every
-    node on batches of ``probe`` and ``probe + 1``; None where it may not."""
+    node on batches of ``probe`` (``small``) and ``probe + 1``; None where it may not (then the
+    second run is not needed: a model at its time bound saves it)."""
     cap = min(MAX_SAMPLES, GROWTH_TIME * SAMPLE_VALUES // max(1, computed))
     if cap <= samples:
         return None
-    small, large = signatures
+    try:
+        large = _signatures(gm, example_inputs, probe + 1)
+    except Exception:  # noqa: BLE001 - the shapes of the first run were had; no growth without these
+        return None
     batch_major, batch_free = set(), set()
     for n, s in small.items():
         t = large.get(n)
