@@ -38,10 +38,16 @@ def read(spec: str) -> dict[str, dict[str, Any]]:
         shown = subprocess.run(["git", "show", f"{rev}:{name}"], capture_output=True, text=True)
         if shown.returncode:
             raise ValueError(f"{spec}: {shown.stderr.strip()}")
-        with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as out:
-            out.write(shown.stdout)
-        path = Path(out.name)
-    return {m: r for m, r in load_results(path).items() if r.get("check") == "statistics" and r.get("layers")}
+        with tempfile.TemporaryDirectory() as where:
+            path = Path(where) / "results.jsonl"
+            path.write_text(shown.stdout)
+            return _measured(load_results(path))
+    return _measured(load_results(path))
+
+
+def _measured(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The statistics rows that measured layers."""
+    return {m: r for m, r in rows.items() if r.get("check") == "statistics" and r.get("layers")}
 
 
 def targets(row: dict[str, Any]) -> tuple[bool, bool]:
