@@ -123,6 +123,26 @@ def _assert_exact(original: nn.Module, converted: nn.Module, x: torch.Tensor, to
         assert relative_l2(converted.train()(x), expected) <= tol
 
 
+def _assert_exact_to_rounding(original: nn.Module, converted: nn.Module, x: torch.Tensor) -> None:
+    """A zoo-sized network's criterion, as ``test_trained_model_converts_exactly``'s: a float64 copy
+    converts to 1e-10 of the float64 original; in float32 (eval, and train equal to eval) the
+    conversion is within 1e-5 of the original or, where the original's own float32 rounding is
+    already that large (a deep depthwise + SE network on another CPU's kernels: 1.3e-5 measured on
+    an AMD EPYC), within ROUNDING_FLOOR_FACTOR times it of the float64 outputs."""
+    original64 = copy.deepcopy(original).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converted64 = normprop_fx.convert(original64, example_inputs=x.double())
+    with torch.no_grad():
+        expected64 = original64.eval()(x.double())
+        assert relative_l2(converted64.eval()(x.double()), expected64) <= TRAINED_RTOL_FLOAT64
+        expected32 = original.eval()(x)
+        floor = ROUNDING_FLOOR_FACTOR * relative_l2(expected32, expected64)
+        for mode in (converted.eval(), converted.train()):
+            out = mode(x)
+            assert relative_l2(out, expected32) <= TRAINED_RTOL_FLOAT32 or relative_l2(out, expected64) <= floor
+
+
 def test_conv_bias_and_linear_bn_are_exact_and_the_audit_says_trained() -> None:
     model = _trained(_conv_bn_relu(bias=True))
     converted = normprop_fx.convert(model)
@@ -204,7 +224,7 @@ def test_frozen_batchnorm_resnet_is_found_converted_and_exact() -> None:
     assert report.batchnorms_found == report.converted == 20 and not report.left
     assert all(i.reason == "a frozen BatchNorm: always trained" for i in report.initializations)
     assert not any(isinstance(m, FrozenBatchNorm2d) for m in converted.modules())
-    _assert_exact(model, converted, torch.randn(2, 3, 64, 64), tol=1e-5)
+    _assert_exact_to_rounding(model, converted, torch.randn(2, 3, 64, 64))
     params = dict(converted.named_parameters())
     assert params["conv1.gamma"].requires_grad and params["layer4.1.conv2.beta"].requires_grad  # trainable now
 
@@ -220,7 +240,7 @@ def test_timm_frozen_batchnorm_act_is_converted_exactly() -> None:
     converted = normprop_fx.convert(model)
     report = conversion_report(converted)
     assert report.batchnorms_found == report.converted > 0 and not report.left
-    _assert_exact(model, converted, torch.randn(2, 3, 64, 64), tol=1e-5)
+    _assert_exact_to_rounding(model, converted, torch.randn(2, 3, 64, 64))
 
 
 def test_frozen_parts_stay_frozen() -> None:
