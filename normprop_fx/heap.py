@@ -8,6 +8,11 @@ maxvit_tiny_tf_512 the conversion's resident memory grew from 1.0 to 4.6 GiB whi
 values stayed under 2 GiB (the same run with ``MALLOC_MMAP_THRESHOLD_=1048576`` stays at 2.0 GiB).
 :func:`release_freed_heap` calls glibc's ``malloc_trim(0)``, which returns every whole free page
 of the heap (it changes no allocator setting); elsewhere (macOS, musl) it does nothing.
+
+Each trim has a price: the pages it returns are faulted in and zeroed again by the next
+allocations. Trimming after every node cost resnet50's conversion (44 calibration samples at
+224 px) 4.0 s of system time in 10.2 s; :class:`FreedBytes` trims only once the values freed
+since the last trim add up to a threshold.
 """
 
 from __future__ import annotations
@@ -32,3 +37,18 @@ def release_freed_heap() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+class FreedBytes:
+    """Counts the bytes of the values freed since the heap was last given back, and gives it back
+    (:func:`release_freed_heap`) once they reach ``threshold``."""
+
+    def __init__(self, threshold: int) -> None:
+        self.threshold = threshold
+        self.pending = 0
+
+    def add(self, freed: int) -> None:
+        self.pending += freed
+        if self.pending >= self.threshold:
+            release_freed_heap()
+            self.pending = 0
