@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import operator
 from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     from .patterns import ActivationForm
 
 __all__ = [
+    "AS_WRITTEN",
     "NORMPROP_CONSUMERS",
     "NORMPROP_MODULES",
     "RESTORED_FUNCTION",
@@ -29,6 +31,7 @@ __all__ = [
     "activation_spec",
     "adopt_owner",
     "channel_reduce_dims",
+    "feeds_modules",
     "free_module_name",
     "hand_over",
     "has_submodule",
@@ -39,6 +42,7 @@ __all__ = [
     "owner_stack",
     "set_submodule",
     "take_over",
+    "upstream_of",
 ]
 
 #: torch.fx's record, in ``node.meta``, of the module calls a node was traced in.
@@ -49,6 +53,9 @@ TAKES_OVER = "normprop_takes_over"
 #: (``passes.dropout_modes``): the function. A forward that is not rebuilt still makes that call,
 #: and follows train()/eval() by itself.
 RESTORED_FUNCTION = "normprop_restored_function"
+#: ``node.meta`` key of an activation the match leaves as the user wrote it, neither fused nor
+#: normalized (``passes.match``): why, as the rewrite's note says it.
+AS_WRITTEN = "normprop_as_written"
 
 
 def owner_stack(node: fx.Node) -> dict[str, tuple[str, type]]:
@@ -248,6 +255,29 @@ def is_gate(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
         if not (carries and user.args and user.args[0] is node and is_gate(user, modules)):
             return False
     return True
+
+
+def upstream_of(gm: fx.GraphModule, reads: Callable[[fx.Node], bool],
+                passes_on: Callable[[fx.Node], bool] = lambda _: True) -> set[fx.Node]:
+    """The nodes whose value reaches a node for which ``reads`` holds: read by it directly, or
+    through users that ``passes_on`` lets the value go on from (one sweep, users first)."""
+    found: set[fx.Node] = set()
+    for node in reversed(gm.graph.nodes):
+        if any(reads(user) or (user in found and passes_on(user)) for user in node.users):
+            found.add(node)
+    return found
+
+
+def feeds_modules(gm: fx.GraphModule, types: tuple[type[nn.Module], ...]) -> set[fx.Node]:
+    """The nodes whose value reaches a call of a module of ``types`` (a BatchNorm, a NormProp
+    consumer), through any ops: a call of a module that holds one inside (a leaf the trace did not
+    enter) counts as such a call."""
+    holders = {
+        path.rsplit(".", k)[0] if k else path
+        for path, module in gm.named_modules() if isinstance(module, types)
+        for k in range(path.count(".") + 1)
+    }
+    return upstream_of(gm, lambda user: user.op == "call_module" and str(user.target) in holders)
 
 
 def save_buffers(module: nn.Module | None) -> list[tuple[torch.Tensor, torch.Tensor]]:

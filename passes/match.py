@@ -29,7 +29,7 @@ from normprop_fx.batchnorm_state import batchnorm_state
 from normprop_fx.records import LeftBatchNorm
 
 from .describe import describe_node
-from .graph_utils import is_gate, module_uses, normalizable_activation, owner_stack
+from .graph_utils import AS_WRITTEN, feeds_modules, is_gate, module_uses, normalizable_activation, owner_stack
 from .input_shape import SHAPE
 from .patterns import (
     BATCH_NORM_TYPES,
@@ -82,9 +82,10 @@ def match_patterns(gm: fx.GraphModule) -> tuple[list[PatternMatch], list[LeftBat
             sites.setdefault(str(node.target), []).append(node)
     matches: list[PatternMatch] = []
     left: list[LeftBatchNorm] = []
+    normalized = feeds_modules(gm, BATCH_NORM_TYPES)
     for path, nodes in sites.items():
         try:
-            found = [_match_at(gm, modules, calls, node, sites) for node in nodes]
+            found = [_match_at(gm, modules, calls, node, sites, normalized) for node in nodes]
             if len(found) > 1:
                 found = _shared_pattern(gm, found)
         except _NotMatched as why:
@@ -168,7 +169,7 @@ def _users(node: fx.Node, gm: fx.GraphModule) -> str:
 
 def _match_at(
     gm: fx.GraphModule, modules: dict[str, nn.Module], calls: Counter, norm_node: fx.Node,
-    sites: dict[str, list[fx.Node]],
+    sites: dict[str, list[fx.Node]], normalized: set[fx.Node],
 ) -> PatternMatch:
     norm = modules[norm_node.target]
     unit = lookup_by_type(norm_act_units(), norm)
@@ -183,7 +184,7 @@ def _match_at(
     if unit is not None:
         act_node, spec, kept, notes = None, *_unit_activation(norm, unit, is_gate(norm_node, modules))
     else:
-        act_node, spec, notes = _activation_after(gm, modules, norm_node)
+        act_node, spec, notes = _activation_after(gm, modules, norm_node, normalized)
         kept = ()
     if not batchnorm_state(norm).affine:
         notes = (*notes, f"{norm_node.target} had affine=False: gamma and beta are fixed buffers")
@@ -250,6 +251,12 @@ def _feeds_only(gm: fx.GraphModule, producer: str, norm_calls: list[fx.Node]) ->
 
 #: What a rewrite's notes say of a gate activation left out of the NormProp layer.
 _GATE_NOTE = "is a gate (its output only multiplies other values): it stays raw, on the standardized output"
+#: ... and of a functional activation that the caller of the BatchNorm's module applies to that
+#: module's output, and whose output no NormProp layer reads (DenseNet's ``F.relu`` after
+#: ``features``): fusing it would change what the module returns, and normalizing it would rewrite
+#: the caller's forward for no layer's sake, so it stays as the user wrote it.
+HEAD_NOTE = ("is applied by the caller to its module's output, and no NormProp layer reads it: it stays as written, "
+             "on the standardized output (the module's output and the caller's forward are not changed)")
 
 
 def _unit_activation(
@@ -285,9 +292,10 @@ def _unit_activation(
 
 
 def _activation_after(
-    gm: fx.GraphModule, modules: dict[str, nn.Module], norm_node: fx.Node
+    gm: fx.GraphModule, modules: dict[str, nn.Module], norm_node: fx.Node, normalized: set[fx.Node],
 ) -> tuple[fx.Node | None, ActivationSpec, tuple[str, ...]]:
-    """The activation node that consumes ``norm_node`` and its spec, or (None, identity, notes)."""
+    """The activation node that consumes ``norm_node`` and its spec, or (None, identity, notes).
+    ``normalized``: the nodes whose value reaches a BatchNorm (a NormProp layer to be)."""
     identity = activation("identity")
     if len(norm_node.users) > 1:
         # Every user read the BatchNorm's output and now reads the standardized NormProp output;
@@ -320,5 +328,8 @@ def _activation_after(
         return None, identity, (f"{describe_node(user, gm)} after the BatchNorm is not normalized: {why}",)
     if spec.function.gate and is_gate(user, modules):
         return None, identity, (f"{describe_node(user, gm)} after the BatchNorm {_GATE_NOTE}",)
+    if module is None and user not in normalized and owner_stack(user) != owner_stack(norm_node):
+        user.meta[AS_WRITTEN] = HEAD_NOTE
+        return None, identity, (f"{describe_node(user, gm)} after the BatchNorm {HEAD_NOTE}",)
     return user, spec, ()
 

@@ -60,6 +60,7 @@ from normprop_fx.standardize import standardizing_scale
 from .calibration_sample import SampleGrowth, sample_shape
 from .describe import calibration_estimate, calibration_note, describe_node, opaque_unmeasured, value_range
 from .graph_utils import (
+    AS_WRITTEN,
     NORMPROP_CONSUMERS,
     NORMPROP_MODULES,
     channel_moments,
@@ -68,6 +69,7 @@ from .graph_utils import (
     restore_buffers,
     sample_mean_squares,
     save_buffers,
+    upstream_of,
 )
 from .moment_rules import (
     FUNCTION_RULES,
@@ -174,15 +176,11 @@ def _feeds_trained_layers(gm: fx.GraphModule, modules: dict[str, nn.Module]) -> 
         prefix = f"{node.target}."
         return any(p == node.target or p.startswith(prefix) for p in trained_inside)
 
-    feeds: set[fx.Node] = set()
-    for node in reversed(list(gm.graph.nodes)):
-        for user in node.users:
-            module = modules.get(user.target) if user.op == "call_module" else None
-            untrained_consumer = isinstance(module, NORMPROP_CONSUMERS) and not is_trained(module)
-            if is_trained_call(user) or (user in feeds and not untrained_consumer):
-                feeds.add(node)
-                break
-    return feeds
+    def untrained_consumer(node: fx.Node) -> bool:
+        module = modules.get(node.target) if node.op == "call_module" else None
+        return isinstance(module, NORMPROP_CONSUMERS) and not is_trained(module)
+
+    return upstream_of(gm, is_trained_call, lambda user: not untrained_consumer(user))
 
 
 class MomentInterpreter(fx.Interpreter):
@@ -293,6 +291,8 @@ class MomentInterpreter(fx.Interpreter):
             return None
         if n in self.feeds_trained:
             return None  # a trained layer reads this value as it is
+        if AS_WRITTEN in n.meta:
+            return None  # the match left this activation as the user wrote it (its note says why)
         form = _activation_form(n, module)
         if form is None:
             return None

@@ -323,14 +323,15 @@ def test_affine_after_a_residual_add_goes_into_the_conv_and_the_add():
 
 
 def test_a_module_tree_with_a_rebuilt_root_folds_every_normprop_module():
-    """The root's F.relu fuses into the child's BatchNorm: convert rebuilds the root as a
-    GraphModule that calls the child; fold must trace through it, not take the root as it is."""
+    """The root's F.relu, which a NormProp layer reads, fuses into the child's BatchNorm: convert
+    rebuilds the root as a GraphModule that calls the child; fold must trace through it, not take
+    the root as it is."""
 
     class Net(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.block = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
-            self.head = nn.Conv2d(4, 2, 1)
+            self.head = nn.Sequential(nn.Conv2d(4, 2, 1), nn.BatchNorm2d(2))
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.head(torch.nn.functional.relu(self.block(x)))

@@ -248,6 +248,47 @@ class FunctionalRoot(nn.Module):
         return F.relu(self.bn(self.conv(x)))
 
 
+class FunctionalHead(nn.Module):
+    """DenseNet's head: the root applies a functional relu to what its ``features`` return, and
+    only a classifier (no NormProp layer) reads it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(*conv_bn())
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.relu(self.features(x), inplace=True).mean((2, 3)))
+
+
+def test_a_functional_activation_of_a_module_output_that_no_normprop_layer_reads_stays_as_written():
+    model = FunctionalHead()
+    converted = normprop_fx.convert(model, example_inputs=X)
+    assert type(converted) is FunctionalHead and tree(converted).class_kept and not tree(converted).rebuilt
+    layer = converted.features[0]
+    assert isinstance(layer, NormPropConv2d) and layer.activation.spec.is_identity
+    (rewrite,) = converted.normprop_report.rewrites
+    assert rewrite.activation == "identity" and any("no NormProp layer reads it" in note for note in rewrite.notes)
+    with torch.no_grad():  # features return the standardized layer output, and the relu runs raw on it
+        expected = converted.fc(F.relu(layer(X)).mean((2, 3)))
+        torch.testing.assert_close(converted.features.eval()(X), layer(X), rtol=0, atol=0)
+        torch.testing.assert_close(converted.eval()(X), expected, rtol=0, atol=0)
+
+
+def test_a_functional_activation_of_a_module_output_that_a_normprop_layer_reads_is_fused():
+    class Caller(FunctionalHead):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv2, self.bn2 = conv_bn(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn2(self.conv2(F.relu(self.features(x))))
+
+    converted = normprop_fx.convert(Caller(), example_inputs=X)
+    assert not tree(converted).class_kept, "the caller's relu is fused into the layer before it"
+    assert converted.normprop_report.rewrites[0].activation == "relu"
+
+
 def test_a_root_whose_own_forward_changes_is_rebuilt_and_inplace_says_so():
     model = FunctionalRoot()
     with pytest.warns(normprop_fx.NormPropWarning, match="inplace=True: the forward of FunctionalRoot itself had to be rebuilt"):

@@ -45,7 +45,7 @@ TORCHVISION_MODELS = {
 }
 TORCHVISION_PARAMS = [
     "resnet50",
-    "densenet121",  # its root's forward is rebuilt (a functional relu fused away): a GraphModule root
+    "densenet121",  # its root's functional relu stays as written (no NormProp layer reads it)
     pytest.param("mobilenet_v3_large", marks=slow),
     pytest.param("efficientnet_b0", marks=slow),
 ]
@@ -336,6 +336,11 @@ def test_torchvision_feature_extractor_output_and_block_match_the_model(tv_case)
     _to_rounding(features["out"], expected)
     assert len(seen) == 1
     _to_rounding(features["block"], seen[0])
+
+
+def test_torchvision_root_keeps_its_class(tv_case):
+    name, case = tv_case
+    assert case.tree.class_kept and type(case.converted) is type(case.original), case.tree.rebuilt
 
 
 def test_torchvision_copies_keep_the_report(tv_case):
