@@ -198,7 +198,7 @@ def activation_spec(form: ActivationForm, node: fx.Node | None, module: nn.Modul
     Raises UnsupportedActivationError when a parameter is computed at run time, or the call has
     more positional arguments than the form knows."""
     if module is not None:
-        return activation(form.name, **{p: getattr(module, p) for p in form.params})
+        return activation(form.name, **dict(form.fixed), **{p: getattr(module, p) for p in form.params})
     assert node is not None
     if len(node.args) > 1 + len(form.params):
         raise UnsupportedActivationError(f"{len(node.args) - 1} positional parameters, the form knows {len(form.params)}")

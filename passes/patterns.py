@@ -115,16 +115,40 @@ class ActivationForm:
     params: for modules, the attribute names that hold the parameters; for functions and
         methods, the parameter names in positional order after the input ("inplace" is
         accepted and ignored: the NormProp layer produces a fresh tensor).
+    fixed: parameters the form always has ((name, value) pairs: timm's ``GELUTanh`` is
+        ``gelu`` with ``approximate='tanh'`` and no attribute that says so).
     """
 
     op: str
     target: Any
     name: str
     params: tuple[str, ...] = ()
+    fixed: tuple[tuple[str, Any], ...] = ()
 
 
-def _module(t: type[nn.Module], name: str, *params: str) -> ActivationForm:
-    return ActivationForm("call_module", t, name, params)
+def _module(t: type[nn.Module], name: str, *params: str, **fixed: Any) -> ActivationForm:
+    return ActivationForm("call_module", t, name, params, tuple(fixed.items()))
+
+
+def _timm_activations() -> tuple[ActivationForm, ...]:
+    """timm's own activation modules (``timm.layers.activations``), each of which computes a row
+    of the table: ``timm.layers.get_act_layer('gelu')`` is timm's ``GELU``, not ``nn.GELU``, and
+    a ``BatchNormAct2d`` holds it as its ``act``. The tracer does not enter a norm-act unit, so
+    only this table can tell what its activation computes. (QuickGELU and HardMish have no row.)"""
+    try:
+        from timm.layers import activations as timm_act
+    except ImportError:
+        return ()
+    return (
+        _module(timm_act.GELU, "gelu"),
+        _module(timm_act.GELUTanh, "gelu", approximate="tanh"),
+        _module(timm_act.Sigmoid, "sigmoid"),
+        _module(timm_act.Tanh, "tanh"),
+        _module(timm_act.Swish, "silu"),
+        _module(timm_act.Mish, "mish"),
+        _module(timm_act.HardSwish, "hardswish"),
+        _module(timm_act.HardSigmoid, "hardsigmoid"),
+    )
 
 
 def _functions(targets: tuple[Any, ...], name: str, *params: str) -> list[ActivationForm]:
@@ -154,6 +178,7 @@ ACTIVATION_FORMS: tuple[ActivationForm, ...] = (
     _module(nn.Softplus, "softplus", "beta", "threshold"),
     _module(nn.Tanh, "tanh"),
     _module(nn.Sigmoid, "sigmoid"),
+    *_timm_activations(),
     *_functions((F.relu,), "relu", "inplace"),
     *_functions((torch.relu, torch.relu_), "relu"),
     *_functions((F.relu6,), "relu6", "inplace"),

@@ -77,6 +77,32 @@ def test_timm_batchnorm_act_is_one_unit_with_its_activation(act):
     assert not report.left and not any(isinstance(m, BatchNormAct2d) for m in gm.modules())
 
 
+@pytest.mark.parametrize("act, expected", [("gelu", "gelu"), ("gelu_tanh", "gelu(approximate='tanh')"),
+                                           ("tanh", "tanh")])
+def test_timm_own_activation_modules_are_fused_and_exact_when_trained(act, expected):
+    """timm's get_act_layer('gelu') is timm's own GELU module, not nn.GELU (mobilenetv4_hybrid's
+    BatchNormAct2d units): it is fused like nn.GELU, untrained and trained (then exactly)."""
+    from timm.layers import BatchNormAct2d
+    from timm.layers import activations as timm_act
+
+    from normprop_fx.model_check import randomize_batchnorms
+
+    torch.manual_seed(0)
+    model = ConvNormAct(nn.Conv2d(3, 4, 3, bias=False), BatchNormAct2d(4, act_layer=act), None)
+    assert type(model.norm.act).__module__ == timm_act.__name__, "the test must exercise timm's own class"
+    for trained in (False, True):
+        if trained:  # in float64, where exact means to 1e-10
+            model = randomize_batchnorms(model, torch.randn(8, 3, 8, 8)).double()
+        converted = normprop_fx.convert(model, example_inputs=torch.empty(2, 3, 8, 8, dtype=next(model.parameters()).dtype))
+        report = normprop_fx.conversion_report(converted)
+        (rewrite,) = report.rewrites
+        assert rewrite.activation == expected and not rewrite.notes, rewrite.notes
+        assert type(converted) is ConvNormAct and report.module_tree.class_kept and not report.module_tree.rebuilt
+        if trained:
+            x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+            torch.testing.assert_close(converted.eval()(x), model.eval()(x), rtol=1e-10, atol=1e-10)
+
+
 def test_timm_batchnorm_act_with_drop_block_keeps_it_before_the_activation():
     from timm.layers import BatchNormAct2d, DropBlock2d
 
