@@ -291,6 +291,13 @@ def _unit_activation(
     return identity, kept, note
 
 
+def _applied_by_a_caller(user: fx.Node, norm_node: fx.Node) -> bool:
+    """Whether ``user`` is made in a forward that called (directly or not) the module whose
+    forward called the BatchNorm: the BatchNorm's output was returned up to it."""
+    outer, inner = list(owner_stack(user)), list(owner_stack(norm_node))
+    return len(outer) < len(inner) and inner[: len(outer)] == outer
+
+
 def _activation_after(
     gm: fx.GraphModule, modules: dict[str, nn.Module], norm_node: fx.Node, normalized: set[fx.Node],
 ) -> tuple[fx.Node | None, ActivationSpec, tuple[str, ...]]:
@@ -328,7 +335,7 @@ def _activation_after(
         return None, identity, (f"{describe_node(user, gm)} after the BatchNorm is not normalized: {why}",)
     if spec.function.gate and is_gate(user, modules):
         return None, identity, (f"{describe_node(user, gm)} after the BatchNorm {_GATE_NOTE}",)
-    if module is None and user not in normalized and owner_stack(user) != owner_stack(norm_node):
+    if module is None and user not in normalized and _applied_by_a_caller(user, norm_node):
         user.meta[AS_WRITTEN] = HEAD_NOTE
         return None, identity, (f"{describe_node(user, gm)} after the BatchNorm {HEAD_NOTE}",)
     return user, spec, ()

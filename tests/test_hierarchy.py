@@ -275,6 +275,26 @@ def test_a_functional_activation_of_a_module_output_that_no_normprop_layer_reads
         torch.testing.assert_close(converted.eval()(X), expected, rtol=0, atol=0)
 
 
+def test_a_functional_activation_in_an_activation_module_after_the_batchnorm_is_fused_as_before():
+    """timm's GELU module is traced through: its F.gelu is made deeper than the BatchNorm, not by a
+    caller, so nothing a module returns changes when it is fused (the head's last one too)."""
+
+    class GeluModule(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.gelu(x)
+
+    class Head(FunctionalHead):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = nn.Sequential(*conv_bn(), GeluModule())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.features(x).mean((2, 3)))
+
+    converted = normprop_fx.convert(Head(), example_inputs=X)
+    assert converted.normprop_report.rewrites[0].activation == "gelu"
+
+
 def test_a_functional_activation_of_a_module_output_that_a_normprop_layer_reads_is_fused():
     class Caller(FunctionalHead):
         def __init__(self) -> None:
