@@ -2,3 +2,7 @@
 python tools/zoo.py --source torchvision --check trained --jobs 2 --memory-limit-gb 8 --timeout 900 --results docs/zoo-trained-results.jsonl
 python tools/zoo.py --source timm --sample-every 3 --check trained --jobs 2 --memory-limit-gb 8 --timeout 900 --results docs/zoo-trained-results.jsonl
 python tools/zoo.py --redo --check trained --models torchvision:regnet_y_128gf timm:coatnet_5_224 timm:maxvit_large_tf_224 timm:maxvit_xlarge_tf_224 timm:regnety_1280 timm:efficientvit_b2 timm:efficientvit_l2 timm:efficientvit_m1 timm:efficientvit_m4 --memory-limit-gb 18 --timeout 900 --results docs/zoo-trained-results.jsonl
+# 2026-12-07 at 7cf3f49 (a caller's functional activation that no NormProp layer reads stays as written): the four DenseNets, whose conversion it changes
+python tools/zoo.py --redo --check trained --models torchvision:densenet121 torchvision:densenet161 torchvision:densenet169 torchvision:densenet201 --jobs 2 --memory-limit-gb 8 --timeout 900 --results docs/zoo-trained-results.jsonl
+# 2026-12-07 at eb2e219 (timm's own activation modules matched): the rows' models whose norm-act units hold one, but coatnet_5_224 and maxvit_xlarge_tf_224 (over 8 GiB; their rows are from before)
+python tools/zoo.py --redo --check trained --models timm:efficientformerv2_s1 timm:mobilenetv4_hybrid_large_075 timm:coatnet_0_224 timm:coatnet_3_224 timm:maxvit_base_tf_224 timm:maxvit_large_tf_224 timm:maxvit_small_tf_224 timm:maxvit_tiny_tf_224 --jobs 2 --memory-limit-gb 8 --timeout 900 --results docs/zoo-trained-results.jsonl
