@@ -35,6 +35,7 @@ __all__ = [
     "free_module_name",
     "hand_over",
     "has_submodule",
+    "holder_paths",
     "is_gate",
     "module_calls",
     "module_uses",
@@ -268,15 +269,21 @@ def upstream_of(gm: fx.GraphModule, reads: Callable[[fx.Node], bool],
     return found
 
 
+def holder_paths(gm: fx.GraphModule, holds: Callable[[nn.Module], bool]) -> set[str]:
+    """The qualified names of the modules for which ``holds`` is true, and of every module that
+    holds one of them inside: a call of such a module (a leaf the trace did not enter) runs it."""
+    return {
+        path.rsplit(".", k)[0] if k else path
+        for path, module in gm.named_modules() if holds(module)
+        for k in range(path.count(".") + 1)
+    }
+
+
 def feeds_modules(gm: fx.GraphModule, types: tuple[type[nn.Module], ...]) -> set[fx.Node]:
     """The nodes whose value reaches a call of a module of ``types`` (a BatchNorm, a NormProp
     consumer), through any ops: a call of a module that holds one inside (a leaf the trace did not
     enter) counts as such a call."""
-    holders = {
-        path.rsplit(".", k)[0] if k else path
-        for path, module in gm.named_modules() if isinstance(module, types)
-        for k in range(path.count(".") + 1)
-    }
+    holders = holder_paths(gm, lambda module: isinstance(module, types))
     return upstream_of(gm, lambda user: user.op == "call_module" and str(user.target) in holders)
 
 

@@ -64,6 +64,7 @@ from .graph_utils import (
     NORMPROP_CONSUMERS,
     NORMPROP_MODULES,
     channel_moments,
+    holder_paths,
     is_gate,
     normalizable_activation,
     restore_buffers,
@@ -163,18 +164,12 @@ def is_trained(module: nn.Module) -> bool:
 def _feeds_trained_layers(gm: fx.GraphModule, modules: dict[str, nn.Module]) -> set[fx.Node]:
     """The nodes whose value a trained layer reads as it is: directly, or through any ops but an
     untrained NormProp consumer (which gets a corrected input of its own). A call of a module that
-    holds trained replacements inside (an opaque module) counts as a trained layer."""
-    trained_inside = {
-        path.rpartition(".")[0] for path, m in modules.items() if isinstance(m, OpaqueNormPropAffine) and not m.calibrate
-    }
+    holds trained replacements inside (an opaque module: the NormPropAffine inside an
+    OpaqueNormPropAffine that does not calibrate keeps a trained function) counts as a trained layer."""
+    trained = holder_paths(gm, is_trained)
 
     def is_trained_call(node: fx.Node) -> bool:
-        if node.op != "call_module":
-            return False
-        if is_trained(modules[node.target]):
-            return True
-        prefix = f"{node.target}."
-        return any(p == node.target or p.startswith(prefix) for p in trained_inside)
+        return node.op == "call_module" and str(node.target) in trained
 
     def untrained_consumer(node: fx.Node) -> bool:
         module = modules.get(node.target) if node.op == "call_module" else None
