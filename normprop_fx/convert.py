@@ -173,7 +173,7 @@ def convert(
     gm, rewrites = rewrite_patterns(gm, matches, inits, gamma_init=gamma_init, eps=eps)
     opaque_rewrites, hidden = replace_opaque_batchnorms(gm, hidden, inits, gamma_init)
     corrections, standalone, estimated, unknown = [], [], [], []
-    samples = None
+    samples, precision = None, None
     if rewrites + opaque_rewrites and all(r.init == TRAINED_INIT for r in rewrites + opaque_rewrites):
         inputs, assumptions = _example_inputs_if_known(model, gm, example_inputs), (TRAINED_ASSUMPTION,)
     else:
@@ -187,7 +187,7 @@ def convert(
                 sample = grown(sample, analysis.growth_steps, analysis.growth_failure)
                 assumptions, samples = (*assumptions[:-1], calibration_line(sample, calibration_seed)), sample.samples
             gm, corrections, standalone = insert_corrections(gm, analysis)
-            estimated, unknown = analysis.estimated, analysis.unknown
+            estimated, unknown, precision = analysis.estimated, analysis.unknown, analysis.precision
         except Exception as err:
             # A NormPropError from a converted layer already says what is wrong and what to do
             # (a Linear -> BatchNorm1d layer given 3-D input: keep it out of the conversion); the
@@ -240,6 +240,7 @@ def convert(
         unknown_moments=tuple(unknown),
         input_shapes=tuple(tuple(x.shape) for x in inputs),
         calibration_samples=samples,
+        calibration_precision=precision,
         module_tree=tree,
     )
     setattr(result, REPORT_ATTRIBUTE, report)

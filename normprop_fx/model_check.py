@@ -753,6 +753,10 @@ class StatisticsCheck:
     #: largest relative spread (max - min) / mean of a correction constant over the seeds, and where
     seed_spread: float | None = None
     seed_spread_at: str | None = None
+    #: the seed-0 report's estimate of that spread's source: the relative standard error of its
+    #: least precise correction's scale, and where (``ConversionReport.calibration_precision``)
+    calibration_error: float | None = None
+    calibration_error_at: str | None = None
     corrections: int = 0  #: Standardize corrections in the seed-0 conversion
     failures: list[str] = field(default_factory=list)
 
@@ -804,7 +808,11 @@ def check_statistics(
                 converted = convert(model, calibration_seed=seed, **options)
             scales.append(correction_scales(converted))
             if seed == 0:
-                check.calibration_samples = conversion_report(converted).calibration_samples
+                report = conversion_report(converted)
+                check.calibration_samples = report.calibration_samples
+                if report.calibration_precision is not None:
+                    check.calibration_error = report.calibration_precision.scale_error
+                    check.calibration_error_at = report.calibration_precision.consumer
                 stage = "statistics"
                 x = torch.randn(samples, *shape, generator=torch.Generator().manual_seed(1))
                 _record_statistics(check, measure_layer_statistics(converted.eval(), x, batch_size=batch_size))

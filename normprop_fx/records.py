@@ -107,6 +107,34 @@ class NormalizedStandalone:
     activation: str
 
 
+@dataclass(frozen=True)
+class CalibrationPrecision:
+    """How precisely the Gaussian sample pins down the least precise correction it decided
+    (docs/method.md section 6). A correction calibrated on the sample divides by the mean, over
+    the samples, of each sample's own mean square at its input; at init a deep network's samples
+    drift apart in scale, so that mean is only as precise as their spread allows: with coefficient
+    of variation ``spread`` over ``samples`` samples, its relative standard error is
+    ``spread / sqrt(samples)``, and another calibration seed moves the correction's scale (1 / the
+    square root) by about half that. Of the graph's corrections (``passes.propagate``); those an
+    opaque module measures for itself (``OpaqueNormPropAffine``) are not included."""
+
+    consumer: str  #: the layer (or normalized activation) whose input correction it is
+    samples: int  #: the samples it was measured on
+    spread: float  #: coefficient of variation of the samples' own mean squares there
+    largest: float  #: the largest sample's mean square, over their median
+    wanted: int  #: samples that would make the mean square precise to the growth's aim at this spread
+
+    @property
+    def error(self) -> float:
+        """Relative standard error of the mean square the correction divides by."""
+        return self.spread / self.samples ** 0.5
+
+    @property
+    def scale_error(self) -> float:
+        """Relative standard error of the correction's scale (1 / sqrt of that mean square)."""
+        return self.error / 2
+
+
 @dataclass
 class ConversionReport:
     """Everything :func:`normprop_fx.convert` did to one model."""
@@ -131,6 +159,8 @@ class ConversionReport:
     input_shapes: tuple[tuple[int, ...], ...] = ()  #: the shapes the nominal moments were computed for
     #: Gaussian samples moment propagation calibrated on (None: none ran, e.g. a trained network)
     calibration_samples: int | None = None
+    #: how precisely the sample set its least precise correction (None: the sample set none)
+    calibration_precision: CalibrationPrecision | None = None
     #: how the result carries the user's module tree (None: not recorded)
     module_tree: ModuleTree | None = None
 

@@ -7,6 +7,7 @@ from tabulate import tabulate
 from torch import nn
 
 from .convert import conversion_report
+from .passes.calibration_sample import MAX_SAMPLES
 from .records import NORMPROP_INIT, ConversionReport
 from .statistics import measure_layer_statistics
 
@@ -52,6 +53,22 @@ def _module_tree_lines(report: ConversionReport, tablefmt: str) -> list[str]:
     if rows:
         lines.append(tabulate(rows, headers=["module", "class", "how", "why"], tablefmt=tablefmt, disable_numparse=True))
     return lines
+
+
+def _precision_lines(report: ConversionReport) -> list[str]:
+    """How much the constants the Gaussian sample set may move with its seed (docs/method.md section 6)."""
+    p = report.calibration_precision
+    if p is None:
+        return []
+    line = (f"Calibration precision: the least precise correction the Gaussian sample set is {p.consumer}'s: "
+            f"its {p.samples} samples' own mean squares spread with coefficient of variation {p.spread:.2f} "
+            f"(the largest {p.largest:.1f}x their median), so its scale has a relative standard error of "
+            f"{100 * p.scale_error:.1f}%, about what another calibration_seed moves it by")
+    if p.wanted > p.samples:
+        line += (f"; ~{p.wanted} samples would make it {100 * p.scale_error * (p.samples / p.wanted) ** 0.5:.1f}%"
+                 + (" (calibration_samples=)" if p.wanted <= MAX_SAMPLES else
+                    ": no affordable sample does, the samples' scales have drifted apart with depth"))
+    return [line + "."]
 
 
 def summary(
@@ -144,6 +161,7 @@ def summary(
     if report.unknown_moments:
         parts.append("Moments unknown (values computed from these get no correction):")
         parts.extend(f"  {op}" for op in report.unknown_moments)
+    parts.extend(_precision_lines(report))
     parts.extend(_module_tree_lines(report, tablefmt))
     if report.leaf_modules:
         parts.append(f"Leaf modules (not traced): {', '.join(report.leaf_modules)}")

@@ -54,7 +54,7 @@ from normprop_fx.layers import NormPropLayer
 from normprop_fx.moments import activation_moments
 from normprop_fx.normalized_activation import NormalizedActivation
 from normprop_fx.opaque_affine import OpaqueNormPropAffine
-from normprop_fx.records import TRAINED_INIT, Correction
+from normprop_fx.records import TRAINED_INIT, CalibrationPrecision, Correction
 from normprop_fx.standardize import standardizing_scale
 
 from .calibration_sample import SampleGrowth, sample_shape
@@ -155,6 +155,8 @@ class MomentAnalysis:
     growth_steps: list[tuple[str, int]] = field(default_factory=list)
     #: why the sample stopped growing where its spread asked for more (a replay failed), if it did
     growth_failure: str | None = None
+    #: how precisely the sample set its least precise correction (None: it set none)
+    precision: CalibrationPrecision | None = None
 
 def is_trained(module: nn.Module) -> bool:
     """A NormProp module that keeps a trained BatchNorm's function (docs/method.md section 8)."""
@@ -191,6 +193,7 @@ class MomentInterpreter(fx.Interpreter):
         self.unknown: list[str] = []  #: nodes whose moments could not be computed, and why
         self.generator = torch.Generator().manual_seed(seed)
         self.sample = sample  #: where the sample grows (None: it has all its samples from the start)
+        self.precision: CalibrationPrecision | None = None  #: of the least precise correction the sample set
         self._bytes: dict[fx.Node, int] = {}  #: the bytes of each value still held
         self._previous: fx.Node | None = None
         self._freed = FreedBytes(HEAP_TRIM_BYTES)
@@ -275,9 +278,25 @@ class MomentInterpreter(fx.Interpreter):
             ratio = structural_ratio(ratio)
             if ratio == 1.0:
                 return moments, None
-        self.estimated.append(calibration_estimate(describe_node(n, self.module), moments.structural, ratio))
+        consumer = describe_node(n, self.module)
+        self._note_precision(consumer, x, mean)
+        self.estimated.append(calibration_estimate(consumer, moments.structural, ratio))
         note = calibration_note(moments.structural, ratio, nominal)
         return Moments(moments.mean, moments.var * ratio, False, particles=moments.particles), note
+
+    def _note_precision(self, consumer: str, x: torch.Tensor, center: torch.Tensor) -> None:
+        """Keep the precision of a correction the sample just set (``x`` its input on the sample,
+        ``center`` the mean it subtracts) when it is the least precise so far."""
+        squares = sample_mean_squares(x, center)
+        if squares is None or squares.numel() < 2 or not float(squares.mean()) > 0:
+            return
+        spread = float(squares.std(correction=1) / squares.mean())
+        samples = squares.numel()
+        if self.precision is not None and spread / samples ** 0.5 <= self.precision.error:
+            return
+        median = float(squares.median())
+        largest = float(squares.max()) / median if median > 0 else math.inf
+        self.precision = CalibrationPrecision(consumer, samples, spread, largest, math.ceil((spread / SAMPLE_ERROR) ** 2))
 
     def _standalone_spec(self, n: fx.Node, module: nn.Module | None, moments: Moments) -> ActivationSpec | None:
         """The activation ``n`` applies, when it is a standalone activation to normalize: its
@@ -723,7 +742,7 @@ def propagate_moments(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ..
         for m in opaque.values():
             m.measuring = False
 
-    analysis = MomentAnalysis(estimated=propagation.estimated, unknown=propagation.unknown)
+    analysis = MomentAnalysis(estimated=propagation.estimated, unknown=propagation.unknown, precision=propagation.precision)
     if growing is not None:
         analysis.growth_steps = growing.taken
         analysis.growth_failure = growing.failure

@@ -315,3 +315,31 @@ def test_a_replay_that_fails_leaves_the_sample_as_it_is_and_says_why(monkeypatch
     line = converted.normprop_report.assumptions[-1]
     assert converted.normprop_report.calibration_samples == 128 and "grown" not in line
     assert "the sample could not grow before body.0" in line and "RuntimeError: no new samples here" in line, line
+
+
+def test_the_reported_precision_is_how_far_the_seeds_move_the_constant() -> None:
+    """``ConversionReport.calibration_precision`` names the least precise correction the sample
+    set and the relative standard error of the mean square it divides by (the samples' own
+    coefficient of variation / sqrt(samples)). Over 16 calibration seeds of a fixed size the
+    correction's variance (its scale^-2 averaged over channels, which is that mean square) moves
+    by about that much: the relative standard deviation over the seeds is within a factor of 1.6
+    of the reported error (16 seeds estimate a standard deviation to ~18%); a report off by
+    sqrt(samples), or giving the spread of single samples, is off by 2.8x or more."""
+    model = _se_net()
+    variances, errors = [], []
+    for seed in range(16):
+        converted = normprop_fx.convert(model, gamma_init=1.0, example_inputs=torch.empty(2, 3, 16, 16),
+                                        calibration_samples=8, calibration_seed=seed)
+        precision = converted.normprop_report.calibration_precision
+        assert precision is not None and precision.samples == 8
+        assert precision.consumer == "4 (NormPropConv2d)"  # the conv after the SE gate's product
+        assert precision.scale_error == pytest.approx(precision.error / 2)
+        assert precision.wanted == math.ceil((precision.spread / 0.015) ** 2)
+        errors.append(precision.error)
+        variances.append(float((converted[4].input_correction.scale.double() ** -2).mean()))
+    measured = torch.tensor(variances, dtype=torch.float64)
+    ratio = float(measured.std() / measured.mean()) / (sum(errors) / len(errors))
+    assert 1 / 1.6 < ratio < 1.6, ratio
+    text = normprop_fx.summary(converted)
+    assert f"Calibration precision: the least precise correction the Gaussian sample set is 4 (NormPropConv2d)'s: its 8 samples'" in text
+    assert f"~{precision.wanted} samples would make it" in text

@@ -167,6 +167,9 @@ def test_check_statistics_measures_every_layer_over_the_seeds():
     se = check_statistics(_se_net(), (3, 16, 16))
     assert se.corrections > 0 and se.seed_spread is not None and 0 < se.seed_spread < SEED_SPREAD_TARGET
     assert se.layers == 2 and se.seed_spread_at.endswith("input_correction")
+    # with the seed-0 report's estimate of where that comes from (none for Small: nothing measured)
+    assert check.calibration_error is None and se.calibration_error_at == "4 (NormPropConv2d)"
+    assert 0 < se.calibration_error < SEED_SPREAD_TARGET
     with pytest.raises(InvalidOptionError):
         check_statistics(model, (3, 8, 8), seeds=0)
 

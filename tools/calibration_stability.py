@@ -7,7 +7,10 @@ converted with gamma_init=1 once per calibration seed (``convert(calibration_see
 sets ``calibration_samples``, the default lets the shapes decide). Printed per model: the sample
 size used, the largest relative spread (max - min) / mean of any correction constant over the
 seeds and where, and per seed the NormProp layers outside std [0.7, 1.4] / |mean| < 0.3 with the
-least and the largest std, measured over 32 N(0, I) samples (torch.manual_seed(1)).
+least and the largest std, measured over 32 N(0, I) samples (torch.manual_seed(1)); then, per
+seed, the report's least precise correction (``ConversionReport.calibration_precision``): the
+relative standard error of its scale that the samples' own spread gives, the estimate of how far
+another seed moves it.
 
 ``--per-sample`` adds, for the seed-0 conversion's layer with the largest std, how the 32 samples'
 own second moments of that layer's input spread (min, median, max over samples, relative to
@@ -50,11 +53,15 @@ def main() -> None:
         model, side = build(source, name), int(pixels)
         torch.manual_seed(1)
         test = torch.randn(32, 3, side, side)
-        converted_models, stats, used = [], [], ""
+        converted_models, stats, used, errors = [], [], "", []
         for seed in range(args.seeds):
             converted = normprop_fx.convert(model, gamma_init=1.0, example_inputs=torch.empty(2, 3, side, side),
                                             calibration_seed=seed, calibration_samples=args.samples).eval()
             used = converted.normprop_report.calibration_samples
+            precision = converted.normprop_report.calibration_precision
+            if precision is not None:
+                errors.append(f"{100 * precision.scale_error:.1f}% at {precision.consumer} ({precision.samples} samples, "
+                              f"cv {precision.spread:.2f})")
             converted_models.append(converted)
             layers = measure_layer_statistics(converted, test)
             outside = sum(not within_target(s) for s in layers)
@@ -63,6 +70,9 @@ def main() -> None:
                 worst = max(layers, key=lambda s: s.std).path
         spread, where = correction_spread(converted_models)
         print(f"{spec}: {used} samples; constants spread {spread:.3f} at {where}; " + "; ".join(stats), flush=True)
+        if errors:
+            print("  least precise correction per seed (scale's relative standard error, from the report): "
+                  + "; ".join(errors), flush=True)
         if args.per_sample:
             for label, net in (("NormProp, eval", converted_models[0].eval()), ("original, train", model.train())):
                 low, mid, high = per_sample_spread(net, worst, test)
