@@ -38,6 +38,9 @@ class OpaqueNormPropAffine(nn.Module):
         self.measuring = False
         self.attempted = False  #: the sample reached this module (its first call while measuring)
         self.measured = False  #: ... and gave finite values, now in ``correction``
+        #: each dim-0 slice's mean square around the measured means, for moment propagation to
+        #: judge the correction's precision by (it takes and clears it; None when not measured)
+        self.slice_squares: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.measuring and self.calibrate and not self.attempted:
@@ -67,6 +70,9 @@ class OpaqueNormPropAffine(nn.Module):
             held_out = _shrunk(others.mean(0), others) if len(others) else mean
             squares += float(((g - held_out[:, None]) ** 2).sum())
         var = torch.full_like(mean, squares / values.numel())  # one variance: no channel can be near-constant alone
+        if x.dim() >= 2:
+            centered = x.detach().double() - mean.reshape((-1,) + (1,) * (x.dim() - 2))
+            self.slice_squares = (centered ** 2).flatten(1).mean(1)
         shape = (-1,) + (1,) * (x.dim() - 2)
         self.correction = Standardize(
             mean.float().reshape(shape).to(x.device),

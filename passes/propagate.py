@@ -287,7 +287,11 @@ class MomentInterpreter(fx.Interpreter):
     def _note_precision(self, consumer: str, x: torch.Tensor, center: torch.Tensor) -> None:
         """Keep the precision of a correction the sample just set (``x`` its input on the sample,
         ``center`` the mean it subtracts) when it is the least precise so far."""
-        squares = sample_mean_squares(x, center)
+        self.note_squares(consumer, sample_mean_squares(x, center))
+
+    def note_squares(self, consumer: str, squares: torch.Tensor | None) -> None:
+        """Keep the precision of a correction measured on the samples whose own mean squares
+        around its mean are ``squares`` when it is the least precise so far."""
         if squares is None or squares.numel() < 2 or not float(squares.mean()) > 0:
             return
         spread = float(squares.std(correction=1) / squares.mean())
@@ -742,6 +746,14 @@ def propagate_moments(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ..
         for m in opaque.values():
             m.measuring = False
 
+    # An opaque module's correction measured on whole samples (dim 0 of its input the sample, at
+    # one of the sizes it had; not a reshape that folds heads or windows into it) counts too.
+    sizes = {int(sample[0].shape[0])} if sample and sample[0].dim() else set()
+    sizes.update(size for _, size in (growing.taken if growing is not None else ()))
+    for path, m in opaque.items():
+        squares, m.slice_squares = m.slice_squares, None
+        if m.measured and squares is not None and squares.numel() in sizes:
+            propagation.note_squares(f"{path}.affine ({type(m.affine).__name__})", squares)
     analysis = MomentAnalysis(estimated=propagation.estimated, unknown=propagation.unknown, precision=propagation.precision)
     if growing is not None:
         analysis.growth_steps = growing.taken

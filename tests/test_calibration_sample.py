@@ -343,3 +343,39 @@ def test_the_reported_precision_is_how_far_the_seeds_move_the_constant() -> None
     text = normprop_fx.summary(converted)
     assert f"Calibration precision: the least precise correction the Gaussian sample set is 4 (NormPropConv2d)'s: its 8 samples'" in text
     assert f"~{precision.wanted} samples would make it" in text
+
+
+class _Opaque(nn.Module):
+    """A conv-BN-ReLU that torch.fx keeps opaque (a leaf): its BatchNorm's correction is measured
+    on the sample inside it (OpaqueNormPropAffine). ``fold`` > 1 folds the channels into dim 0
+    first, as attention folds heads into the batch: then dim 0 is no longer the sample."""
+
+    def __init__(self, fold: int = 1) -> None:
+        super().__init__()
+        self.fold = fold
+        self.conv, self.bn = nn.Conv2d(8 // fold, 8 // fold, 3, padding=1), nn.BatchNorm2d(8 // fold)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        y = torch.relu(self.bn(self.conv(x.reshape(n * self.fold, c // self.fold, h, w))))
+        return y.reshape(n, c, h, w)
+
+
+def test_an_opaque_modules_measured_correction_counts_when_measured_on_whole_samples() -> None:
+    """The precision covers the corrections opaque modules measure for themselves, where their
+    input's dim 0 is the sample; one that folds channels into dim 0 is measured on slices of
+    samples, whose spread says nothing of the samples', and is left out."""
+    for fold, counted in ((1, True), (2, False)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), _Opaque(fold),
+                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+        converted = normprop_fx.convert(model, gamma_init=1.0, leaf_modules=[_Opaque],
+                                        example_inputs=torch.empty(2, 3, 16, 16), calibration_samples=8)
+        assert type(converted[3].bn).__name__ == "OpaqueNormPropAffine" and converted[3].bn.measured
+        assert converted[3].bn.slice_squares is None  # taken by the propagation, not kept in the model
+        precision = converted.normprop_report.calibration_precision
+        if counted:
+            assert precision is not None and precision.consumer == "3.bn.affine (NormPropAffine)"
+            assert precision.samples == 8 and 0 < precision.error < 1
+        else:
+            assert precision is None  # no correction in the graph is measured on the sample either
