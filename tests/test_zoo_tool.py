@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import subprocess
@@ -172,6 +173,18 @@ def test_check_statistics_measures_every_layer_over_the_seeds():
     assert 0 < se.calibration_error < SEED_SPREAD_TARGET
     with pytest.raises(InvalidOptionError):
         check_statistics(model, (3, 8, 8), seeds=0)
+
+
+def test_expected_range_of_normal_draws():
+    """The expected range of n standard normal values: 2 / sqrt(pi) for 2, 3 / sqrt(pi) for 3
+    (closed forms), and a Monte Carlo estimate for 5."""
+    from normprop_fx.model_check import expected_range
+
+    assert expected_range(1) == 0.0
+    assert expected_range(2) == pytest.approx(2 / math.sqrt(math.pi), rel=1e-6)
+    assert expected_range(3) == pytest.approx(3 / math.sqrt(math.pi), rel=1e-6)
+    draws = torch.randn(200_000, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert expected_range(5) == pytest.approx(float((draws.max(1).values - draws.min(1).values).mean()), rel=0.01)
 
 
 def test_statistics_measured_in_batches_equal_one_batch():

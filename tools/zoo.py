@@ -486,7 +486,7 @@ def _trained_section(trained: dict[str, dict[str, Any]], keys: list[str], comman
 
 def _statistics_section(rows: list[dict[str, Any]], command: str | None) -> list[str]:
     """The layer statistics at each model's own input size and the seed spread of its corrections."""
-    from normprop_fx.model_check import MEAN_TARGET, SEED_SPREAD_TARGET, STD_TARGET, WORST_STD_RANGE
+    from normprop_fx.model_check import MEAN_TARGET, SEED_SPREAD_TARGET, STD_TARGET, WORST_STD_RANGE, expected_range
 
     rows = sorted((r for r in rows if r.get("has_bn") is not False), key=lambda r: r["model"])
     measured = [r for r in rows if r.get("layers")]
@@ -507,6 +507,10 @@ def _statistics_section(rows: list[dict[str, Any]], command: str | None) -> list
         lines.append(f"| {source} | {len(mine)} | {len(ok)} | {_pct(within, layers)} of {layers} | "
                      f"{_pct(sum(bool(r.get('worst_within_range')) for r in ok), len(ok))} | {_pct(len(spread), len(ok))} | "
                      f"{len(mine) - len(ok)} |")
+    def expected(r: dict[str, Any]) -> float | None:
+        error = r.get("calibration_error")
+        return None if error is None else error * expected_range(r.get("seeds", 3))
+
     layers, within = sum(r["layers"] for r in measured), sum(r["within"] for r in measured)
     share = within / layers if layers else 0.0
     lines += ["", f"All layers: {within} of {layers} within ({share:.1%}; target 95%: "
@@ -514,22 +518,49 @@ def _statistics_section(rows: list[dict[str, Any]], command: str | None) -> list
               "checked so far; rerunning them resumes where they stopped. Where the deepest residual networks miss, "
               "their samples' own scales have spread apart with depth, which no constant correction undoes "
               "([docs/method.md](method.md) section 6, measured with `tools/calibration_stability.py --per-sample`).", "",
+              *_precision_agreement(measured, expected, SEED_SPREAD_TARGET),
               "| model | input | calibration samples | layers within | std min (layer) | std max (layer) | worst abs(mean) | "
-              "seed spread (correction) | reason |", "|---|---|---|---|---|---|---|---|---|"]
+              "seed spread (correction) | expected from the report (correction) | reason |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if not r.get("layers"):
             reason = (r.get("failures") or ["-"])[0].replace("|", "\\|")
-            lines.append(f"| {r['model']} | - | - | - | - | - | - | - | {reason} |")
+            lines.append(f"| {r['model']} | - | - | - | - | - | - | - | - | {reason} |")
             continue
         flag = "" if r.get("worst_within_range") else " **out**"
         spread = ("-" if r.get("seed_spread") is None else
                   f"{r['seed_spread']:.1%}{'' if r['seed_spread'] <= SEED_SPREAD_TARGET else ' **over**'} ({r['seed_spread_at']})")
         lines.append(f"| {r['model']} | {'x'.join(map(str, r['input_shape'][1:]))} | {r.get('calibration_samples')} | "
                      f"{r['within']} / {r['layers']} | {r['min_std']:.3f} ({r['min_std_layer']}){flag} | "
-                     f"{r['max_std']:.3f} ({r['max_std_layer']}) | {r['worst_abs_mean']:.3f} | {spread} | |")
+                     f"{r['max_std']:.3f} ({r['max_std_layer']}) | {r['worst_abs_mean']:.3f} | {spread} | "
+                     + ("not recorded" if "calibration_error" not in r else "none set by the sample" if expected(r) is None
+                        else f"{expected(r):.1%} ({r['calibration_error_at']})") + " | |")
     if command:
         lines += ["", "Made with:", "", "```", command, "```"]
     return lines + [""]
+
+
+def _precision_agreement(rows: list[dict[str, Any]], expected: Any, target: float) -> list[str]:
+    """How well the seed-0 report's precision line (``ConversionReport.calibration_precision``)
+    tells, from one conversion, which models' constants move past the seed target."""
+    known = [r for r in rows if "calibration_error" in r]
+    if not known:
+        return []
+    def over(value: float | None) -> bool:
+        return value is not None and value > target
+    both = sum(over(expected(r)) and over(r.get("seed_spread")) for r in known)
+    missed = sum(not over(expected(r)) and over(r.get("seed_spread")) for r in known)
+    false = sum(over(expected(r)) and not over(r.get("seed_spread")) for r in known)
+    ratios = sorted(r["seed_spread"] / expected(r) for r in known if r.get("seed_spread") and expected(r))
+    median = ratios[len(ratios) // 2] if ratios else float("nan")
+    return [(f"**Expected from the report**: one conversion's report says how precisely the Gaussian sample set its least "
+             f"precise correction (`ConversionReport.calibration_precision`, the audit's \"Calibration precision\" line): "
+             f"the relative standard error of its scale, from the samples' own spread; times the expected range of "
+             f"the seeds' normal draws (1.69 for 3) it is the spread to expect. Of the {len(known)} rows that record it, "
+             f"{both + missed} have constants over the {target:.0%} seed target; the seed-0 report expects over "
+             f"{target:.0%} for {both} of them and for {false} others. Measured over expected, median over the rows: "
+             f"{median:.2f} (the measured spread is the largest over every constant, and later constants inherit "
+             f"earlier ones' errors)."), ""]
 
 
 def _memory_section(memory: dict[str, Any]) -> list[str]:
