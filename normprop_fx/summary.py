@@ -63,7 +63,7 @@ def _precision_lines(report: ConversionReport) -> list[str]:
     line = (f"Calibration precision: the least precise correction the Gaussian sample set is {p.consumer}'s: "
             f"its {p.samples} samples' own mean squares spread with coefficient of variation {p.spread:.2f} "
             f"(the largest {p.largest:.1f}x their median), so its scale has a relative standard error of "
-            f"{100 * p.scale_error:.1f}%, about what another calibration_seed moves it by")
+            f"{100 * p.scale_error:.1f}%: an estimate of how far another calibration_seed moves it (docs/method.md section 6)")
     if p.wanted > p.samples:
         line += (f"; ~{p.wanted} samples would make it {100 * p.scale_error * (p.samples / p.wanted) ** 0.5:.1f}%"
                  + (" (calibration_samples=)" if p.wanted <= MAX_SAMPLES else
