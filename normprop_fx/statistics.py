@@ -89,10 +89,20 @@ def _measure_in_batches(model: nn.Module, inputs: tuple[Any, ...], batch_size: i
 
 
 def correction_scales(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every correction's (``Standardize``'s) scale in ``model``, flat, float64, by path."""
+    """Every correction's scale in ``model``, flat, float64, by path: each ``Standardize``'s, and
+    each one a ``NormalizedActivation`` absorbed (``passes.absorb_corrections``: its path
+    ``<activation>.correction_scale``), which otherwise leaves no Standardize behind where the
+    activation's output has no other reader."""
+    from .normalized_activation import NormalizedActivation
     from .standardize import Standardize
 
-    return {p: m.scale.double().flatten() for p, m in model.named_modules() if isinstance(m, Standardize)}
+    scales = {}
+    for p, m in model.named_modules():
+        if isinstance(m, Standardize):
+            scales[p] = m.scale.double().flatten()
+        elif isinstance(m, NormalizedActivation) and m.has_correction:
+            scales[f"{p}.correction_scale"] = m.correction_scale.double().flatten()
+    return scales
 
 
 def correction_spread(models: list[nn.Module] | list[dict[str, torch.Tensor]]) -> tuple[float, str | None]:

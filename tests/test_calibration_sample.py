@@ -379,3 +379,25 @@ def test_an_opaque_modules_measured_correction_counts_when_measured_on_whole_sam
             assert precision.samples == 8 and 0 < precision.error < 1
         else:
             assert precision is None  # no correction in the graph is measured on the sample either
+
+
+def test_the_seed_spread_counts_corrections_absorbed_into_activations() -> None:
+    """A scalar correction merged into the normalized activation before it (passes.absorb_corrections)
+    leaves no Standardize where that activation has no other reader; ``correction_scales`` (and so
+    the seed spread of the statistics sweep) still sees its constant."""
+    import torchvision
+
+    from normprop_fx.normalized_activation import NormalizedActivation
+    from normprop_fx.statistics import correction_scales
+
+    torch.manual_seed(0)
+    converted = normprop_fx.convert(torchvision.models.resnet18(), example_inputs=torch.empty(2, 3, 64, 64))
+    absorbed = {p: m for p, m in converted.named_modules() if isinstance(m, NormalizedActivation) and m.has_correction}
+    assert absorbed, "resnet18 has corrections absorbed into its activations"
+    scales = correction_scales(converted)
+    for path, m in absorbed.items():
+        assert torch.equal(scales[f"{path}.correction_scale"], m.correction_scale.double().flatten())
+    other = {k: v.clone() for k, v in scales.items()}
+    path = next(iter(absorbed))
+    other[f"{path}.correction_scale"] *= 1.5
+    assert correction_spread([scales, other]) == (pytest.approx(0.4), f"{path}.correction_scale")
