@@ -70,9 +70,10 @@ class OpaqueNormPropAffine(nn.Module):
             held_out = _shrunk(others.mean(0), others) if len(others) else mean
             squares += float(((g - held_out[:, None]) ** 2).sum())
         var = torch.full_like(mean, squares / values.numel())  # one variance: no channel can be near-constant alone
-        if x.dim() >= 2:
-            centered = x.detach().double() - mean.reshape((-1,) + (1,) * (x.dim() - 2))
-            self.slice_squares = (centered ** 2).flatten(1).mean(1)
+        # Each dim-0 slice's mean square around ``mean``, from its per-channel moments (no
+        # full-size temporary beside ``values``, whose columns run slice by slice).
+        slice_var, slice_mean = torch.var_mean(values.reshape(x.shape[1], x.shape[0], -1), dim=2, correction=0)
+        self.slice_squares = (slice_var + (slice_mean - mean[:, None]) ** 2).mean(0)
         shape = (-1,) + (1,) * (x.dim() - 2)
         self.correction = Standardize(
             mean.float().reshape(shape).to(x.device),

@@ -115,8 +115,9 @@ class CalibrationPrecision:
     drift apart in scale, so that mean is only as precise as their spread allows: with coefficient
     of variation ``spread`` over ``samples`` samples, its relative standard error is
     ``spread / sqrt(samples)``, and another calibration seed moves the correction's scale (1 / the
-    square root) by about half that. Of the graph's corrections (``passes.propagate``); those an
-    opaque module measures for itself (``OpaqueNormPropAffine``) are not included."""
+    square root) by about half that. Of the graph's corrections (``passes.propagate``), and of those
+    an opaque module measures for itself (``OpaqueNormPropAffine``) where its input's dim 0 is the
+    sample (not where a reshape folded heads or windows into it)."""
 
     consumer: str  #: the layer (or normalized activation) whose input correction it is
     samples: int  #: the samples it was measured on
