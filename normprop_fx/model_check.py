@@ -765,7 +765,7 @@ class StatisticsCheck:
     def expected_spread(self) -> float | None:
         """The seed spread the seed-0 report leads one to expect: its least precise correction's
         scale error times the expected range of ``seeds`` standard normal draws (1.69 for 3)."""
-        return None if self.calibration_error is None else self.calibration_error * expected_range(self.seeds)
+        return expected_seed_spread(self.calibration_error, self.seeds)
 
     @property
     def worst_within_range(self) -> bool:
@@ -781,6 +781,13 @@ class StatisticsCheck:
 
     def to_dict(self) -> dict[str, Any]:
         return _as_row(self, worst_within_range=self.worst_within_range, expected_spread=self.expected_spread)
+
+
+def expected_seed_spread(scale_error: float | None, seeds: int) -> float | None:
+    """The spread of a correction's scale over ``seeds`` calibration seeds to expect from its
+    relative standard error (``CalibrationPrecision.scale_error``): that times the expected range
+    of ``seeds`` standard normal draws; None without an error."""
+    return None if scale_error is None else scale_error * expected_range(seeds)
 
 
 @functools.lru_cache(maxsize=None)

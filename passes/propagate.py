@@ -279,15 +279,10 @@ class MomentInterpreter(fx.Interpreter):
             if ratio == 1.0:
                 return moments, None
         consumer = describe_node(n, self.module)
-        self._note_precision(consumer, x, mean)
+        self.note_squares(consumer, sample_mean_squares(x, mean))
         self.estimated.append(calibration_estimate(consumer, moments.structural, ratio))
         note = calibration_note(moments.structural, ratio, nominal)
         return Moments(moments.mean, moments.var * ratio, False, particles=moments.particles), note
-
-    def _note_precision(self, consumer: str, x: torch.Tensor, center: torch.Tensor) -> None:
-        """Keep the precision of a correction the sample just set (``x`` its input on the sample,
-        ``center`` the mean it subtracts) when it is the least precise so far."""
-        self.note_squares(consumer, sample_mean_squares(x, center))
 
     def note_squares(self, consumer: str, squares: torch.Tensor | None) -> None:
         """Keep the precision of a correction measured on the samples whose own mean squares

@@ -486,7 +486,7 @@ def _trained_section(trained: dict[str, dict[str, Any]], keys: list[str], comman
 
 def _statistics_section(rows: list[dict[str, Any]], command: str | None) -> list[str]:
     """The layer statistics at each model's own input size and the seed spread of its corrections."""
-    from normprop_fx.model_check import MEAN_TARGET, SEED_SPREAD_TARGET, STD_TARGET, WORST_STD_RANGE, expected_range
+    from normprop_fx.model_check import MEAN_TARGET, SEED_SPREAD_TARGET, STD_TARGET, WORST_STD_RANGE, expected_seed_spread
 
     rows = sorted((r for r in rows if r.get("has_bn") is not False), key=lambda r: r["model"])
     measured = [r for r in rows if r.get("layers")]
@@ -507,9 +507,9 @@ def _statistics_section(rows: list[dict[str, Any]], command: str | None) -> list
         lines.append(f"| {source} | {len(mine)} | {len(ok)} | {_pct(within, layers)} of {layers} | "
                      f"{_pct(sum(bool(r.get('worst_within_range')) for r in ok), len(ok))} | {_pct(len(spread), len(ok))} | "
                      f"{len(mine) - len(ok)} |")
+
     def expected(r: dict[str, Any]) -> float | None:
-        error = r.get("calibration_error")
-        return None if error is None else error * expected_range(r.get("seeds", 3))
+        return expected_seed_spread(r.get("calibration_error"), r.get("seeds", 3))
 
     layers, within = sum(r["layers"] for r in measured), sum(r["within"] for r in measured)
     share = within / layers if layers else 0.0
